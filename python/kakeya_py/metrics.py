@@ -1,0 +1,315 @@
+"""Quality metrics of a codec against the codec-off reference, for every engine.
+
+An engine reports, per evaluated position of a passage, the log-probability of the true
+next token under the reference (codec off) and the alternative (codec on), whether the
+two argmax tokens agree, and optionally KL(ref‖alt) over the full distribution. These
+go into :class:`PassageTokens` (directly, or from logits with
+:func:`passage_tokens_from_logits`); :func:`summarize` pools them into every number
+the harness prints, and :func:`verdict` turns Δppl and top-1 into ACCEPT / MARGINAL /
+REJECT. All arithmetic is float64.
+
+Conventions:
+- Log-probabilities of ``-inf`` (an fp16 softmax that underflowed) or below
+  :data:`LOGPROB_FLOOR` are raised to the floor and counted (``underflow_ref`` /
+  ``underflow_alt``); NaN or ``+inf`` is an error.
+- ``ρ = p_alt / p_ref`` of the true token is computed as ``exp(log p_alt − log p_ref)``
+  and the effective sample size in log space, so neither overflows.
+- A selection with no tokens raises :class:`EmptyEvaluationError` rather than
+  returning NaN that would look like a result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: log of the smallest positive float32 (2^-149) is -103.28; anything below is "zero".
+LOGPROB_FLOOR = -104.0
+
+ACCEPT_DPPL, ACCEPT_TOP1 = 0.01, 0.95
+MARGINAL_DPPL, MARGINAL_TOP1 = 0.03, 0.85
+VERDICT_RULE = (
+    f"ACCEPT if |dppl| <= {ACCEPT_DPPL:.0%} and top1 >= {ACCEPT_TOP1:.0%}; "
+    f"MARGINAL if |dppl| <= {MARGINAL_DPPL:.0%} and top1 >= {MARGINAL_TOP1:.0%}; REJECT otherwise"
+)
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+class EmptyEvaluationError(ValueError):
+    """No evaluated token is selected, so no metric is defined."""
+
+
+def verdict(dppl: float, top1: float) -> str:
+    """ACCEPT / MARGINAL / REJECT (see :data:`VERDICT_RULE`); NaN inputs are REJECT."""
+    if not (math.isfinite(dppl) and math.isfinite(top1)):
+        return "REJECT"
+    if abs(dppl) <= ACCEPT_DPPL and top1 >= ACCEPT_TOP1:
+        return "ACCEPT"
+    if abs(dppl) <= MARGINAL_DPPL and top1 >= MARGINAL_TOP1:
+        return "MARGINAL"
+    return "REJECT"
+
+
+def clamp_logprobs(x, name: str = "log-probabilities") -> tuple[np.ndarray, int]:
+    """Return ``(float64 copy with values below the floor raised to it, how many were raised)``."""
+    a = np.asarray(x, dtype=np.float64).copy()
+    if np.isnan(a).any() or np.isposinf(a).any():
+        raise ValueError(f"{name} contain NaN or +inf")
+    low = a < LOGPROB_FLOOR
+    a[low] = LOGPROB_FLOOR
+    return a, int(low.sum())
+
+
+@dataclass
+class PassageTokens:
+    """Per-position results of one passage (length ``n``; all arrays 1-D).
+
+    Attributes:
+        ref_logprob: log p_ref of the true next token.
+        alt_logprob: log p_alt of the true next token.
+        top1_match: argmax of ref equals argmax of alt.
+        kl: KL(ref‖alt) per position over the full vocabulary, or None if the engine
+            cannot provide it (then the KL fields are None).
+
+    Log-probabilities are clamped to :data:`LOGPROB_FLOOR` on construction; positions at
+    the floor are reported as underflow by :func:`summarize`.
+    """
+
+    ref_logprob: np.ndarray
+    alt_logprob: np.ndarray
+    top1_match: np.ndarray
+    kl: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.ref_logprob, _ = clamp_logprobs(self.ref_logprob, "reference log-probabilities")
+        self.alt_logprob, _ = clamp_logprobs(self.alt_logprob, "codec log-probabilities")
+        self.top1_match = np.asarray(self.top1_match, dtype=bool)
+        n = self.ref_logprob.shape
+        if self.ref_logprob.ndim != 1 or self.alt_logprob.shape != n or self.top1_match.shape != n:
+            raise ValueError(
+                f"per-position arrays must be 1-D of one length, got {self.ref_logprob.shape}, "
+                f"{self.alt_logprob.shape}, {self.top1_match.shape}"
+            )
+        if self.kl is not None:
+            self.kl = np.asarray(self.kl, dtype=np.float64)
+            if self.kl.shape != n:
+                raise ValueError(f"kl has shape {self.kl.shape}, expected {n}")
+            if np.isnan(self.kl).any():
+                raise ValueError("kl contains NaN")
+
+    def __len__(self) -> int:
+        return int(self.ref_logprob.shape[0])
+
+    def select(self, mask) -> PassageTokens:
+        """The positions where ``mask`` is true."""
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != self.ref_logprob.shape:
+            raise ValueError(f"mask has shape {m.shape}, expected {self.ref_logprob.shape}")
+        return PassageTokens(
+            self.ref_logprob[m],
+            self.alt_logprob[m],
+            self.top1_match[m],
+            None if self.kl is None else self.kl[m],
+        )
+
+
+def kl_from_logits(ref_logits, alt_logits, chunk: int = 64):
+    """KL(ref‖alt) per row of two ``[n, vocab]`` logit tensors, in float64 (torch)."""
+    import torch
+
+    out = []
+    for i in range(0, ref_logits.shape[0], chunk):
+        lp_ref = torch.log_softmax(ref_logits[i : i + chunk].double(), dim=-1).clamp_min(LOGPROB_FLOOR)
+        lp_alt = torch.log_softmax(alt_logits[i : i + chunk].double(), dim=-1).clamp_min(LOGPROB_FLOOR)
+        out.append((lp_ref.exp() * (lp_ref - lp_alt)).sum(-1).clamp_min(0.0))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def passage_tokens_from_logits(ref_logits, alt_logits, targets) -> PassageTokens:
+    """Build :class:`PassageTokens` from ``[n, vocab]`` logits and ``[n]`` true next tokens."""
+    import torch
+
+    if ref_logits.shape != alt_logits.shape or ref_logits.ndim != 2:
+        raise ValueError(
+            f"logits must be [n, vocab] of one shape, got {ref_logits.shape} and {alt_logits.shape}"
+        )
+    targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+    if targets.shape[0] != ref_logits.shape[0]:
+        raise ValueError(f"{targets.shape[0]} targets for {ref_logits.shape[0]} positions")
+    ref64, alt64 = ref_logits.double(), alt_logits.double()
+    lp_ref = (ref64.gather(1, targets[:, None]) - torch.logsumexp(ref64, -1, keepdim=True))[:, 0]
+    lp_alt = (alt64.gather(1, targets[:, None]) - torch.logsumexp(alt64, -1, keepdim=True))[:, 0]
+    match = ref_logits.argmax(-1) == alt_logits.argmax(-1)
+    kl = kl_from_logits(ref_logits, alt_logits)
+    return PassageTokens(lp_ref.numpy(), lp_alt.numpy(), match.numpy(), kl.numpy())
+
+
+def delta_ppl(ref_logprob, alt_logprob) -> float:
+    """``ppl_alt / ppl_ref − 1`` from pooled NLL: ``exp(mean(−alt) − mean(−ref)) − 1``."""
+    ref, alt = np.asarray(ref_logprob, np.float64), np.asarray(alt_logprob, np.float64)
+    if ref.size == 0:
+        raise EmptyEvaluationError("no tokens to compute perplexity on")
+    return math.expm1(float(np.mean(ref) - np.mean(alt)))
+
+
+def bootstrap_dppl_ci(
+    nll_ref_sums,
+    nll_alt_sums,
+    counts,
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of pooled Δppl, resampling passages with replacement.
+
+    Args:
+        nll_ref_sums, nll_alt_sums: per-passage sums of −log p of the true tokens.
+        counts: per-passage token counts (passages with 0 tokens are ignored).
+    """
+    s_ref = np.asarray(nll_ref_sums, np.float64)
+    s_alt = np.asarray(nll_alt_sums, np.float64)
+    n = np.asarray(counts, np.float64)
+    keep = n > 0
+    s_ref, s_alt, n = s_ref[keep], s_alt[keep], n[keep]
+    if n.size == 0:
+        raise EmptyEvaluationError("no passage has evaluated tokens")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n.size, size=(samples, n.size))
+    diff = (s_alt[idx].sum(1) - s_ref[idx].sum(1)) / n[idx].sum(1)
+    boot = np.expm1(diff)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def log_ess(log_rho) -> float:
+    """log of the normalised effective sample size (Σρ)² / (N Σρ²), from log ρ."""
+    lr = np.asarray(log_rho, np.float64)
+    if lr.size == 0:
+        raise EmptyEvaluationError("ESS of zero tokens")
+    lse1 = np.logaddexp.reduce(lr)
+    lse2 = np.logaddexp.reduce(2 * lr)
+    return float(2 * lse1 - math.log(lr.size) - lse2)
+
+
+def effective_sample_size(log_rho) -> float:
+    """(Σρ)² / (N Σρ²) ∈ (0, 1]; 1 when all ρ are equal."""
+    return math.exp(log_ess(log_rho))
+
+
+def fraction_outside(log_rho, factor: float) -> float:
+    """Share of tokens with ρ outside ``[1/factor, factor]``."""
+    lr = np.asarray(log_rho, np.float64)
+    if lr.size == 0:
+        raise EmptyEvaluationError("band fraction of zero tokens")
+    return float(np.mean(np.abs(lr) > math.log(factor)))
+
+
+def k3_kl(log_rho) -> float:
+    """The k3 estimator of KL: mean(ρ − log ρ − 1) = mean(expm1(log ρ) − log ρ)."""
+    lr = np.asarray(log_rho, np.float64)
+    if lr.size == 0:
+        raise EmptyEvaluationError("k3 of zero tokens")
+    with np.errstate(over="ignore"):
+        return float(np.mean(np.expm1(lr) - lr))
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation; 1.0 for identical inputs, NaN if one side is constant otherwise."""
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.size == 0:
+        raise EmptyEvaluationError("correlation of zero tokens")
+    if np.array_equal(x, y):
+        return 1.0
+    xc, yc = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(np.dot(xc, xc)) * float(np.dot(yc, yc)))
+    return float(np.dot(xc, yc) / den) if den > 0 else float("nan")
+
+
+def summarize(
+    passages: Sequence[PassageTokens],
+    *,
+    masks: Sequence | None = None,
+    bootstrap_samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> dict:
+    """Every metric of the harness over a list of passages.
+
+    Args:
+        passages: one :class:`PassageTokens` per passage.
+        masks: optional boolean mask per passage selecting the positions to use.
+        bootstrap_samples: resamples for the Δppl confidence interval.
+        seed: seed of the bootstrap.
+
+    Returns:
+        A flat dict: ``passages, eval_tokens, nll_ref, nll_alt, ppl_ref, ppl_alt, dppl,
+        dppl_ci95, top1, kl_mean, kl_rmse, kl_p95, kl_max, dlogp_mean, dlogp_max, ess,
+        frac_outside_2x, frac_outside_5x, k3_kl, mean_exp_abs_dlogp, logprob_pearson,
+        underflow_ref, underflow_alt, verdict, verdict_rule``. ``kl_p95`` uses linear
+        interpolation between order statistics.
+
+    Raises:
+        EmptyEvaluationError: no position is selected.
+    """
+    if masks is not None:
+        if len(masks) != len(passages):
+            raise ValueError(f"{len(masks)} masks for {len(passages)} passages")
+        passages = [p.select(m) for p, m in zip(passages, masks, strict=True)]
+    if not passages or sum(len(p) for p in passages) == 0:
+        raise EmptyEvaluationError("no evaluated tokens selected")
+    ref = np.concatenate([p.ref_logprob for p in passages])
+    alt = np.concatenate([p.alt_logprob for p in passages])
+    match = np.concatenate([p.top1_match for p in passages])
+    log_rho = alt - ref
+    abs_d = np.abs(log_rho)
+    nll_ref, nll_alt = float(-ref.mean()), float(-alt.mean())
+    dppl = math.expm1(nll_alt - nll_ref)
+    lo, hi = bootstrap_dppl_ci(
+        [-p.ref_logprob.sum() for p in passages],
+        [-p.alt_logprob.sum() for p in passages],
+        [len(p) for p in passages],
+        samples=bootstrap_samples,
+        seed=seed,
+    )
+    top1 = float(match.mean())
+    out = {
+        "passages": len(passages),
+        "eval_tokens": int(ref.size),
+        "nll_ref": nll_ref,
+        "nll_alt": nll_alt,
+        "ppl_ref": math.exp(nll_ref),
+        "ppl_alt": math.exp(nll_alt),
+        "dppl": dppl,
+        "dppl_ci95": [lo, hi],
+        "top1": top1,
+    }
+    if all(p.kl is not None for p in passages):
+        kl = np.concatenate([p.kl for p in passages])
+        out |= {
+            "kl_mean": float(kl.mean()),
+            "kl_rmse": float(np.sqrt(np.mean(kl**2))),
+            "kl_p95": float(np.percentile(kl, 95)),
+            "kl_max": float(kl.max()),
+        }
+    else:
+        out |= {"kl_mean": None, "kl_rmse": None, "kl_p95": None, "kl_max": None}
+    out |= {
+        "dlogp_mean": float(abs_d.mean()),
+        "dlogp_max": float(abs_d.max()),
+        "ess": effective_sample_size(log_rho),
+        "frac_outside_2x": fraction_outside(log_rho, 2.0),
+        "frac_outside_5x": fraction_outside(log_rho, 5.0),
+        "k3_kl": k3_kl(log_rho),
+        "mean_exp_abs_dlogp": float(np.mean(np.exp(abs_d))),
+        "logprob_pearson": pearson(ref, alt),
+        "underflow_ref": int((ref <= LOGPROB_FLOOR).sum()),
+        "underflow_alt": int((alt <= LOGPROB_FLOOR).sum()),
+        "verdict": verdict(dppl, top1),
+        "verdict_rule": VERDICT_RULE,
+    }
+    return out

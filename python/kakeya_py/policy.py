@@ -1,0 +1,408 @@
+"""Which codec configuration each (layer, stream) gets, and what the cache costs.
+
+A :class:`Policy` is the JSON-serialisable answer to "how is the KV cache compressed":
+
+```json
+{
+  "name": "recommended",
+  "k": {"bits": 4, ...},            // CodecConfig dict for K, or null = K kept exact
+  "v": {"bits": 3, ...},            // CodecConfig dict for V, or null
+  "exact_layers": [0, -1],          // boundary layers kept exact (negatives count from the end)
+  "overrides": {"3": {"k": {"bits": 4}, "v": null}},  // per layer: partial dict merged onto
+                                    // the stream's config, or null = exact on that layer
+  "layers": null,                   // layers the codec may touch (null = all)
+  "streams": ["k", "v"],            // streams the codec may touch
+  "k_position": "pre_rope",         // or "post_rope" (comparison only)
+  "sigma_q": null                   // path to sigma_q.safetensors (K metric inner_product)
+}
+```
+
+:meth:`Policy.config_for` resolves the rules in this order: stream not selected, layer
+not selected, layer in ``exact_layers`` -> exact; then the per-layer override; then the
+stream's config. Policy presets (:data:`POLICY_PRESETS`) include ``identity`` (every
+codec stage bypassed) and ``recommended`` (measured; see ``docs``/the report).
+
+:class:`PolicyCodec` applies a policy with the real codec (``kakeya_py.roundtrip``)
+and :class:`Ledger` counts the bytes of the cache actually produced: exact tensors at
+bf16 (2 bytes per value), compressed ones at their serialized size, headers and
+skeletons included.
+
+Σ_q files (``sigma_q.safetensors``, issue 5) hold one lower-triangular Cholesky factor
+per layer under the key ``layers.{i}.L`` with shape ``[kv_heads, head_dim, head_dim]``
+(float32). A sidecar ``sigma_q.json`` next to it must record the calibration text
+under ``"text"`` (a :meth:`kakeya_py.corpus.CorpusSplit.usage` record) so the harness
+can refuse evaluation text that overlaps it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .hooks import K_POSITIONS, STREAMS, parse_layers, parse_streams
+
+BF16_BYTES = 2
+
+
+def _codec():
+    import kakeya_py
+
+    return kakeya_py
+
+
+def _codec_config(d: Mapping[str, Any] | None):
+    return None if d is None else _codec().CodecConfig.from_dict(dict(d))
+
+
+# Policy presets: plain dicts, turned into Policy objects by ``preset_policy``.
+# ``recommended`` was chosen by measurement on SmolLM2-135M (see the harness report in
+# reports/ and the commit that set it): the highest measured ratio that earned ACCEPT.
+POLICY_PRESETS: dict[str, dict[str, Any]] = {
+    "identity": {
+        "description": "codec stages bypassed on every layer and stream (exact round trip)",
+        "k": {"identity": True},
+        "v": {"identity": True},
+    },
+    "recommended": {
+        "description": "K 4-bit, V 3-bit, shared per-head basis over the prefix, outliers > 3 sigma stored, "
+        "first and last layer exact",
+        "k": {"bits": 4, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
+        "v": {"bits": 3, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
+        "exact_layers": [0, -1],
+    },
+}
+
+
+@dataclass
+class Policy:
+    """Per-layer, per-stream codec configuration (see the module doc for the JSON form)."""
+
+    name: str = "custom"
+    k: Any = None  # CodecConfig or None (exact)
+    v: Any = None
+    exact_layers: list[int] = field(default_factory=list)
+    overrides: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> {stream: partial dict|None}
+    layers: list[int] | None = None
+    streams: tuple[str, ...] = STREAMS
+    k_position: str = "pre_rope"
+    sigma_q: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.streams = parse_streams(self.streams)
+        if self.k_position not in K_POSITIONS:
+            raise ValueError(f"k_position must be one of {K_POSITIONS}, got {self.k_position!r}")
+        self.overrides = {int(layer): dict(per) for layer, per in self.overrides.items()}
+        for layer, per in self.overrides.items():
+            bad = set(per) - set(STREAMS)
+            if bad:
+                raise ValueError(f"override of layer {layer} has unknown streams {sorted(bad)}")
+            for stream, value in per.items():
+                if value is not None:
+                    self._merged(stream, value)  # validate now, not deep inside a run
+        k_ip = self.k is not None and getattr(self.k, "metric", "mse") == "inner_product"
+        if k_ip and self.sigma_q is None:
+            raise ValueError("K uses metric='inner_product', which needs a Σ_q file (policy 'sigma_q')")
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, name: str | None = None) -> Policy:
+        known = {"name", "description", "k", "v", "exact_layers", "overrides", "layers", "streams"}
+        known |= {"k_position", "sigma_q"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown policy fields {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(
+            name=name or d.get("name", "custom"),
+            description=d.get("description", ""),
+            k=_codec_config(d.get("k")),
+            v=_codec_config(d.get("v")),
+            exact_layers=[int(i) for i in d.get("exact_layers", [])],
+            overrides={int(k): v for k, v in (d.get("overrides") or {}).items()},
+            layers=None if d.get("layers") is None else [int(i) for i in d["layers"]],
+            streams=tuple(d.get("streams", STREAMS)),
+            k_position=d.get("k_position", "pre_rope"),
+            sigma_q=d.get("sigma_q"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "k": None if self.k is None else self.k.to_dict(),
+            "v": None if self.v is None else self.v.to_dict(),
+            "exact_layers": list(self.exact_layers),
+            "overrides": {str(k): copy.deepcopy(v) for k, v in sorted(self.overrides.items())},
+            "layers": None if self.layers is None else list(self.layers),
+            "streams": list(self.streams),
+            "k_position": self.k_position,
+            "sigma_q": self.sigma_q,
+        }
+
+    def with_changes(
+        self,
+        *,
+        layers: str | Iterable[int] | None = None,
+        streams: str | Iterable[str] | None = None,
+        exact_layers: str | Iterable[int] | None = None,
+        k_position: str | None = None,
+        sigma_q: str | None = None,
+    ) -> Policy:
+        """A copy with command-line selections applied (``None`` keeps a field)."""
+        new = copy.deepcopy(self)
+        if layers is not None:
+            new.layers = _layer_list(layers)
+        if streams is not None:
+            new.streams = parse_streams(streams)
+        if exact_layers is not None:
+            new.exact_layers = _layer_list(exact_layers)
+        if k_position is not None:
+            new.k_position = k_position
+        if sigma_q is not None:
+            new.sigma_q = sigma_q
+        new.__post_init__()
+        return new
+
+    # -- resolution ------------------------------------------------------------------------
+    def _merged(self, stream: str, partial: Mapping[str, Any]):
+        base = getattr(self, stream)
+        d = base.to_dict() if base is not None else {}
+        d.update(partial)
+        return _codec().CodecConfig.from_dict(d)
+
+    def config_for(self, layer: int, stream: str, num_layers: int):
+        """The CodecConfig for ``(layer, stream)``, or ``None`` when that tensor stays exact."""
+        if stream not in self.streams:
+            return None
+        if self.layers is not None and layer not in parse_layers(self.layers, num_layers):
+            return None
+        if layer in (parse_layers(self.exact_layers, num_layers) or []):
+            return None
+        per = self.overrides.get(layer)
+        if per is None:  # overrides may also be keyed by negative indices
+            per = self.overrides.get(layer - num_layers)
+        if per is not None and stream in per:
+            return None if per[stream] is None else self._merged(stream, per[stream])
+        return getattr(self, stream)
+
+    def active(self, num_layers: int) -> list[tuple[int, str]]:
+        """Every ``(layer, stream)`` the codec compresses."""
+        return [
+            (layer, s)
+            for layer in range(num_layers)
+            for s in STREAMS
+            if self.config_for(layer, s, num_layers) is not None
+        ]
+
+
+def _layer_list(spec: str | Iterable[int]) -> list[int]:
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec in ("", "none"):
+            return []
+        return [int(x) for x in _expand(spec)]
+    return [int(x) for x in spec]
+
+
+def _expand(spec: str) -> list[int]:
+    out = []
+    for part in spec.replace(" ", "").split(","):
+        if "-" in part[1:]:
+            cut = part.index("-", 1)
+            out.extend(range(int(part[:cut]), int(part[cut + 1 :]) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def preset_policy(name: str) -> Policy:
+    """A named policy preset (``identity``, ``recommended``, ...)."""
+    if name not in POLICY_PRESETS:
+        raise ValueError(f"unknown policy preset {name!r}; known: {sorted(POLICY_PRESETS)}")
+    return Policy.from_dict(POLICY_PRESETS[name], name=name)
+
+
+def load_policy(spec: str) -> Policy:
+    """``--config``: a preset name, or a JSON file holding a policy.
+
+    A JSON file holding a bare codec config (keys such as ``bits``) is accepted too and
+    applied to both streams on every layer.
+    """
+    if spec in POLICY_PRESETS:
+        return preset_policy(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--config {spec!r} is neither a preset ({sorted(POLICY_PRESETS)}) nor a file")
+    d = json.loads(path.read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    if not ({"k", "v", "exact_layers", "overrides", "streams"} & set(d)):
+        d = {"k": d, "v": d}
+    policy = Policy.from_dict(d, name=d.get("name", path.stem))
+    if policy.sigma_q is not None and not os.path.isabs(policy.sigma_q):
+        policy.sigma_q = str((path.parent / policy.sigma_q).resolve())
+    return policy
+
+
+# -- Σ_q ---------------------------------------------------------------------------------
+@dataclass
+class SigmaQ:
+    """Per-layer Cholesky factors ``L [kv_heads, D, D]`` and the text they were fitted on."""
+
+    path: str
+    factors: dict[int, Any]  # layer -> float32 tensor
+    text: dict[str, Any] | None
+    meta: dict[str, Any]
+
+
+def load_sigma_q(path: str | os.PathLike, *, num_layers: int, num_kv_heads: int, head_dim: int) -> SigmaQ:
+    """Load and validate a ``sigma_q.safetensors`` file (see the module doc)."""
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"Σ_q file {p} not found")
+    factors = {}
+    with safe_open(str(p), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        keys = set(f.keys())
+        for layer in range(num_layers):
+            key = f"layers.{layer}.L"
+            if key not in keys:
+                raise ValueError(f"{p} has no tensor {key!r} (expected one per layer, {num_layers} layers)")
+            t = f.get_tensor(key).float().contiguous()
+            if tuple(t.shape) != (num_kv_heads, head_dim, head_dim):
+                raise ValueError(
+                    f"{p}: {key} has shape {tuple(t.shape)}, expected {(num_kv_heads, head_dim, head_dim)}"
+                )
+            factors[layer] = t
+    sidecar = p.with_suffix(".json")
+    text = None
+    if sidecar.is_file():
+        side = json.loads(sidecar.read_text())
+        text = side.get("text")
+        meta = {**meta, **{k: v for k, v in side.items() if k != "text"}}
+    return SigmaQ(str(p), factors, text, meta)
+
+
+# -- applying a policy -------------------------------------------------------------------
+RoundtripFn = Callable[..., tuple[Any, int]]
+
+
+class PolicyCodec:
+    """Round-trips ``[tokens, kv_heads, head_dim]`` tensors as a policy says.
+
+    Args:
+        policy: the :class:`Policy`.
+        num_layers: layers of the model (resolves negative indices).
+        sigma_q: loaded :class:`SigmaQ` when the policy names one.
+        threads: codec threads (None = the codec's default).
+        roundtrip_fn: the codec; ``kakeya_py.roundtrip`` unless a test passes a stand-in.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        num_layers: int,
+        *,
+        sigma_q: SigmaQ | None = None,
+        threads: int | None = None,
+        roundtrip_fn: RoundtripFn | None = None,
+    ):
+        self.policy = policy
+        self.num_layers = num_layers
+        self.sigma_q = sigma_q
+        self.threads = threads
+        self._roundtrip = roundtrip_fn if roundtrip_fn is not None else _codec().roundtrip
+        self._configs = {
+            (layer, s): policy.config_for(layer, s, num_layers)
+            for layer in range(num_layers)
+            for s in STREAMS
+        }
+        needs_sigma = any(
+            c is not None and s == "k" and getattr(c, "metric", "mse") == "inner_product"
+            for (_, s), c in self._configs.items()
+        )
+        if needs_sigma and sigma_q is None:
+            raise ValueError("the policy uses metric='inner_product' for K but no Σ_q was loaded")
+
+    def config(self, layer: int, stream: str):
+        return self._configs[(layer, stream)]
+
+    def active(self) -> list[tuple[int, str]]:
+        return [key for key, c in self._configs.items() if c is not None]
+
+    def roundtrip(self, layer: int, stream: str, x) -> tuple[Any, int | None]:
+        """``(decoded, nbytes)``; ``(x, None)`` when the policy keeps this tensor exact."""
+        cfg = self._configs[(layer, stream)]
+        if cfg is None:
+            return x, None
+        kwargs: dict[str, Any] = {}
+        if stream == "k" and getattr(cfg, "metric", "mse") == "inner_product":
+            kwargs["preconditioner"] = self.sigma_q.factors[layer]
+        if self.threads is not None:
+            kwargs["threads"] = self.threads
+        return self._roundtrip(x.contiguous(), cfg, **kwargs)
+
+
+class Ledger:
+    """Byte accounting of the cache actually produced, per (layer, stream)."""
+
+    def __init__(self):
+        self.raw = defaultdict(int)  # bf16 bytes of the tensor
+        self.stored = defaultdict(int)  # bytes held: encoded size, or bf16 size if exact
+        self.compressed = defaultdict(bool)
+
+    def add(self, layer: int, stream: str, numel: int, nbytes: int | None) -> None:
+        key = (layer, stream)
+        self.raw[key] += numel * BF16_BYTES
+        self.stored[key] += numel * BF16_BYTES if nbytes is None else int(nbytes)
+        self.compressed[key] |= nbytes is not None
+
+    def merge(self, other: Ledger) -> None:
+        for key in other.raw:
+            self.raw[key] += other.raw[key]
+            self.stored[key] += other.stored[key]
+            self.compressed[key] |= other.compressed[key]
+
+    @staticmethod
+    def _ratio(raw: int, stored: int) -> float | None:
+        return raw / stored if stored else None
+
+    def ratio(self, stream: str | None = None, layer: int | None = None) -> float | None:
+        keys = [
+            k for k in self.raw if (stream is None or k[1] == stream) and (layer is None or k[0] == layer)
+        ]
+        return self._ratio(sum(self.raw[k] for k in keys), sum(self.stored[k] for k in keys))
+
+    def to_dict(self) -> dict[str, Any]:
+        layers = sorted({k[0] for k in self.raw})
+        return {
+            "ratio_measured": self.ratio(),
+            "ratio_k": self.ratio("k"),
+            "ratio_v": self.ratio("v"),
+            "bytes_bf16": sum(self.raw.values()),
+            "bytes_stored": sum(self.stored.values()),
+            "per_layer": [
+                {
+                    "layer": layer,
+                    **{
+                        f"{s}": {
+                            "compressed": self.compressed[(layer, s)],
+                            "bytes_bf16": self.raw[(layer, s)],
+                            "bytes_stored": self.stored[(layer, s)],
+                            "ratio": self._ratio(self.raw[(layer, s)], self.stored[(layer, s)]),
+                        }
+                        for s in STREAMS
+                        if (layer, s) in self.raw
+                    },
+                }
+                for layer in layers
+            ],
+        }

@@ -1,0 +1,140 @@
+"""Markdown summaries of harness results (stdout of the ``kakeya`` subcommands)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fmt_pct(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x * 100:+.{digits}f}%"
+
+
+def fmt_num(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    if x == 0 or 1e-3 <= abs(x) < 1e5:
+        return f"{x:.{digits}f}"
+    return f"{x:.{digits - 1}e}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "n/a" if not ci else f"[{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]"
+
+
+def _header(r: dict[str, Any], title: str) -> list[str]:
+    model = r["model"]
+    return [
+        f"## {title}: {r['config']['name']} on {model['name']} ({r['engine']}, {r['mode']}, {r['dtype']})",
+        "",
+        f"{r['passages']} passages x (ctx {r['ctx']} + {r['n_eval']} evaluated) from {r['corpus']['name']}; "
+        f"kakeya {r['version']}; {r['seconds']:.1f} s",
+        "",
+    ]
+
+
+def eval_markdown(r: dict[str, Any]) -> str:
+    """The summary of ``kakeya eval``."""
+    lines = _header(r, "kakeya eval")
+    rows = [
+        ("verdict", f"**{r['verdict']}**"),
+        ("Δppl (pooled NLL)", f"{fmt_pct(r['dppl'])}  95% CI {_ci(r['dppl_ci95'])}"),
+        ("ppl ref -> codec", f"{fmt_num(r['ppl_ref'])} -> {fmt_num(r['ppl_alt'])}"),
+        ("top-1 agreement", f"{r['top1'] * 100:.2f}%"),
+        (
+            "KL(ref‖codec) mean / rmse / p95 / max",
+            " / ".join(fmt_num(r[k]) for k in ("kl_mean", "kl_rmse", "kl_p95", "kl_max")),
+        ),
+        ("\\|Δ log p\\| mean / max", f"{fmt_num(r['dlogp_mean'])} / {fmt_num(r['dlogp_max'])}"),
+        ("ESS", fmt_num(r["ess"])),
+        (
+            "ρ outside [1/2, 2] / [1/5, 5]",
+            f"{r['frac_outside_2x'] * 100:.2f}% / {r['frac_outside_5x'] * 100:.2f}%",
+        ),
+        ("k3 KL", fmt_num(r["k3_kl"])),
+        ("mean exp\\|Δ log p\\|", fmt_num(r["mean_exp_abs_dlogp"])),
+        ("log-prob Pearson", fmt_num(r["logprob_pearson"], 6)),
+        (
+            "compression ratio (measured)",
+            f"{fmt_ratio(r['ratio_measured'])} (K {fmt_ratio(r['ratio_k'])}, V {fmt_ratio(r['ratio_v'])})",
+        ),
+        ("eval tokens", str(r["eval_tokens"])),
+    ]
+    if r.get("underflow_ref") or r.get("underflow_alt"):
+        rows.append(("log-probs at floor (ref / codec)", f"{r['underflow_ref']} / {r['underflow_alt']}"))
+    lines += ["| metric | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    lines += ["", f"Verdict rule: {r['verdict_rule']}."]
+    return "\n".join(lines) + "\n"
+
+
+def attribution_markdown(r: dict[str, Any]) -> str:
+    lines = _header(r, "kakeya attribution")
+    if r.get("layers"):
+        lines += [
+            "### Per layer (codec on one layer only), ranked by Δppl",
+            "",
+            "| rank | layer | Δppl | 95% CI | top-1 | KL mean | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for rank, row in enumerate(r["layers"], 1):
+            lines.append(
+                f"| {rank} | {row['layer']} | {fmt_pct(row['dppl'])} | {_ci(row['dppl_ci95'])} | "
+                f"{row['top1'] * 100:.2f}% | {fmt_num(row['kl_mean'])} | {fmt_ratio(row['ratio'])} |"
+            )
+        lines.append("")
+    if r.get("streams"):
+        s = r["streams"]
+        lines += [
+            "### Per stream",
+            "",
+            "| streams | Δppl | 95% CI | top-1 | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for name in ("k", "v", "kv"):
+            row = s[name]
+            lines.append(
+                f"| {name.upper()} | {fmt_pct(row['dppl'])} | {_ci(row['dppl_ci95'])} | "
+                f"{row['top1'] * 100:.2f}% | {row['verdict']} |"
+            )
+        lines += [
+            "",
+            f"Interaction Δppl(KV) − Δppl(K) − Δppl(V): {fmt_pct(s['interaction'])} {_ci(s['interaction_ci95'])}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def noise_markdown(r: dict[str, Any]) -> str:
+    lines = _header(r, "kakeya noise")
+    lines += [
+        "K/V + σ·rms·N(0,1) on the (layer, stream) pairs the policy compresses.",
+        "",
+        "| σ | Δppl | 95% CI | top-1 | KL mean | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r["sweep"]:
+        lines.append(
+            f"| {row['sigma']:g} | {fmt_pct(row['dppl'])} | {_ci(row['dppl_ci95'])} | {row['top1'] * 100:.2f}% | "
+            f"{fmt_num(row['kl_mean'])} | {row['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def residual_markdown(r: dict[str, Any]) -> str:
+    lines = _header(r, "kakeya residual")
+    lines += [
+        "Relative error ‖x̂ − x‖ / ‖x‖ of the codec on each layer's prefix (pooled over passages).",
+        "",
+        "| layer | K rel. error | V rel. error | K ratio | V ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["layers"]:
+        ke, ve = row["k_rel_error"], row["v_rel_error"]
+        lines.append(
+            f"| {row['layer']} | {'exact' if ke is None else f'{ke:.4f}'} | {'exact' if ve is None else f'{ve:.4f}'} | "
+            f"{fmt_ratio(row['k_ratio'])} | {fmt_ratio(row['v_ratio'])} |"
+        )
+    lines += ["", f"Whole cache: {fmt_ratio(r['ratio_measured'])}"]
+    return "\n".join(lines) + "\n"

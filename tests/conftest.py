@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random Llama / Mistral / Qwen2 / Qwen3 models built from configs.
+
+No download: each model is created from a config with a fixed seed, float32, eval mode.
+They are small enough that a forward pass over 64 tokens takes milliseconds, but keep
+the real structure (GQA with 4 query heads per 2 kv heads, RoPE, Qwen3's q/k norms).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def tiny_config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if arch == "llama":
+        return LlamaConfig(**TINY)
+    if arch == "mistral":
+        return MistralConfig(**TINY, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**TINY, use_sliding_window=False)
+    if arch == "qwen3":
+        return Qwen3Config(**TINY, head_dim=16, use_sliding_window=False)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    cfg._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # random init gives near-uniform attention; make K/V larger so the codec matters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("k_proj.weight", "q_proj.weight", "v_proj.weight")):
+                p.mul_(4.0)
+    return model.eval()
+
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def model(arch):
+    return tiny_model(arch)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads():
+    torch.set_num_threads(2)
+    yield
+
+
+def random_ids(n: int, batch: int = 1, seed: int = 1, vocab: int = TINY["vocab_size"]):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, n), generator=g)
