@@ -5,8 +5,8 @@ article starts at a line `` = Title = `` (one ``=`` on each side); the file hold
 of them (two further lines that start with `` = `` are table legends, not titles).
 
 **Split.** Article ``i`` (0-based, file order) belongs to the *calibration* part when
-``i % 4 == 3`` (15 articles, about 70k SmolLM2 tokens) and to the *evaluation* part
-otherwise (47 articles). The rule depends on nothing but the file, so calibration
+``i % 4 == 3`` (15 articles, 93k SmolLM2 tokens) and to the *evaluation* part
+otherwise (47 articles, 209k tokens). The rule depends on nothing but the file, so calibration
 (issue 5) and evaluation agree without sharing state; both record the article indices
 they used and :func:`check_disjoint` refuses an overlap.
 
