@@ -1,0 +1,995 @@
+"""Pure-numpy reference implementation of the kakeya codec and byte format, version 1.
+
+This module implements ``docs/codec.md`` literally, with numpy and the standard library
+only. It is the test oracle for the Rust crate and the "numpy reference" of the
+throughput benchmark. Clarity and agreement with the spec come before speed, but every
+stage is vectorised over rows.
+
+Public API (see each docstring):
+
+- ``DEFAULT_CONFIG``, ``make_config(config=None, **overrides)``
+- ``rng(seed, domain, a, b)`` -> ``SplitMix64``; ``rng_outputs``, ``rng_gaussians``
+- ``lloyd_max_gaussian(bits)``, ``centroid_table(config)``, ``boundaries(centroids)``,
+  ``quantize(z, centroids)``
+- ``hadamard_signs(seed, p)``, ``fwht(a)``, ``rotate(c, seed)``, ``unrotate(y, seed, r)``
+- ``fit_skeleton(rows, config, head, index)``, ``choose_rank(...)``
+- ``pack_codes(codes, bits)``, ``unpack_codes(buf, count, bits)``
+- ``encode(x, config=None, preconditioner=None, dtype=None) -> bytes``
+- ``decode(data, dtype="f32") -> np.ndarray``
+- ``parse(data) -> Parsed`` and ``body_sections(data) -> dict[str, bytes]`` to compare
+  body sections (independently of record order and offsets) with another implementation
+- ``bf16_to_f32``, ``f32_to_bf16``, ``compression_ratio(data)``
+
+Choices where the spec leaves room are marked ``SPEC CHOICE`` in comments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"KAKEYA"
+VERSION = 1
+LIBRARY = "kakeya-reference"
+MAX_DIM = 4096
+U64_MASK = (1 << 64) - 1
+SHARED_BLOCK_INDEX = U64_MASK  # `i = 2^64 - 1` for a shared basis
+F16_SCALE_MIN = 2.0**-14
+F16_SCALE_MAX = 65504.0
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "bits": 3,
+    "block_size": 1024,
+    "pca": "exact",
+    "variance_ratio": 1.0,
+    "rank": None,
+    "rank_cap": None,
+    "share_basis": False,
+    "outlier_threshold": None,
+    "metric": "mse",
+    "centroids": None,
+    "skeleton_dtype": "f16",
+    "seed": 0,
+    "oversampling": 8,
+    "power_iters": 2,
+    "identity": False,
+}
+
+_NP_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
+_OUTLIER_DTYPE = np.dtype([("index", "<u2"), ("value", "<f2")])
+
+# ----------------------------------------------------------------------------- config
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(float(v))
+
+
+def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Return a complete, validated config dict (defaults filled in, values normalised).
+
+    Raises ValueError naming the offending field for unknown fields or bad values.
+    """
+    merged = dict(DEFAULT_CONFIG)
+    for src in (config or {}), overrides:
+        for k, v in src.items():
+            if k not in DEFAULT_CONFIG:
+                raise ValueError(f"unknown config field {k!r}; expected one of {sorted(DEFAULT_CONFIG)}")
+            merged[k] = v
+    c = merged
+
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"config field {name!r} must be {expected}, got {c[name]!r}")
+
+    if not _is_int(c["bits"]) or not 1 <= c["bits"] <= 4:
+        raise bad("bits", "an integer in 1..4")
+    if not _is_int(c["block_size"]) or c["block_size"] < 1:
+        raise bad("block_size", "an integer >= 1")
+    if c["pca"] not in ("exact", "randomized"):
+        raise bad("pca", "'exact' or 'randomized'")
+    if not _is_real(c["variance_ratio"]) or not float(c["variance_ratio"]) > 0:
+        raise bad("variance_ratio", "a finite number > 0")
+    for name in ("rank", "rank_cap"):
+        if c[name] is not None and (not _is_int(c[name]) or c[name] < 0):
+            raise bad(name, "None or an integer >= 0")
+    for name in ("share_basis", "identity"):
+        if not isinstance(c[name], (bool, np.bool_)):
+            raise bad(name, "a bool")
+    ot = c["outlier_threshold"]
+    if ot is not None and (not _is_real(ot) or float(ot) < 0):
+        raise bad("outlier_threshold", "None or a finite number >= 0")
+    if c["metric"] not in ("mse", "inner_product"):
+        raise bad("metric", "'mse' or 'inner_product'")
+    if c["skeleton_dtype"] not in ("f16", "f32"):
+        raise bad("skeleton_dtype", "'f16' or 'f32'")
+    if not _is_int(c["seed"]) or not 0 <= c["seed"] <= U64_MASK:
+        raise bad("seed", "an integer in 0..2^64-1")
+    for name in ("oversampling", "power_iters"):
+        if not _is_int(c[name]) or c[name] < 0:
+            raise bad(name, "an integer >= 0")
+    cents = c["centroids"]
+    if cents is not None:
+        try:
+            arr = np.asarray(cents, dtype=np.float64).astype(np.float32)
+        except (TypeError, ValueError) as e:
+            raise bad("centroids", f"a list of {1 << c['bits']} numbers") from e
+        if arr.ndim != 1 or arr.size != (1 << c["bits"]):
+            raise bad("centroids", f"a list of exactly 2^bits = {1 << c['bits']} numbers")
+        if not np.all(np.isfinite(arr)) or not np.all(np.diff(arr) > 0):
+            raise bad("centroids", "finite and strictly increasing (as f32)")
+        cents = [float(v) for v in arr]
+
+    return {
+        "bits": int(c["bits"]),
+        "block_size": int(c["block_size"]),
+        "pca": c["pca"],
+        "variance_ratio": float(c["variance_ratio"]),
+        "rank": None if c["rank"] is None else int(c["rank"]),
+        "rank_cap": None if c["rank_cap"] is None else int(c["rank_cap"]),
+        "share_basis": bool(c["share_basis"]),
+        "outlier_threshold": None if ot is None else float(ot),
+        "metric": c["metric"],
+        "centroids": cents,
+        "skeleton_dtype": c["skeleton_dtype"],
+        "seed": int(c["seed"]),
+        "oversampling": int(c["oversampling"]),
+        "power_iters": int(c["power_iters"]),
+        "identity": bool(c["identity"]),
+    }
+
+
+# -------------------------------------------------------------------------- generator
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_DOMAIN_MUL = 0xD1B54A32D192ED03
+_A_MUL = 0x8CB92BA72F3D8DD7
+
+
+def rng_state(seed: int, domain: int, a: int, b: int) -> int:
+    """Initial SplitMix64 state `seed ^ domain*K1 ^ a*K2 ^ b*K3` (products mod 2^64)."""
+    return (
+        (seed & U64_MASK)
+        ^ ((domain * _DOMAIN_MUL) & U64_MASK)
+        ^ ((a * _A_MUL) & U64_MASK)
+        ^ ((b * _GOLDEN) & U64_MASK)
+    )
+
+
+class SplitMix64:
+    """Scalar SplitMix64 with Python ints masked to 64 bits (the literal spec)."""
+
+    def __init__(self, state: int) -> None:
+        self.state = state & U64_MASK
+
+    def next_u64(self) -> int:
+        self.state = (self.state + _GOLDEN) & U64_MASK
+        z = self.state
+        z = ((z ^ (z >> 30)) * _MIX1) & U64_MASK
+        z = ((z ^ (z >> 27)) * _MIX2) & U64_MASK
+        return z ^ (z >> 31)
+
+    def next_gaussian_pair(self) -> tuple[float, float]:
+        o1 = self.next_u64()
+        o2 = self.next_u64()
+        u1 = ((o1 >> 11) + 1) * 2.0**-53
+        u2 = (o2 >> 11) * 2.0**-53
+        rad = math.sqrt(-2.0 * math.log(u1))
+        return rad * math.cos(math.tau * u2), rad * math.sin(math.tau * u2)
+
+
+def rng(seed: int, domain: int, a: int, b: int) -> SplitMix64:
+    """The spec's generator `rng(seed, domain, a, b)`."""
+    return SplitMix64(rng_state(seed, domain, a, b))
+
+
+def rng_outputs(seed: int, domain: int, a: int, b: int, count: int) -> np.ndarray:
+    """The first `count` outputs of `rng(seed, domain, a, b)`, vectorised (uint64)."""
+    start = np.uint64(rng_state(seed, domain, a, b))
+    with np.errstate(over="ignore"):
+        z = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(_GOLDEN) + start
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    return z ^ (z >> np.uint64(31))
+
+
+def rng_gaussians(seed: int, domain: int, a: int, b: int, count: int) -> np.ndarray:
+    """The first `count` Box–Muller Gaussians of `rng(seed, domain, a, b)` (f64).
+
+    Each pair of outputs gives cos then sin; an odd count drops the last sin.
+    The transcendental functions are the C library's (``math``), as Rust's f64 methods.
+    """
+    pairs = (count + 1) // 2
+    o = rng_outputs(seed, domain, a, b, 2 * pairs)
+    u1 = ((o[0::2] >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * 2.0**-53
+    u2 = (o[1::2] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    rad = np.sqrt(-2.0 * np.fromiter(map(math.log, u1.tolist()), np.float64, pairs))
+    theta = (math.tau * u2).tolist()
+    out = np.empty(2 * pairs, dtype=np.float64)
+    out[0::2] = rad * np.fromiter(map(math.cos, theta), np.float64, pairs)
+    out[1::2] = rad * np.fromiter(map(math.sin, theta), np.float64, pairs)
+    return out[:count]
+
+
+# ------------------------------------------------------------------------- Lloyd–Max
+
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _pdf(x: float) -> float:
+    return 0.0 if math.isinf(x) else _INV_SQRT_2PI * math.exp(-0.5 * x * x)
+
+
+def _cdf(x: float) -> float:
+    if math.isinf(x):
+        return 0.0 if x < 0 else 1.0
+    return 0.5 * (1.0 + math.erf(x / _SQRT2))
+
+
+def _xpdf(x: float) -> float:
+    return 0.0 if math.isinf(x) else x * _pdf(x)
+
+
+@cache
+def _lloyd_max(bits: int) -> tuple[tuple[float, ...], float]:
+    k = 1 << bits
+    c = [-2.0 + 4.0 * (i + 0.5) / k for i in range(k)]  # symmetric start
+    for _ in range(100_000):
+        edges = [-math.inf] + [(c[j] + c[j + 1]) / 2 for j in range(k - 1)] + [math.inf]
+        new = [
+            (_pdf(edges[i]) - _pdf(edges[i + 1])) / (_cdf(edges[i + 1]) - _cdf(edges[i])) for i in range(k)
+        ]
+        new = [(new[i] - new[k - 1 - i]) / 2 for i in range(k)]  # keep exactly symmetric
+        delta = max(abs(a - b) for a, b in zip(new, c, strict=True))
+        c = new
+        if delta <= 1e-15:
+            break
+    edges = [-math.inf] + [(c[j] + c[j + 1]) / 2 for j in range(k - 1)] + [math.inf]
+    mse = 0.0
+    for i in range(k):
+        lo, hi = edges[i], edges[i + 1]
+        p = _cdf(hi) - _cdf(lo)
+        ex2 = p + _xpdf(lo) - _xpdf(hi)  # ∫ x² φ
+        ex = _pdf(lo) - _pdf(hi)  # ∫ x φ
+        mse += ex2 - 2 * c[i] * ex + c[i] * c[i] * p
+    return tuple(c), mse
+
+
+def lloyd_max_gaussian(bits: int) -> tuple[np.ndarray, float]:
+    """Gaussian-optimal Lloyd–Max centroids (f64, ascending) for `bits` and their MSE on N(0,1)."""
+    if bits not in (1, 2, 3, 4):
+        raise ValueError(f"bits must be in 1..4, got {bits!r}")
+    c, mse = _lloyd_max(bits)
+    return np.array(c, dtype=np.float64), mse
+
+
+def centroid_table(config: dict[str, Any]) -> np.ndarray:
+    """The f32 centroid table an encoding uses: the caller's or the Gaussian one."""
+    if config["centroids"] is not None:
+        return np.asarray(config["centroids"], dtype=np.float64).astype(np.float32)
+    return lloyd_max_gaussian(config["bits"])[0].astype(np.float32)
+
+
+def boundaries(centroids: np.ndarray) -> np.ndarray:
+    """`β_j = (c_j + c_{j+1}) / 2` in f32 (SPEC CHOICE: f32 arithmetic, f32 comparison)."""
+    c = np.asarray(centroids, dtype=np.float32)
+    return ((c[:-1] + c[1:]) / np.float32(2)).astype(np.float32)
+
+
+def quantize(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Codes `#{j : z > β_j}` (uint8) of the f32 values `z`."""
+    beta = boundaries(centroids)
+    return np.searchsorted(beta, np.asarray(z, dtype=np.float32), side="left").astype(np.uint8)
+
+
+# -------------------------------------------------------------------------- Hadamard
+
+
+def next_pow2(r: int) -> int:
+    """`P = next_pow2(r)`, with `P = 0` for `r = 0`."""
+    return 0 if r == 0 else 1 << (r - 1).bit_length()
+
+
+def hadamard_signs(seed: int, p: int) -> np.ndarray:
+    """`σ_j = +1` if bit 63 of the j-th output of `rng(seed, 1, P, 0)` is 0, else −1 (f32)."""
+    o = rng_outputs(seed, 1, p, 0, p)
+    return np.where((o >> np.uint64(63)) == 0, np.float32(1), np.float32(-1)).astype(np.float32)
+
+
+def fwht(a: np.ndarray) -> np.ndarray:
+    """Unnormalised Walsh–Hadamard transform along the last axis (returns a new array).
+
+    The in-place butterfly `(a, b) -> (a + b, a - b)` over strides 1, 2, 4, …, in the
+    array's own dtype, so f32 results equal a scalar f32 butterfly bit for bit.
+    """
+    y = np.array(a, copy=True)
+    p = y.shape[-1]
+    if p & (p - 1):
+        raise ValueError(f"length must be a power of two, got {p}")
+    lead = y.shape[:-1]
+    h = 1
+    while h < p:
+        v = y.reshape(*lead, p // (2 * h), 2, h)
+        s = v[..., 0, :] + v[..., 1, :]
+        d = v[..., 0, :] - v[..., 1, :]
+        v[..., 0, :] = s
+        v[..., 1, :] = d
+        h *= 2
+    return y
+
+
+def _sqrt_p(p: int) -> np.float32:
+    # SPEC CHOICE: `/ √P` is a division by √P rounded to f32 (exact for P a power of 4).
+    return np.float32(math.sqrt(p))
+
+
+def rotate(c: np.ndarray, seed: int) -> np.ndarray:
+    """`y = H_P (σ ⊙ c) / √P` on rows of `c` (f32 [n, r]), zero-padded to P = next_pow2(r)."""
+    c = np.asarray(c, dtype=np.float32)
+    n, r = c.shape
+    p = next_pow2(r)
+    if p == 0:
+        return np.zeros((n, 0), dtype=np.float32)
+    padded = np.zeros((n, p), dtype=np.float32)
+    padded[:, :r] = c
+    return (fwht(padded * hadamard_signs(seed, p)) / _sqrt_p(p)).astype(np.float32)
+
+
+def unrotate(y: np.ndarray, seed: int, r: int) -> np.ndarray:
+    """`c = σ ⊙ (H_P y) / √P`, truncated to the first `r` coordinates (f32)."""
+    y = np.asarray(y, dtype=np.float32)
+    p = y.shape[1]
+    if p == 0:
+        return np.zeros((y.shape[0], 0), dtype=np.float32)
+    return ((fwht(y) / _sqrt_p(p)) * hadamard_signs(seed, p))[:, :r].astype(np.float32)
+
+
+# ------------------------------------------------------------------------ conversions
+
+
+def bf16_to_f32(u: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) to f32: `u << 16` viewed as f32."""
+    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """f32 to bf16 bits (uint16), round to nearest even (NaN stays NaN)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    rounded = ((u + (((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))) >> np.uint32(16)).astype(
+        np.uint16
+    )
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    return rounded
+
+
+def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round (f64 or f32) values to `f16`/`f32` directly (RNE); return them as f32."""
+    target = np.float16 if dtype == "f16" else np.float32
+    with np.errstate(over="ignore"):
+        return np.asarray(x).astype(target).astype(np.float32)
+
+
+def _to_f32_input(x: np.ndarray, dtype: str | None) -> tuple[np.ndarray, str]:
+    x = np.asarray(x)
+    if dtype is None:
+        if x.dtype == np.float32:
+            dtype = "f32"
+        elif x.dtype == np.float16:
+            dtype = "f16"
+        elif x.dtype == np.uint16:
+            raise ValueError("uint16 input needs dtype='bf16' (bf16 bits)")
+        else:
+            raise ValueError(f"input dtype must be float32, float16 or bf16 (uint16), got {x.dtype}")
+    if dtype not in _NP_DTYPES:
+        raise ValueError(f"dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
+    expected = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[dtype]
+    if x.dtype != expected:
+        raise ValueError(f"dtype={dtype!r} needs a {np.dtype(expected)} array, got {x.dtype}")
+    if x.ndim != 3:
+        raise ValueError(f"input must have shape [T, H, D], got shape {x.shape}")
+    t, h, d = x.shape
+    if h < 1 or not 1 <= d <= MAX_DIM:
+        raise ValueError(f"input shape [T, H, D] needs H >= 1 and 1 <= D <= {MAX_DIM}, got {x.shape}")
+    x32 = bf16_to_f32(x) if dtype == "bf16" else x.astype(np.float32)
+    if not np.all(np.isfinite(x32)):
+        raise ValueError("input contains non-finite values")
+    return x32, dtype
+
+
+# ---------------------------------------------------------------------------- skeleton
+
+
+def choose_rank(
+    eigenvalues: np.ndarray, tau: float, d: int, config: dict[str, Any], computed: int | None = None
+) -> int:
+    """The spec's rank rule. `eigenvalues` descending; `computed` = randomized component count."""
+    cap = min(d, config["rank_cap"] if config["rank_cap"] is not None else d)
+    if computed is not None:
+        cap = min(cap, computed)
+    if config["rank"] is not None:
+        return min(config["rank"], cap)
+    vr = config["variance_ratio"]
+    if vr >= 1:
+        return cap
+    if tau == 0:
+        return 0
+    cum = np.cumsum(np.asarray(eigenvalues, dtype=np.float64))
+    hits = np.nonzero(cum >= vr * tau)[0]
+    # SPEC CHOICE: when the computed spectrum never reaches the share, keep all of it.
+    r = int(hits[0]) + 1 if hits.size else int(cum.size)
+    return min(r, cap)
+
+
+def _orth(m: np.ndarray) -> np.ndarray:
+    return np.linalg.qr(m, mode="reduced")[0]
+
+
+def _canonical_signs(v: np.ndarray) -> np.ndarray:
+    """Negate each column whose entry of largest magnitude (first on ties) is negative."""
+    if v.shape[1] == 0:
+        return v
+    idx = np.argmax(np.abs(v), axis=0)
+    sign = np.where(v[idx, np.arange(v.shape[1])] < 0, -1.0, 1.0)
+    return v * sign
+
+
+def fit_skeleton(
+    rows: np.ndarray, config: dict[str, Any], head: int, index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and basis of `rows` (f32 [n, D]): returns `μ̂` (f32 [D]) and `Û` (f32 [D, r]),
+    both holding skeleton-dtype values. `index` is the block index (2^64−1 when shared)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    n, d = rows.shape
+    sk = config["skeleton_dtype"]
+    # SPEC CHOICE: the mean of zero rows (T = 0 with share_basis) is 0.
+    mu = rows.astype(np.float64).mean(axis=0) if n else np.zeros(d)
+    mu_hat = _round_to(mu, sk)
+    a = rows.astype(np.float64) - mu_hat.astype(np.float64)
+    tau = float(np.sum(a * a))
+    if config["pca"] == "exact":
+        w, v = np.linalg.eigh(a.T @ a)
+        order = np.argsort(-w, kind="stable")
+        lam, vecs = w[order], v[:, order]
+        r = choose_rank(lam, tau, d, config)
+    else:
+        t = config["rank"] if config["rank"] is not None else config["rank_cap"]
+        t = d if t is None else t
+        k = min(d, t + config["oversampling"])
+        m = min(n, k)
+        if m == 0:
+            lam, vecs = np.zeros(0), np.zeros((d, 0))
+        else:
+            omega = rng_gaussians(config["seed"], 2, head, index, d * k).reshape(d, k)
+            q = _orth(a @ omega)
+            for _ in range(config["power_iters"]):
+                z = _orth(a.T @ q)
+                q = _orth(a @ z)
+            bm = q.T @ a
+            _, sig, vt = np.linalg.svd(bm, full_matrices=False)
+            lam = (sig * sig)[:m]
+            vecs = vt[:m].T
+            # SPEC CHOICE: "only components with λ_j > 0 can be kept beyond min(n, k)":
+            # the computed components are the first min(n, k) with λ_j > 0.
+            keep = lam > 0
+            lam, vecs = lam[keep], vecs[:, keep]
+        r = choose_rank(lam, tau, d, config, computed=lam.size)
+    u = _canonical_signs(vecs[:, :r])
+    return mu_hat, _round_to(u, sk).reshape(d, r)
+
+
+# ---------------------------------------------------------------------------- packing
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Pack codes (row-major) in `bits` bits each, least-significant bit first."""
+    c = np.asarray(codes, dtype=np.uint8).ravel()
+    if c.size == 0:
+        return b""
+    planes = (c[:, None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)
+    return np.packbits(planes.ravel(), bitorder="little").tobytes()
+
+
+def unpack_codes(buf: bytes, count: int, bits: int) -> np.ndarray:
+    """Inverse of `pack_codes`: `count` codes (uint8)."""
+    if count == 0:
+        return np.zeros(0, dtype=np.uint8)
+    planes = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=count * bits, bitorder="little")
+    weights = (1 << np.arange(bits)).astype(np.uint8)
+    return (planes.reshape(count, bits) * weights).sum(axis=1).astype(np.uint8)
+
+
+def segment_rows(p: int) -> int:
+    """Rows per outlier segment `S = max(1, 65536 / P)` (SPEC CHOICE: P = 0 counts as 1)."""
+    return max(1, 65536 // max(p, 1))
+
+
+# ---------------------------------------------------------------------------- encoder
+
+
+@dataclass
+class _Block:
+    head: int
+    index: int
+    mu: np.ndarray
+    basis: np.ndarray
+    y: np.ndarray
+    s: np.ndarray  # f64 scales before rounding
+
+
+def _skeleton_bytes(mu: np.ndarray, basis: np.ndarray, sk: str) -> bytes:
+    dt = _NP_DTYPES[sk]
+    return (
+        struct.pack("<H", basis.shape[1])
+        + mu.astype(dt).tobytes()
+        + np.ascontiguousarray(basis.T).astype(dt).tobytes()
+    )
+
+
+def _check_preconditioner(l_mat: Any, h: int, d: int, sk: str) -> np.ndarray:
+    l64 = np.asarray(l_mat, dtype=np.float64)
+    if l64.shape != (h, d, d):
+        raise ValueError(f"preconditioner must have shape [H, D, D] = {[h, d, d]}, got {list(l64.shape)}")
+    if not np.all(np.isfinite(l64)):
+        raise ValueError("preconditioner contains non-finite values")
+    if np.any(np.triu(l64, 1) != 0):
+        raise ValueError("preconditioner must be lower triangular")
+    l_hat = _round_to(l64, sk)
+    if not np.all(np.isfinite(l_hat)):
+        raise ValueError(f"preconditioner overflows the skeleton dtype {sk}")
+    if not np.all(np.diagonal(l_hat, axis1=1, axis2=2) > 0):
+        raise ValueError(f"preconditioner needs a positive diagonal (after rounding to {sk})")
+    return l_hat
+
+
+def encode(
+    x: np.ndarray,
+    config: dict[str, Any] | None = None,
+    preconditioner: np.ndarray | None = None,
+    dtype: str | None = None,
+) -> bytes:
+    """Encode `x` ([T, H, D] float32/float16, or uint16 bf16 bits with `dtype="bf16"`).
+
+    `config` is a (partial) dict of the spec's fields; `preconditioner` is `L` [H, D, D]
+    for `metric="inner_product"`. Returns the complete serialized encoding.
+    """
+    cfg = make_config(config)
+    x32, in_dtype = _to_f32_input(x, dtype)
+    t, nh, d = x32.shape
+    bsz = cfg["block_size"]
+    nblocks = -(-t // bsz)
+    header: dict[str, Any] = {
+        "shape": [t, nh, d],
+        "dtype": in_dtype,
+        "config": cfg,
+        "scale_dtype": "f16",
+        "preconditioner": False,
+        "blocks_per_head": nblocks,
+        "library": LIBRARY,
+    }
+    if cfg["identity"]:
+        # SPEC CHOICE: identity bypasses the pre-conditioner too (it is ignored if given).
+        raw = np.ascontiguousarray(x).astype(_NP_DTYPES[in_dtype]).tobytes()
+        return _serialize(header, raw)
+
+    sk = cfg["skeleton_dtype"]
+    seed = cfg["seed"]
+    pre = b""
+    l_hat = None
+    if cfg["metric"] == "inner_product":
+        if preconditioner is None:
+            raise ValueError("metric 'inner_product' requires a preconditioner L of shape [H, D, D]")
+        l_hat = _check_preconditioner(preconditioner, nh, d, sk)
+        tri = np.tril_indices(d)
+        pre = b"".join(l_hat[h][tri].astype(_NP_DTYPES[sk]).tobytes() for h in range(nh))
+        header["preconditioner"] = True
+        # SPEC CHOICE: X̃ = X · L̂ is computed in f64 and rounded to f32.
+        x32 = np.einsum("thd,hde->the", x32.astype(np.float64), l_hat.astype(np.float64)).astype(np.float32)
+    elif preconditioner is not None:
+        raise ValueError("a preconditioner was given but metric is 'mse' (use metric='inner_product')")
+
+    # Pass 1: skeletons, rotated coefficients and raw scales for every block.
+    shared: list[tuple[np.ndarray, np.ndarray]] = []
+    blocks: list[list[_Block]] = []
+    for h in range(nh):
+        xh = x32[:, h, :]
+        if cfg["share_basis"]:
+            shared.append(fit_skeleton(xh, cfg, h, SHARED_BLOCK_INDEX))
+        row: list[_Block] = []
+        for i in range(nblocks):
+            rows = xh[i * bsz : min((i + 1) * bsz, t)]
+            mu, basis = shared[h] if cfg["share_basis"] else fit_skeleton(rows, cfg, h, i)
+            # SPEC CHOICE: c = (x − μ̂) Û is computed in f64 and rounded to f32.
+            c = ((rows.astype(np.float64) - mu.astype(np.float64)) @ basis.astype(np.float64)).astype(
+                np.float32
+            )
+            y = rotate(c, seed)
+            y64 = y.astype(np.float64)
+            s = np.sqrt(np.mean(y64 * y64, axis=1)) if y.shape[1] else np.zeros(rows.shape[0])
+            row.append(_Block(h, i, mu, basis, y, s))
+        blocks.append(row)
+
+    all_s = np.concatenate([b.s for row in blocks for b in row]) if nblocks else np.zeros(0)
+    nz = all_s[all_s != 0]
+    scale_dtype = "f32" if np.any((nz < F16_SCALE_MIN) | (nz > F16_SCALE_MAX)) else "f16"
+    header["scale_dtype"] = scale_dtype
+
+    # Pass 2: quantize and serialize records.
+    cents = centroid_table(cfg)
+    bits = cfg["bits"]
+    t_out = cfg["outlier_threshold"]
+    shared_recs = [_skeleton_bytes(mu, basis, sk) for mu, basis in shared]
+    block_recs: list[list[bytes]] = []
+    for row in blocks:
+        recs = []
+        for b in row:
+            s_hat = _round_to(b.s, scale_dtype)
+            z = np.zeros_like(b.y)
+            np.divide(b.y, s_hat[:, None], out=z, where=s_hat[:, None] != 0)
+            codes = quantize(z, cents)
+            parts = [] if cfg["share_basis"] else [_skeleton_bytes(b.mu, b.basis, sk)]
+            parts.append(s_hat.astype(_NP_DTYPES[scale_dtype]).tobytes())
+            parts.append(pack_codes(codes, bits))
+            if t_out is not None:
+                parts.append(_outlier_bytes(z, t_out))
+            recs.append(b"".join(parts))
+        block_recs.append(recs)
+    return _serialize(header, _assemble_body(pre, shared_recs, block_recs))
+
+
+def _outlier_bytes(z: np.ndarray, t_out: float) -> bytes:
+    n, p = z.shape
+    seg = segment_rows(p)
+    mask = np.abs(z.astype(np.float64)) > t_out
+    out = []
+    for start in range(0, n, seg):
+        rr, jj = np.nonzero(mask[start : start + seg])
+        pairs = np.empty(rr.size, dtype=_OUTLIER_DTYPE)
+        pairs["index"] = rr * p + jj
+        pairs["value"] = z[start + rr, jj].astype(np.float16)
+        out.append(struct.pack("<I", rr.size) + pairs.tobytes())
+    return b"".join(out)
+
+
+def _assemble_body(pre: bytes, shared_recs: list[bytes], block_recs: list[list[bytes]]) -> bytes:
+    # SPEC CHOICE: records are laid out head-major: head h's shared skeleton (if any),
+    # then its blocks 0..N-1. Readers must only rely on the offsets.
+    nh = len(block_recs)
+    nblocks = len(block_recs[0]) if nh else 0
+    table_len = 8 * (len(shared_recs) + nh * nblocks)
+    pos = len(pre) + table_len
+    shared_off, block_off, records = [], [], []
+    for h in range(nh):
+        if shared_recs:
+            shared_off.append(pos)
+            records.append(shared_recs[h])
+            pos += len(shared_recs[h])
+        for rec in block_recs[h]:
+            block_off.append(pos)
+            records.append(rec)
+            pos += len(rec)
+    tables = struct.pack(f"<{len(shared_off)}Q", *shared_off) + struct.pack(f"<{len(block_off)}Q", *block_off)
+    return pre + tables + b"".join(records)
+
+
+def _serialize(header: dict[str, Any], body: bytes) -> bytes:
+    hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head = MAGIC + struct.pack("<HI", VERSION, len(hjson)) + hjson
+    out = head + body
+    return out + struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+@dataclass
+class SkeletonRecord:
+    """A parsed skeleton record: `rank`, `mean` (f32 [D]), `basis_t` (f32 [r, D]), raw bytes."""
+
+    rank: int
+    mean: np.ndarray
+    basis_t: np.ndarray
+    raw: bytes
+
+
+@dataclass
+class BlockRecord:
+    """A parsed block record of head `head`, block `index` with `rows` rows and `P = padded`."""
+
+    head: int
+    index: int
+    rows: int
+    padded: int
+    skeleton: SkeletonRecord | None  # None with share_basis
+    scales: np.ndarray  # f32 [n]
+    codes: np.ndarray  # uint8 [n, P]
+    outliers: list[np.ndarray] | None  # per segment, structured (index u16, value f16)
+    raw: bytes
+
+
+@dataclass
+class Parsed:
+    """Everything in an encoding, section by section."""
+
+    header: dict[str, Any]
+    config: dict[str, Any]
+    body: bytes
+    identity_data: np.ndarray | None = None  # [T, H, D] in the input dtype (identity only)
+    preconditioner: np.ndarray | None = None  # L̂ [H, D, D] f32
+    preconditioner_raw: bytes = b""
+    shared_offsets: list[int] = field(default_factory=list)
+    block_offsets: list[list[int]] = field(default_factory=list)
+    shared: list[SkeletonRecord] = field(default_factory=list)
+    blocks: list[list[BlockRecord]] = field(default_factory=list)
+
+
+class _Reader:
+    def __init__(self, buf: bytes, pos: int, what: str) -> None:
+        self.buf, self.pos, self.what = buf, pos, what
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ValueError(
+                f"truncated {self.what}: {what} needs {n} bytes at body offset {self.pos}, "
+                f"body has {len(self.buf)}"
+            )
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def array(self, count: int, dtype: np.dtype, what: str) -> np.ndarray:
+        return np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype)
+
+
+def _parse_skeleton(rd: _Reader, d: int, sk: str) -> SkeletonRecord:
+    start = rd.pos
+    (r,) = struct.unpack("<H", rd.take(2, "rank"))
+    if r > d:
+        raise ValueError(f"skeleton rank {r} exceeds head dim {d}")
+    dt = _NP_DTYPES[sk]
+    mean = rd.array(d, dt, "mean").astype(np.float32)
+    basis_t = rd.array(r * d, dt, "basis").astype(np.float32).reshape(r, d)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(basis_t))):
+        raise ValueError("skeleton record holds non-finite values")
+    return SkeletonRecord(r, mean, basis_t, rd.buf[start : rd.pos])
+
+
+def _header_int(header: dict[str, Any], key: str) -> int:
+    v = header.get(key)
+    if not _is_int(v):
+        raise ValueError(f"header field {key!r} must be an integer, got {v!r}")
+    return int(v)
+
+
+def parse(data: bytes) -> Parsed:
+    """Check and split an encoding into its sections. Raises ValueError on any fault."""
+    try:
+        return _parse(bytes(data))
+    except ValueError:
+        raise
+    except (struct.error, IndexError, KeyError, TypeError, OverflowError, MemoryError) as e:
+        raise ValueError(f"malformed encoding: {e}") from e
+
+
+def _parse(data: bytes) -> Parsed:
+    fixed = len(MAGIC) + 2 + 4
+    if len(data) < fixed + 4:
+        raise ValueError(f"encoding too short: {len(data)} bytes, at least {fixed + 4} expected")
+    if data[: len(MAGIC)] != MAGIC:
+        raise ValueError(f"bad magic: expected {MAGIC!r}, got {data[: len(MAGIC)]!r}")
+    version, hlen = struct.unpack_from("<HI", data, len(MAGIC))
+    if version != VERSION:
+        raise ValueError(f"unknown format version {version}; this reader knows version {VERSION}")
+    if fixed + hlen + 4 > len(data):
+        raise ValueError(f"truncated encoding: header of {hlen} bytes does not fit in {len(data)} bytes")
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    actual = zlib.crc32(data[:-4]) & 0xFFFFFFFF
+    if crc != actual:
+        raise ValueError(f"checksum mismatch: stored CRC-32 {crc:#010x}, computed {actual:#010x}")
+    try:
+        header = json.loads(data[fixed : fixed + hlen].decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"header is not UTF-8: {e}") from e
+    if not isinstance(header, dict):
+        raise ValueError("header must be a JSON object")
+    for key in ("shape", "dtype", "config", "scale_dtype", "preconditioner", "blocks_per_head"):
+        if key not in header:
+            raise ValueError(f"header lacks the field {key!r}")
+    if not isinstance(header["config"], dict):
+        raise ValueError("header field 'config' must be an object")
+    missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]))
+    if missing:
+        raise ValueError(f"header config lacks the fields {missing}")
+    cfg = make_config({k: header["config"][k] for k in DEFAULT_CONFIG})
+    shape = header["shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) for v in shape)):
+        raise ValueError(f"header shape must be [T, H, D], got {shape!r}")
+    t, nh, d = (int(v) for v in shape)
+    if t < 0 or nh < 1 or not 1 <= d <= MAX_DIM:
+        raise ValueError(f"header shape {shape} needs T >= 0, H >= 1, 1 <= D <= {MAX_DIM}")
+    if header["dtype"] not in _NP_DTYPES:
+        raise ValueError(f"header dtype must be 'f32', 'f16' or 'bf16', got {header['dtype']!r}")
+    if header["scale_dtype"] not in ("f16", "f32"):
+        raise ValueError(f"header scale_dtype must be 'f16' or 'f32', got {header['scale_dtype']!r}")
+    if not isinstance(header["preconditioner"], bool):
+        raise ValueError("header field 'preconditioner' must be a bool")
+    nblocks = _header_int(header, "blocks_per_head")
+    body = data[fixed + hlen : -4]
+    parsed = Parsed(header=header, config=cfg, body=body)
+
+    if cfg["identity"]:
+        dt = _NP_DTYPES[header["dtype"]]
+        expected = t * nh * d * dt.itemsize
+        if len(body) != expected:
+            raise ValueError(f"identity body has {len(body)} bytes, expected {expected} for shape {shape}")
+        parsed.identity_data = np.frombuffer(body, dtype=dt).reshape(t, nh, d)
+        return parsed
+
+    bsz = cfg["block_size"]
+    if nblocks != -(-t // bsz):
+        raise ValueError(f"blocks_per_head is {nblocks}, expected ceil({t} / {bsz}) = {-(-t // bsz)}")
+    if header["preconditioner"] != (cfg["metric"] == "inner_product"):
+        raise ValueError("header preconditioner flag disagrees with the metric")
+    sk = cfg["skeleton_dtype"]
+    skb = _NP_DTYPES[sk].itemsize
+    rd = _Reader(body, 0, "body")
+    if header["preconditioner"]:
+        ntri = d * (d + 1) // 2
+        raw = rd.take(nh * ntri * skb, "pre-conditioner")
+        vals = np.frombuffer(raw, dtype=_NP_DTYPES[sk]).astype(np.float32).reshape(nh, ntri)
+        l_hat = np.zeros((nh, d, d), dtype=np.float32)
+        tri = np.tril_indices(d)
+        for h in range(nh):
+            l_hat[h][tri] = vals[h]
+        if not np.all(np.isfinite(l_hat)) or not np.all(np.diagonal(l_hat, axis1=1, axis2=2) > 0):
+            raise ValueError("stored pre-conditioner is not finite with a positive diagonal")
+        parsed.preconditioner, parsed.preconditioner_raw = l_hat, raw
+    if cfg["share_basis"]:
+        parsed.shared_offsets = [int(v) for v in rd.array(nh, np.dtype("<u8"), "shared offsets")]
+    flat = rd.array(nh * nblocks, np.dtype("<u8"), "block offsets")
+    parsed.block_offsets = [[int(v) for v in flat[h * nblocks : (h + 1) * nblocks]] for h in range(nh)]
+    tables_end = rd.pos
+
+    def reader_at(off: int, what: str) -> _Reader:
+        if not tables_end <= off <= len(body):
+            raise ValueError(f"{what} offset {off} outside the records area [{tables_end}, {len(body)}]")
+        return _Reader(body, off, what)
+
+    for h, off in enumerate(parsed.shared_offsets):
+        parsed.shared.append(_parse_skeleton(reader_at(off, f"skeleton record of head {h}"), d, sk))
+
+    sc_dt = _NP_DTYPES[header["scale_dtype"]]
+    bits = cfg["bits"]
+    outliers_on = cfg["outlier_threshold"] is not None
+    for h in range(nh):
+        row = []
+        for i, off in enumerate(parsed.block_offsets[h]):
+            what = f"block record (head {h}, block {i})"
+            br = reader_at(off, what)
+            n = min(bsz, t - i * bsz)
+            skel = None if cfg["share_basis"] else _parse_skeleton(br, d, sk)
+            r = (parsed.shared[h] if skel is None else skel).rank
+            p = next_pow2(r)
+            scales = br.array(n, sc_dt, "scales").astype(np.float32)
+            if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+                raise ValueError(f"{what} holds negative or non-finite scales")
+            codes = unpack_codes(br.take(-(-n * p * bits // 8), "codes"), n * p, bits).reshape(n, p)
+            segs = None
+            if outliers_on:
+                segs = []
+                srows = segment_rows(p)
+                for sidx, start in enumerate(range(0, n, srows)):
+                    (cnt,) = struct.unpack("<I", br.take(4, "outlier count"))
+                    pairs = br.array(cnt, _OUTLIER_DTYPE, "outliers")
+                    limit = min(srows, n - start) * p
+                    if cnt and int(pairs["index"].max()) >= limit:
+                        raise ValueError(f"{what}: outlier index out of range in segment {sidx}")
+                    if cnt and not np.all(np.isfinite(pairs["value"])):
+                        raise ValueError(f"{what}: non-finite outlier value in segment {sidx}")
+                    segs.append(pairs)
+            row.append(BlockRecord(h, i, n, p, skel, scales, codes, segs, body[off : br.pos]))
+        parsed.blocks.append(row)
+    return parsed
+
+
+def body_sections(data: bytes) -> dict[str, bytes]:
+    """The body split into named sections, independent of record order and offsets:
+    ``"preconditioner"``, ``"skeleton/{h}"`` (share_basis), ``"block/{h}/{i}"`` (whole
+    record), plus ``"block/{h}/{i}/skeleton|scales|codes|outliers"`` sub-sections."""
+    ps = parse(data)
+    out: dict[str, bytes] = {}
+    if ps.identity_data is not None:
+        out["identity"] = ps.body
+        return out
+    out["preconditioner"] = ps.preconditioner_raw
+    for h, s in enumerate(ps.shared):
+        out[f"skeleton/{h}"] = s.raw
+    sc_size = _NP_DTYPES[ps.header["scale_dtype"]].itemsize
+    for row in ps.blocks:
+        for b in row:
+            key = f"block/{b.head}/{b.index}"
+            out[key] = b.raw
+            pos = 0
+            if b.skeleton is not None:
+                out[key + "/skeleton"] = b.skeleton.raw
+                pos = len(b.skeleton.raw)
+            ncodes = -(-b.rows * b.padded * ps.config["bits"] // 8)
+            out[key + "/scales"] = b.raw[pos : pos + b.rows * sc_size]
+            pos += b.rows * sc_size
+            out[key + "/codes"] = b.raw[pos : pos + ncodes]
+            out[key + "/outliers"] = b.raw[pos + ncodes :]
+    return out
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+def decode(data: bytes, dtype: str | None = "f32") -> np.ndarray:
+    """Decode an encoding to a [T, H, D] array: f32 by default; `dtype=None` gives the
+    input's dtype (float16, or uint16 bf16 bits, rounded to nearest even)."""
+    ps = parse(data)
+    in_dtype = ps.header["dtype"]
+    if dtype not in (None, "f32", "f16", "bf16"):
+        raise ValueError(f"dtype must be None, 'f32', 'f16' or 'bf16', got {dtype!r}")
+    out_dtype = in_dtype if dtype is None else dtype
+    if ps.identity_data is not None:
+        if out_dtype == in_dtype:
+            return ps.identity_data.copy()
+        x32 = bf16_to_f32(ps.identity_data) if in_dtype == "bf16" else ps.identity_data.astype(np.float32)
+        return _from_f32(x32, out_dtype)
+
+    cfg = ps.config
+    t, nh, d = ps.header["shape"]
+    bsz, seed = cfg["block_size"], cfg["seed"]
+    cents = centroid_table(cfg)
+    out = np.empty((t, nh, d), dtype=np.float32)
+    for h in range(nh):
+        for b in ps.blocks[h]:
+            skel = b.skeleton if b.skeleton is not None else ps.shared[h]
+            z_hat = cents[b.codes.astype(np.intp)]
+            if b.outliers is not None:
+                flat = z_hat.reshape(-1)
+                srows = segment_rows(b.padded)
+                for sidx, pairs in enumerate(b.outliers):
+                    base = sidx * srows * b.padded
+                    flat[base + pairs["index"].astype(np.intp)] = pairs["value"].astype(np.float32)
+            y_hat = (b.scales[:, None] * z_hat).astype(np.float32)
+            c = unrotate(y_hat, seed, skel.rank)
+            start = b.index * bsz
+            out[start : start + b.rows, h, :] = skel.mean + c @ skel.basis_t
+    if ps.preconditioner is not None:
+        for h in range(nh):
+            l64 = ps.preconditioner[h].astype(np.float64)
+            # x̂ ← x̂ L̂⁻¹, i.e. solve L̂ᵀ yᵀ = x̂ᵀ.
+            out[:, h, :] = np.linalg.solve(l64.T, out[:, h, :].astype(np.float64).T).T.astype(np.float32)
+    return _from_f32(out, out_dtype)
+
+
+def _from_f32(x32: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "f32":
+        return x32
+    if dtype == "f16":
+        with np.errstate(over="ignore"):
+            return x32.astype(np.float16)
+    return f32_to_bf16(x32)
+
+
+def compression_ratio(data: bytes) -> float:
+    """`T·H·D·2 / len(bytes)`: the input's size at bf16 over the whole encoding."""
+    t, h, d = parse(data).header["shape"]
+    return t * h * d * 2 / len(data)
