@@ -416,10 +416,18 @@ def _to_f32_input(x: np.ndarray, dtype: str | None) -> tuple[np.ndarray, str]:
 
 
 def choose_rank(
-    eigenvalues: np.ndarray, tau: float, d: int, config: dict[str, Any], computed: int | None = None
+    eigenvalues: np.ndarray,
+    tau: float,
+    d: int,
+    config: dict[str, Any],
+    computed: int | None = None,
+    n: int | None = None,
 ) -> int:
-    """The spec's rank rule. `eigenvalues` descending; `computed` = randomized component count."""
+    """The spec's rank rule. `eigenvalues` descending; `n` = rows fitted (the cap is
+    `min(D, n, rank_cap or D)`); `computed` = randomized component count."""
     cap = min(d, config["rank_cap"] if config["rank_cap"] is not None else d)
+    if n is not None:
+        cap = min(cap, n)
     if computed is not None:
         cap = min(cap, computed)
     if config["rank"] is not None:
@@ -457,7 +465,7 @@ def fit_skeleton(
     rows = np.asarray(rows, dtype=np.float32)
     n, d = rows.shape
     sk = config["skeleton_dtype"]
-    # SPEC CHOICE: the mean of zero rows (T = 0 with share_basis) is 0.
+    # The mean of zero rows is 0 (not reached by encode: T = 0 has no skeleton records).
     mu = rows.astype(np.float64).mean(axis=0) if n else np.zeros(d)
     mu_hat = _round_to(mu, sk)
     a = rows.astype(np.float64) - mu_hat.astype(np.float64)
@@ -466,7 +474,7 @@ def fit_skeleton(
         w, v = np.linalg.eigh(a.T @ a)
         order = np.argsort(-w, kind="stable")
         lam, vecs = w[order], v[:, order]
-        r = choose_rank(lam, tau, d, config)
+        r = choose_rank(lam, tau, d, config, n=n)
     else:
         t = config["rank"] if config["rank"] is not None else config["rank_cap"]
         t = d if t is None else t
@@ -484,11 +492,8 @@ def fit_skeleton(
             _, sig, vt = np.linalg.svd(bm, full_matrices=False)
             lam = (sig * sig)[:m]
             vecs = vt[:m].T
-            # SPEC CHOICE: "only components with λ_j > 0 can be kept beyond min(n, k)":
-            # the computed components are the first min(n, k) with λ_j > 0.
-            keep = lam > 0
-            lam, vecs = lam[keep], vecs[:, keep]
-        r = choose_rank(lam, tau, d, config, computed=lam.size)
+        # The computed components: the min(n, k) right singular vectors of Bm.
+        r = choose_rank(lam, tau, d, config, computed=lam.size, n=n)
     u = _canonical_signs(vecs[:, :r])
     return mu_hat, _round_to(u, sk).reshape(d, r)
 
@@ -608,7 +613,7 @@ def encode(
     blocks: list[list[_Block]] = []
     for h in range(nh):
         xh = x32[:, h, :]
-        if cfg["share_basis"]:
+        if cfg["share_basis"] and t > 0:  # T = 0: no shared skeleton (and no offsets table)
             shared.append(fit_skeleton(xh, cfg, h, SHARED_BLOCK_INDEX))
         row: list[_Block] = []
         for i in range(nblocks):
@@ -859,7 +864,7 @@ def _parse(data: bytes) -> Parsed:
         if not np.all(np.isfinite(l_hat)) or not np.all(np.diagonal(l_hat, axis1=1, axis2=2) > 0):
             raise ValueError("stored pre-conditioner is not finite with a positive diagonal")
         parsed.preconditioner, parsed.preconditioner_raw = l_hat, raw
-    if cfg["share_basis"]:
+    if cfg["share_basis"] and t > 0:
         parsed.shared_offsets = [int(v) for v in rd.array(nh, np.dtype("<u8"), "shared offsets")]
     flat = rd.array(nh * nblocks, np.dtype("<u8"), "block offsets")
     parsed.block_offsets = [[int(v) for v in flat[h * nblocks : (h + 1) * nblocks]] for h in range(nh)]

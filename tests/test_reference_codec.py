@@ -216,6 +216,10 @@ def test_choose_rank_rules():
     assert rc.choose_rank(lam, tau, 5, rc.make_config(rank_cap=3)) == 3
     assert rc.choose_rank(lam * 0, 0.0, 5, rc.make_config(variance_ratio=0.5)) == 0
     assert rc.choose_rank(lam * 0, 0.0, 5, cfg) == 5
+    # never more components than rows
+    assert rc.choose_rank(lam, tau, 5, cfg, n=3) == 3
+    assert rc.choose_rank(lam, tau, 5, rc.make_config(rank=4), n=2) == 2
+    assert rc.choose_rank(lam, tau, 5, rc.make_config(variance_ratio=0.99), n=3) == 3
     # randomized: capped by the number of computed components
     assert rc.choose_rank(lam[:2], tau, 5, cfg, computed=2) == 2
     assert rc.choose_rank(lam[:2], tau, 5, rc.make_config(variance_ratio=0.99), computed=2) == 2
@@ -257,12 +261,13 @@ def test_rank_rules_in_encodings():
     # A constant block: τ = 0 gives rank 0 below full variance; randomized computes nothing.
     const = np.full((8, 1, d), 0.5, dtype=np.float32)
     assert ranks(rc.encode(const, {"variance_ratio": 0.9})) == [0]
-    assert ranks(rc.encode(const, {"pca": "randomized"})) == [0]
-    assert ranks(rc.encode(const, {})) == [d]
+    assert ranks(rc.encode(const, {"pca": "randomized", "variance_ratio": 0.9})) == [0]
+    assert ranks(rc.encode(const, {})) == [8]  # cap = min(D, n)
     np.testing.assert_array_equal(rc.decode(rc.encode(const, {"variance_ratio": 0.9})), const)
-    # Randomized: at most min(n, k) components.
-    few = gaussian((5, 1, d))
-    assert ranks(rc.encode(few, {"pca": "randomized"}))[0] <= 5
+    # Never more components than rows (both methods), here a short last block.
+    few = gaussian((37, 1, d))
+    for pca in ("exact", "randomized"):
+        assert ranks(rc.encode(few, {"pca": pca, "block_size": 32})) == [d, 5]
 
 
 @pytest.mark.parametrize("pca", ["exact", "randomized"])
@@ -388,7 +393,8 @@ def test_short_last_block_is_encoded():
     ps = rc.parse(data)
     assert ps.header["blocks_per_head"] == 4
     assert [b.rows for b in ps.blocks[0]] == [32, 32, 32, 4]
-    assert ps.blocks[1][3].scales.shape == (4,) and ps.blocks[1][3].codes.shape == (4, 16)
+    assert ps.blocks[1][3].scales.shape == (4,) and ps.blocks[1][3].codes.shape == (4, 4)
+    assert ps.blocks[1][3].skeleton.rank == 4  # rank <= n
     x_hat = rc.decode(data)
     assert rel_mse(x_hat[96:], x[96:]) < 0.02
     assert rel_mse(x_hat, x) < 0.013
@@ -402,6 +408,7 @@ def test_empty_tensor():
         data = rc.encode(x, cfg)
         assert rc.parse(data).header["blocks_per_head"] == 0
         assert rc.decode(data).shape == (0, 2, 8)
+        assert rc.parse(data).body == b""  # no shared skeletons, no offsets at T = 0
 
 
 def test_share_basis_round_trip():
@@ -546,8 +553,10 @@ def test_header_and_layout():
             parts = [secs[f"{k}/{p}"] for p in ("skeleton", "scales", "codes", "outliers")]
             assert b"".join(parts) == secs[k]
             n = ps.blocks[h][i].rows
-            assert len(secs[f"{k}/skeleton"]) == 2 + 9 * 8 * 2
-            assert len(secs[f"{k}/scales"]) == 2 * n and len(secs[f"{k}/codes"]) == math.ceil(n * 8 * 2 / 8)
+            r = min(8, n)
+            assert len(secs[f"{k}/skeleton"]) == 2 + (1 + r) * 8 * 2
+            p = rc.next_pow2(r)
+            assert len(secs[f"{k}/scales"]) == 2 * n and len(secs[f"{k}/codes"]) == math.ceil(n * p * 2 / 8)
             assert struct.unpack_from("<I", secs[f"{k}/outliers"])[0] == len(ps.blocks[h][i].outliers[0])
     assert len(ps.body) == offsets[-1] + len(secs["block/1/2"])
 
