@@ -1,0 +1,724 @@
+//! Encode and decode: the stages of docs/codec.md run per (head, block) job.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use crate::bitpack;
+use crate::config::{CodecConfig, Metric, SkeletonDtype};
+use crate::error::{CodecError, Result};
+use crate::format::{self, Header, Reader, ScaleDtype, Writer, FORMAT_VERSION, MAGIC};
+use crate::hadamard;
+use crate::lloyd_max::{gaussian_table, Quantizer};
+use crate::parallel::map_jobs;
+use crate::pca::{self, Skeleton, SHARED_BLOCK_KEY};
+use crate::tensor::{checked_numel, DType, OwnedElements, TensorView};
+
+const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
+const F16_MAX: f32 = 65504.0;
+const SEGMENT_CODES: usize = 65536;
+
+/// A serialized encoding plus what was parsed from it. The bytes are the truth:
+/// [`Encoded::nbytes`] and [`Encoded::ratio`] are measured from them.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    bytes: Vec<u8>,
+    header: Header,
+    body_start: usize,
+    /// Rounded pre-conditioner `L̂` per head and its inverse, `D × D` row-major.
+    preconditioner: Option<Vec<(Vec<f32>, Vec<f32>)>>,
+    /// Shared skeleton per head (share_basis only).
+    shared: Vec<Skeleton>,
+    /// `[start, end)` of each block record within the body, head-major.
+    blocks: Vec<(usize, usize)>,
+}
+
+/// A block record, parsed but not dequantized.
+struct BlockRecord<'a> {
+    own_skeleton: Option<Skeleton>,
+    scales: Vec<f32>,
+    codes: &'a [u8],
+    /// `(row · P + coordinate, value)` pairs.
+    outliers: Vec<(usize, f32)>,
+}
+
+/// Stage-one result of a block: skeleton, rotated coefficients and raw scales.
+struct RotatedBlock {
+    own_skeleton: Option<Skeleton>,
+    rank: usize,
+    rotated: Vec<f32>,
+    scales: Vec<f32>,
+}
+
+fn quantizer_for(config: &CodecConfig) -> Quantizer {
+    match &config.centroids {
+        Some(table) => Quantizer::new(table),
+        None => Quantizer::new(gaussian_table(config.bits)),
+    }
+}
+
+fn round_scale(s: f32, dtype: ScaleDtype) -> f32 {
+    match dtype {
+        ScaleDtype::F16 => half::f16::from_f32(s).to_f32(),
+        ScaleDtype::F32 => s,
+    }
+}
+
+fn segment_rows(padded: usize) -> usize {
+    (SEGMENT_CODES / padded.max(1)).max(1)
+}
+
+/// `x · M` for `n` rows of `D` values and a `D × D` row-major matrix.
+fn right_multiply(rows: &[f32], dim: usize, m: &[f32]) -> Vec<f32> {
+    let n = rows.len() / dim;
+    let mut out = vec![0.0f32; rows.len()];
+    if n > 0 {
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut out, n, dim),
+            Accum::Replace,
+            MatRef::from_row_major_slice(rows, n, dim),
+            MatRef::from_row_major_slice(m, dim, dim),
+            1.0f32,
+            Par::Seq,
+        );
+    }
+    out
+}
+
+/// Inverse of a lower-triangular matrix with a positive diagonal (f64 forward substitution).
+fn lower_triangular_inverse(l: &[f32], dim: usize) -> Vec<f32> {
+    let mut inv = vec![0.0f64; dim * dim];
+    for col in 0..dim {
+        for row in col..dim {
+            let mut acc = if row == col { 1.0 } else { 0.0 };
+            for k in col..row {
+                acc -= f64::from(l[row * dim + k]) * inv[k * dim + col];
+            }
+            inv[row * dim + col] = acc / f64::from(l[row * dim + row]);
+        }
+    }
+    inv.into_iter().map(|v| v as f32).collect()
+}
+
+/// Validates `L` (`[H, D, D]`, lower triangular, positive diagonal) and rounds it.
+fn prepare_preconditioner(
+    config: &CodecConfig,
+    preconditioner: Option<&[f32]>,
+    heads: usize,
+    dim: usize,
+) -> Result<Option<Vec<Vec<f32>>>> {
+    let l = match (config.metric, preconditioner) {
+        (Metric::Mse, None) => return Ok(None),
+        (Metric::Mse, Some(_)) => {
+            return Err(CodecError::Preconditioner(
+                "metric=\"mse\" takes no pre-conditioner; use metric=\"inner_product\"".into(),
+            ))
+        }
+        (Metric::InnerProduct, None) => return Err(CodecError::Preconditioner(format!(
+            "metric=\"inner_product\" needs a pre-conditioner L of shape [{heads}, {dim}, {dim}]"
+        ))),
+        (Metric::InnerProduct, Some(l)) => l,
+    };
+    let want = checked_numel([heads, dim, dim])?;
+    if l.len() != want {
+        return Err(CodecError::Preconditioner(format!(
+            "expected shape [{heads}, {dim}, {dim}] ({want} values), got {} values",
+            l.len()
+        )));
+    }
+    let dtype = config.skeleton_dtype;
+    let mut out = Vec::with_capacity(heads);
+    for (h, m) in l.chunks_exact(dim * dim).enumerate() {
+        let mut rounded = vec![0.0f32; dim * dim];
+        for i in 0..dim {
+            for j in 0..dim {
+                let v = m[i * dim + j];
+                if !v.is_finite() {
+                    return Err(CodecError::Preconditioner(format!(
+                        "head {h}: non-finite L[{i}][{j}] = {v}"
+                    )));
+                }
+                if j > i && v != 0.0 {
+                    return Err(CodecError::Preconditioner(format!(
+                        "head {h}: not lower triangular, L[{i}][{j}] = {v} above the diagonal"
+                    )));
+                }
+                let r = dtype.round(f64::from(v));
+                if !r.is_finite() || (i == j && r <= 0.0) {
+                    return Err(CodecError::Preconditioner(format!(
+                        "head {h}: L[{i}][{j}] = {v} is {} once stored as {:?}; the diagonal must be > 0 \
+                         (use skeleton_dtype=\"f32\" for large or tiny values)",
+                        r, dtype
+                    )));
+                }
+                rounded[i * dim + j] = r;
+            }
+        }
+        out.push(rounded);
+    }
+    Ok(Some(out))
+}
+
+fn write_skeleton(w: &mut Writer, sk: &Skeleton, dtype: SkeletonDtype) {
+    w.u16(sk.rank as u16);
+    w.skeleton_values(&sk.mean, dtype);
+    w.skeleton_values(&sk.basis_t, dtype);
+}
+
+fn read_skeleton(r: &mut Reader<'_>, dim: usize, dtype: SkeletonDtype) -> Result<Skeleton> {
+    let rank = usize::from(r.u16("skeleton rank")?);
+    if rank > dim {
+        return Err(CodecError::Corrupt(format!(
+            "skeleton rank {rank} exceeds head_dim {dim}"
+        )));
+    }
+    let mean = format::read_floats(
+        r.take_array(dim, dtype.size(), "skeleton mean")?,
+        dtype.size(),
+        "mean",
+    )?;
+    let basis_t = format::read_floats(
+        r.take_array(rank * dim, dtype.size(), "skeleton basis")?,
+        dtype.size(),
+        "basis",
+    )?;
+    Ok(Skeleton {
+        rank,
+        mean,
+        basis_t,
+    })
+}
+
+/// Pads, rotates and measures the scale of every coefficient row.
+fn rotate_rows(coef: &[f32], n: usize, rank: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let padded = hadamard::padded_len(rank);
+    let signs = hadamard::signs(seed, padded);
+    let mut rotated = vec![0.0f32; n * padded];
+    let mut scales = vec![0.0f32; n];
+    for (i, row) in rotated.chunks_exact_mut(padded.max(1)).take(n).enumerate() {
+        if padded == 0 {
+            break;
+        }
+        row[..rank].copy_from_slice(&coef[i * rank..(i + 1) * rank]);
+        hadamard::rotate(row, &signs);
+        let power: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        scales[i] = (power / padded as f64).sqrt() as f32;
+    }
+    (rotated, scales)
+}
+
+/// Encodes `input` with `config`. `preconditioner` is `L` as `[H, D, D]` row-major
+/// (metric `inner_product` only); `threads = None` uses every core. The bytes do not
+/// depend on the thread count.
+pub fn encode(
+    input: TensorView<'_>,
+    config: &CodecConfig,
+    preconditioner: Option<&[f32]>,
+    threads: Option<usize>,
+) -> Result<Encoded> {
+    config.validate()?;
+    input.check_finite()?;
+    let [tokens, heads, dim] = input.shape;
+    let mut header = Header {
+        shape: input.shape,
+        dtype: input.elements.dtype(),
+        config: config.clone(),
+        scale_dtype: ScaleDtype::F16,
+        preconditioner: false,
+        blocks_per_head: tokens.div_ceil(config.block_size),
+        library: format!("kakeya {}", env!("CARGO_PKG_VERSION")),
+    };
+    if config.identity {
+        header.blocks_per_head = 0;
+        return Encoded::from_bytes(assemble(&header, &input.elements.to_le_bytes()));
+    }
+    let l_hat = prepare_preconditioner(config, preconditioner, heads, dim)?;
+    header.preconditioner = l_hat.is_some();
+    let per_head = header.blocks_per_head;
+
+    let head_rows: Vec<Vec<f32>> = map_jobs(threads, heads, |h| {
+        let rows = input.head_rows(h);
+        match &l_hat {
+            Some(l) => right_multiply(&rows, dim, &l[h]),
+            None => rows,
+        }
+    });
+    let shared: Vec<Skeleton> = if config.share_basis && tokens > 0 {
+        map_jobs(threads, heads, |h| {
+            pca::fit(&head_rows[h], dim, config, h, SHARED_BLOCK_KEY)
+        })
+        .into_iter()
+        .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+
+    let block_rows = |job: usize| {
+        let (h, b) = (job / per_head, job % per_head);
+        let start = b * config.block_size;
+        let end = (start + config.block_size).min(tokens);
+        (h, b, &head_rows[h][start * dim..end * dim])
+    };
+    let rotated: Vec<RotatedBlock> = map_jobs(threads, heads * per_head, |job| {
+        let (h, b, rows) = block_rows(job);
+        let n = rows.len() / dim;
+        let own = if config.share_basis {
+            None
+        } else {
+            Some(pca::fit(rows, dim, config, h, b as u64)?)
+        };
+        let sk = own.as_ref().unwrap_or_else(|| &shared[h]);
+        let rank = sk.rank;
+        let coef = pca::coefficients(rows, dim, sk);
+        let (rotated, scales) = rotate_rows(&coef, n, rank, config.seed);
+        Ok(RotatedBlock {
+            own_skeleton: own,
+            rank,
+            rotated,
+            scales,
+        })
+    })
+    .into_iter()
+    .collect::<Result<_>>()?;
+
+    let fits_f16 = |s: &f32| *s == 0.0 || (F16_MIN_NORMAL..=F16_MAX).contains(s);
+    if !rotated.iter().all(|b| b.scales.iter().all(fits_f16)) {
+        header.scale_dtype = ScaleDtype::F32;
+    }
+    let quantizer = quantizer_for(config);
+    let records: Vec<Vec<u8>> = map_jobs(threads, rotated.len(), |job| {
+        quantize_block(&rotated[job], config, header.scale_dtype, &quantizer)
+    });
+
+    let mut body = Writer::default();
+    if let Some(l) = &l_hat {
+        for m in l {
+            let tri: Vec<f32> = (0..dim)
+                .flat_map(|i| (0..=i).map(move |j| (i, j)))
+                .map(|(i, j)| m[i * dim + j])
+                .collect();
+            body.skeleton_values(&tri, config.skeleton_dtype);
+        }
+    }
+    let mut skeleton_records = Vec::with_capacity(shared.len());
+    for sk in &shared {
+        let mut w = Writer::default();
+        write_skeleton(&mut w, sk, config.skeleton_dtype);
+        skeleton_records.push(w.buf);
+    }
+    let table_len = 8 * (shared.len() + records.len());
+    let mut offset = body.buf.len() + table_len;
+    let mut shared_offsets = Vec::with_capacity(shared.len());
+    let mut block_offsets = Vec::with_capacity(records.len());
+    for h in 0..heads {
+        if let Some(rec) = skeleton_records.get(h) {
+            shared_offsets.push(offset as u64);
+            offset += rec.len();
+        }
+        for rec in &records[h * per_head..(h + 1) * per_head] {
+            block_offsets.push(offset as u64);
+            offset += rec.len();
+        }
+    }
+    shared_offsets
+        .iter()
+        .chain(&block_offsets)
+        .for_each(|&o| body.u64(o));
+    for h in 0..heads {
+        if let Some(rec) = skeleton_records.get(h) {
+            body.buf.extend_from_slice(rec);
+        }
+        for rec in &records[h * per_head..(h + 1) * per_head] {
+            body.buf.extend_from_slice(rec);
+        }
+    }
+    Encoded::from_bytes(assemble(&header, &body.buf))
+}
+
+fn quantize_block(
+    block: &RotatedBlock,
+    config: &CodecConfig,
+    scale_dtype: ScaleDtype,
+    q: &Quantizer,
+) -> Vec<u8> {
+    let mut w = Writer::default();
+    if let Some(sk) = &block.own_skeleton {
+        write_skeleton(&mut w, sk, config.skeleton_dtype);
+    }
+    let padded = hadamard::padded_len(block.rank);
+    if padded == 0 {
+        return w.buf;
+    }
+    let n = block.scales.len();
+    let scales: Vec<f32> = block
+        .scales
+        .iter()
+        .map(|&s| round_scale(s, scale_dtype))
+        .collect();
+    w.scales(&scales, scale_dtype);
+    let mut codes = vec![0u8; n * padded];
+    let mut outliers: Vec<(usize, f32)> = Vec::new();
+    for (i, (row, &s)) in block.rotated.chunks_exact(padded).zip(&scales).enumerate() {
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        for (j, &y) in row.iter().enumerate() {
+            let z = y * inv;
+            codes[i * padded + j] = q.code(z);
+            if config.outlier_threshold.is_some_and(|t| z.abs() > t) {
+                outliers.push((i * padded + j, z));
+            }
+        }
+    }
+    let start = w.buf.len();
+    w.buf
+        .resize(start + bitpack::packed_len(codes.len(), config.bits), 0);
+    bitpack::pack(&codes, config.bits, &mut w.buf[start..]);
+    if config.outlier_threshold.is_some() {
+        let seg_rows = segment_rows(padded);
+        let seg_codes = seg_rows * padded;
+        for seg in 0..n.div_ceil(seg_rows) {
+            let range = seg * seg_codes..(seg + 1) * seg_codes;
+            let here: Vec<&(usize, f32)> =
+                outliers.iter().filter(|(i, _)| range.contains(i)).collect();
+            w.u32(here.len() as u32);
+            for &&(i, z) in &here {
+                w.u16((i - range.start) as u16);
+                w.f16(z);
+            }
+        }
+    }
+    w.buf
+}
+
+fn assemble(header: &Header, body: &[u8]) -> Vec<u8> {
+    let json = serde_json::to_vec(header).expect("a header always serialises");
+    let mut w = Writer::default();
+    w.buf
+        .reserve(format::PREAMBLE_LEN + json.len() + body.len() + 4);
+    w.buf.extend_from_slice(MAGIC);
+    w.u16(FORMAT_VERSION);
+    w.u32(json.len() as u32);
+    w.buf.extend_from_slice(&json);
+    w.buf.extend_from_slice(body);
+    let crc = crc32fast::hash(&w.buf);
+    w.u32(crc);
+    w.buf
+}
+
+impl Encoded {
+    /// Parses and fully validates serialized bytes (magic, version, checksum, header,
+    /// every record's bounds). Never panics on arbitrary input.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
+        let (header, body, body_start) = format::split(&bytes)?;
+        header
+            .config
+            .validate()
+            .map_err(|e| CodecError::Corrupt(format!("header config: {e}")))?;
+        let [tokens, heads, dim] = header.shape;
+        if heads == 0 || dim == 0 || dim > crate::config::MAX_HEAD_DIM {
+            return Err(CodecError::Corrupt(format!(
+                "invalid shape {:?} in header",
+                header.shape
+            )));
+        }
+        let numel = checked_numel(header.shape).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+        let config = &header.config;
+        let mut enc = Self {
+            header: header.clone(),
+            body_start,
+            preconditioner: None,
+            shared: Vec::new(),
+            blocks: Vec::new(),
+            bytes: Vec::new(),
+        };
+        if config.identity {
+            let want = numel.checked_mul(header.dtype.size());
+            if want != Some(body.len()) || header.blocks_per_head != 0 || header.preconditioner {
+                return Err(CodecError::Corrupt(format!(
+                    "identity body has {} bytes, shape {:?} of {} needs {:?}",
+                    body.len(),
+                    header.shape,
+                    header.dtype.name(),
+                    want
+                )));
+            }
+            enc.bytes = bytes;
+            return Ok(enc);
+        }
+        if header.blocks_per_head != tokens.div_ceil(config.block_size) {
+            return Err(CodecError::Corrupt(format!(
+                "blocks_per_head {} does not match {tokens} tokens in blocks of {}",
+                header.blocks_per_head, config.block_size
+            )));
+        }
+        if header.preconditioner != (config.metric == Metric::InnerProduct) {
+            return Err(CodecError::Corrupt(
+                "pre-conditioner presence contradicts the metric".into(),
+            ));
+        }
+        let mut r = Reader::new(body, body_start);
+        let sk_dtype = config.skeleton_dtype;
+        if header.preconditioner {
+            let tri_len = dim * (dim + 1) / 2;
+            let mut mats = Vec::with_capacity(heads);
+            for h in 0..heads {
+                let tri = format::read_floats(
+                    r.take_array(tri_len, sk_dtype.size(), "pre-conditioner")?,
+                    sk_dtype.size(),
+                    "pre-conditioner",
+                )?;
+                let mut full = vec![0.0f32; dim * dim];
+                let mut it = tri.into_iter();
+                for i in 0..dim {
+                    for j in 0..=i {
+                        full[i * dim + j] = it.next().unwrap_or(0.0);
+                    }
+                    if full[i * dim + i] <= 0.0 {
+                        return Err(CodecError::Corrupt(format!(
+                            "pre-conditioner head {h}: diagonal entry {i} is not positive"
+                        )));
+                    }
+                }
+                let inv = lower_triangular_inverse(&full, dim);
+                mats.push((full, inv));
+            }
+            enc.preconditioner = Some(mats);
+        }
+        let per_head = header.blocks_per_head;
+        let n_shared = if config.share_basis && tokens > 0 {
+            heads
+        } else {
+            0
+        };
+        let n_blocks = heads
+            .checked_mul(per_head)
+            .ok_or_else(|| CodecError::Corrupt("block count overflows".into()))?;
+        let mut offsets = Vec::new();
+        for _ in 0..n_shared.checked_add(n_blocks).unwrap_or(usize::MAX) {
+            offsets.push(r.u64("offset table")? as usize);
+        }
+        let (shared_offsets, block_offsets) = offsets.split_at(n_shared);
+        // Records follow the tables in head order; each must start where the last ended.
+        let check_start = |at: usize, expected: usize, what: &str| -> Result<()> {
+            if at != expected {
+                return Err(CodecError::Corrupt(format!(
+                    "{what} starts at {at}, expected {expected}"
+                )));
+            }
+            Ok(())
+        };
+        let mut expected = r.position();
+        for h in 0..heads {
+            if n_shared > 0 {
+                check_start(shared_offsets[h], expected, "shared skeleton record")?;
+                let mut rr = Reader::new(&body[expected..], body_start + expected);
+                enc.shared.push(read_skeleton(&mut rr, dim, sk_dtype)?);
+                expected += rr.position();
+            }
+            for b in 0..per_head {
+                let start = block_offsets[h * per_head + b];
+                check_start(start, expected, "block record")?;
+                let n = enc.block_len(b);
+                let (_, used) =
+                    enc.parse_block(&body[start..], body_start + start, n, enc.shared.get(h))?;
+                expected = start + used;
+                enc.blocks.push((start, expected));
+            }
+        }
+        if expected != body.len() {
+            return Err(CodecError::Corrupt(format!(
+                "{} trailing bytes after the last record",
+                body.len() - expected
+            )));
+        }
+        enc.bytes = bytes;
+        Ok(enc)
+    }
+
+    fn block_len(&self, block: usize) -> usize {
+        let bs = self.header.config.block_size;
+        let tokens = self.header.shape[0];
+        (tokens - block * bs).min(bs)
+    }
+
+    fn parse_block<'a>(
+        &self,
+        bytes: &'a [u8],
+        base: usize,
+        n: usize,
+        shared: Option<&Skeleton>,
+    ) -> Result<(BlockRecord<'a>, usize)> {
+        let config = &self.header.config;
+        let dim = self.header.shape[2];
+        let mut r = Reader::new(bytes, base);
+        let own_skeleton = match shared {
+            Some(_) => None,
+            None => Some(read_skeleton(&mut r, dim, config.skeleton_dtype)?),
+        };
+        let rank = own_skeleton.as_ref().or(shared).map_or(0, |s| s.rank);
+        let padded = hadamard::padded_len(rank);
+        let mut record = BlockRecord {
+            own_skeleton,
+            scales: Vec::new(),
+            codes: &[],
+            outliers: Vec::new(),
+        };
+        if padded == 0 {
+            return Ok((record, r.position()));
+        }
+        let scale_size = self.header.scale_dtype.size();
+        record.scales =
+            format::read_floats(r.take_array(n, scale_size, "scales")?, scale_size, "scales")?;
+        if let Some(bad) = record.scales.iter().find(|&&s| s < 0.0) {
+            return Err(CodecError::Corrupt(format!("negative scale {bad}")));
+        }
+        record.codes = r.take(bitpack::packed_len(n * padded, config.bits), "codes")?;
+        if config.outlier_threshold.is_some() {
+            let seg_rows = segment_rows(padded);
+            for seg in 0..n.div_ceil(seg_rows) {
+                let rows_here = (n - seg * seg_rows).min(seg_rows);
+                let count = r.u32("outlier count")? as usize;
+                let pairs = r.take_array(count, 4, "outliers")?;
+                for p in pairs.chunks_exact(4) {
+                    let idx = usize::from(u16::from_le_bytes([p[0], p[1]]));
+                    let value = half::f16::from_bits(u16::from_le_bytes([p[2], p[3]])).to_f32();
+                    if idx >= rows_here * padded || !value.is_finite() {
+                        return Err(CodecError::Corrupt(format!(
+                            "outlier ({idx}, {value}) outside a segment of {rows_here} rows × {padded}"
+                        )));
+                    }
+                    record.outliers.push((seg * seg_rows * padded + idx, value));
+                }
+            }
+        }
+        Ok((record, r.position()))
+    }
+
+    fn decode_block(&self, job: usize) -> Result<Vec<f32>> {
+        let config = &self.header.config;
+        let per_head = self.header.blocks_per_head;
+        let (h, b) = (job / per_head, job % per_head);
+        let n = self.block_len(b);
+        let (start, _) = self.blocks[job];
+        let body = &self.bytes[self.body_start..self.bytes.len() - 4];
+        let (record, _) = self.parse_block(
+            &body[start..],
+            self.body_start + start,
+            n,
+            self.shared.get(h),
+        )?;
+        let sk = record
+            .own_skeleton
+            .as_ref()
+            .unwrap_or_else(|| &self.shared[h]);
+        let padded = hadamard::padded_len(sk.rank);
+        let mut coef = vec![0.0f32; n * sk.rank];
+        if padded > 0 {
+            let quantizer = quantizer_for(config);
+            let mut codes = vec![0u8; n * padded];
+            bitpack::unpack(record.codes, config.bits, &mut codes);
+            let mut z: Vec<f32> = codes.iter().map(|&c| quantizer.value(c)).collect();
+            for &(i, v) in &record.outliers {
+                z[i] = v;
+            }
+            let signs = hadamard::signs(config.seed, padded);
+            for (i, (row, &s)) in z.chunks_exact_mut(padded).zip(&record.scales).enumerate() {
+                row.iter_mut().for_each(|v| *v *= s);
+                hadamard::unrotate(row, &signs);
+                coef[i * sk.rank..(i + 1) * sk.rank].copy_from_slice(&row[..sk.rank]);
+            }
+        }
+        let rows = pca::reconstruct(&coef, n, sk);
+        Ok(match &self.preconditioner {
+            Some(l) => right_multiply(&rows, sk.mean.len(), &l[h].1),
+            None => rows,
+        })
+    }
+
+    /// Decodes to f32 `[tokens, kv_heads, head_dim]` values.
+    pub fn decode(&self, threads: Option<usize>) -> Result<Vec<f32>> {
+        let [tokens, heads, dim] = self.header.shape;
+        if self.header.config.identity {
+            return Ok(match self.raw_identity().cast(DType::F32) {
+                OwnedElements::F32(v) => v,
+                _ => unreachable!("cast to f32 yields f32"),
+            });
+        }
+        let per_head = self.header.blocks_per_head;
+        let blocks: Vec<Vec<f32>> =
+            map_jobs(threads, self.blocks.len(), |job| self.decode_block(job))
+                .into_iter()
+                .collect::<Result<_>>()?;
+        let mut out: Vec<f32> = Vec::new();
+        out.try_reserve_exact(tokens * heads * dim).map_err(|e| {
+            CodecError::Numerical(format!(
+                "cannot allocate the decoded tensor {:?}: {e}",
+                self.header.shape
+            ))
+        })?;
+        out.resize(tokens * heads * dim, 0.0);
+        for (job, rows) in blocks.iter().enumerate() {
+            let (h, b) = (job / per_head, job % per_head);
+            let first = b * self.header.config.block_size;
+            for (i, row) in rows.chunks_exact(dim).enumerate() {
+                let at = ((first + i) * heads + h) * dim;
+                out[at..at + dim].copy_from_slice(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes to `dtype` (default: the input's dtype). The identity codec is bit-exact.
+    pub fn decode_as(&self, dtype: Option<DType>, threads: Option<usize>) -> Result<OwnedElements> {
+        let dtype = dtype.unwrap_or(self.header.dtype);
+        if self.header.config.identity {
+            return Ok(self.raw_identity().cast(dtype));
+        }
+        Ok(OwnedElements::from_f32(self.decode(threads)?, dtype))
+    }
+
+    fn raw_identity(&self) -> OwnedElements {
+        OwnedElements::from_le_bytes(
+            &self.bytes[self.body_start..self.bytes.len() - 4],
+            self.header.dtype,
+        )
+    }
+
+    /// The serialized bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Takes the serialized bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    /// Length of the serialized bytes.
+    pub fn nbytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Size of the input at bf16 over [`Encoded::nbytes`].
+    pub fn ratio(&self) -> f64 {
+        let [t, h, d] = self.header.shape;
+        (t * h * d * 2) as f64 / self.bytes.len() as f64
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Ranks of the skeletons, one per block (the shared one repeated under share_basis).
+    pub fn block_ranks(&self) -> Vec<usize> {
+        let per_head = self.header.blocks_per_head;
+        let body = &self.bytes[self.body_start..self.bytes.len().saturating_sub(4)];
+        (0..self.blocks.len())
+            .map(|job| match self.shared.get(job / per_head.max(1)) {
+                Some(sk) => sk.rank,
+                None => body
+                    .get(self.blocks[job].0..self.blocks[job].0 + 2)
+                    .map_or(0, |b| usize::from(u16::from_le_bytes([b[0], b[1]]))),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,295 @@
+//! Codec parameters, validated at construction and serialised into every encoding.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+use crate::lloyd_max::validate_centroids;
+
+/// Largest supported head dimension.
+pub const MAX_HEAD_DIM: usize = 4096;
+/// Largest supported block size (tokens).
+pub const MAX_BLOCK_SIZE: usize = 1 << 24;
+
+/// How the PCA skeleton is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PcaMethod {
+    /// Symmetric eigendecomposition of the Gram matrix.
+    Exact,
+    /// Halko–Martinsson–Tropp sketch with power iterations.
+    Randomized,
+}
+
+/// What the reconstruction error is measured against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Plain squared error.
+    Mse,
+    /// Squared error after the caller's pre-conditioner `L` (attention-score error for K).
+    InnerProduct,
+}
+
+/// Storage type of means, bases and the pre-conditioner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkeletonDtype {
+    /// IEEE half.
+    F16,
+    /// IEEE single.
+    F32,
+}
+
+impl SkeletonDtype {
+    /// Bytes per stored value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+
+    /// `v` rounded to this storage type.
+    pub fn round(self, v: f64) -> f32 {
+        match self {
+            Self::F16 => half::f16::from_f64(v).to_f32(),
+            Self::F32 => v as f32,
+        }
+    }
+}
+
+/// Every parameter of the codec (docs/codec.md, "Configuration").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecConfig {
+    /// Bits per quantized coordinate, 1..=4.
+    pub bits: u8,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// PCA method.
+    pub pca: PcaMethod,
+    /// Share of variance kept; ≥ 1 keeps every component.
+    pub variance_ratio: f64,
+    /// Fixed rank, overriding `variance_ratio`.
+    pub rank: Option<usize>,
+    /// Upper bound on the rank.
+    pub rank_cap: Option<usize>,
+    /// One skeleton per head instead of one per block.
+    pub share_basis: bool,
+    /// `|z|` above which a coordinate is stored exactly.
+    pub outlier_threshold: Option<f32>,
+    /// Error metric.
+    pub metric: Metric,
+    /// Caller's sorted centroid table (`2^bits` values), or the Gaussian table.
+    pub centroids: Option<Vec<f32>>,
+    /// Storage type of the skeleton.
+    pub skeleton_dtype: SkeletonDtype,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Extra sketch columns of randomized PCA.
+    pub oversampling: usize,
+    /// Power iterations of randomized PCA.
+    pub power_iters: usize,
+    /// Store the input verbatim (exact round trip, ratio ≤ 1 at bf16).
+    pub identity: bool,
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        Self {
+            bits: 3,
+            block_size: 1024,
+            pca: PcaMethod::Exact,
+            variance_ratio: 1.0,
+            rank: None,
+            rank_cap: None,
+            share_basis: false,
+            outlier_threshold: None,
+            metric: Metric::Mse,
+            centroids: None,
+            skeleton_dtype: SkeletonDtype::F16,
+            seed: 0,
+            oversampling: 8,
+            power_iters: 2,
+            identity: false,
+        }
+    }
+}
+
+impl CodecConfig {
+    /// The identity codec: every stage bypassed.
+    pub fn identity() -> Self {
+        Self {
+            identity: true,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every field; the first bad one is named in the error.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=4).contains(&self.bits) {
+            return Err(invalid("bits", format!("must be 1..=4, got {}", self.bits)));
+        }
+        if self.block_size == 0 || self.block_size > MAX_BLOCK_SIZE {
+            return Err(invalid(
+                "block_size",
+                format!("must be 1..={MAX_BLOCK_SIZE}, got {}", self.block_size),
+            ));
+        }
+        if !(self.variance_ratio.is_finite()
+            && self.variance_ratio > 0.0
+            && self.variance_ratio <= 1.0)
+        {
+            return Err(invalid(
+                "variance_ratio",
+                format!("must be in (0, 1], got {}", self.variance_ratio),
+            ));
+        }
+        if let Some(rank) = self.rank {
+            if rank > MAX_HEAD_DIM {
+                return Err(invalid(
+                    "rank",
+                    format!("must be ≤ {MAX_HEAD_DIM}, got {rank}"),
+                ));
+            }
+        }
+        if let Some(cap) = self.rank_cap {
+            if cap == 0 || cap > MAX_HEAD_DIM {
+                return Err(invalid(
+                    "rank_cap",
+                    format!("must be 1..={MAX_HEAD_DIM}, got {cap}"),
+                ));
+            }
+        }
+        if let Some(t) = self.outlier_threshold {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(invalid(
+                    "outlier_threshold",
+                    format!("must be a finite number > 0 (or None), got {t}"),
+                ));
+            }
+        }
+        if let Some(table) = &self.centroids {
+            validate_centroids(table, self.bits)?;
+        }
+        if self.oversampling > MAX_HEAD_DIM {
+            return Err(invalid(
+                "oversampling",
+                format!("must be ≤ {MAX_HEAD_DIM}, got {}", self.oversampling),
+            ));
+        }
+        if self.power_iters > 32 {
+            return Err(invalid(
+                "power_iters",
+                format!("must be ≤ 32, got {}", self.power_iters),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds a config from its JSON form (the header's `config`), validated.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let config: Self =
+            serde_json::from_str(text).map_err(|e| invalid("config", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// JSON form of the config.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a config always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_json_roundtrips() {
+        let c = CodecConfig::default();
+        c.validate().unwrap();
+        assert_eq!(CodecConfig::from_json(&c.to_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases: Vec<(&str, CodecConfig)> = vec![
+            (
+                "bits",
+                CodecConfig {
+                    bits: 5,
+                    ..Default::default()
+                },
+            ),
+            (
+                "bits",
+                CodecConfig {
+                    bits: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "block_size",
+                CodecConfig {
+                    block_size: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "variance_ratio",
+                CodecConfig {
+                    variance_ratio: 0.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "variance_ratio",
+                CodecConfig {
+                    variance_ratio: f64::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                "rank_cap",
+                CodecConfig {
+                    rank_cap: Some(0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "outlier_threshold",
+                CodecConfig {
+                    outlier_threshold: Some(-1.0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "centroids",
+                CodecConfig {
+                    centroids: Some(vec![0.0; 3]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "power_iters",
+                CodecConfig {
+                    power_iters: 99,
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (field, config) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_json_fields_are_refused() {
+        let err = CodecConfig::from_json(r#"{"bitz": 3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bitz"), "{err}");
+    }
+}

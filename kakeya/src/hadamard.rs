@@ -1,0 +1,103 @@
+//! Randomized Walsh–Hadamard rotation: seeded signs, then an orthonormal in-place butterfly.
+
+use crate::rng::{SplitMix64, DOMAIN_SIGNS};
+
+/// `P = next_pow2(r)`, with `P = 0` for `r = 0`.
+pub fn padded_len(rank: usize) -> usize {
+    if rank == 0 {
+        0
+    } else {
+        rank.next_power_of_two()
+    }
+}
+
+/// The ±1 signs of the rotation of length `len`, for `seed`.
+pub fn signs(seed: u64, len: usize) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed, DOMAIN_SIGNS, len as u64, 0);
+    (0..len)
+        .map(|_| if rng.next_u64() >> 63 == 0 { 1.0 } else { -1.0 })
+        .collect()
+}
+
+/// Unnormalised fast Walsh–Hadamard transform in place (Sylvester order).
+/// `x.len()` must be a power of two.
+pub fn fwht(x: &mut [f32]) {
+    let n = x.len();
+    debug_assert!(n.is_power_of_two() || n == 0);
+    let mut half = 1;
+    while half < n {
+        for block in x.chunks_exact_mut(2 * half) {
+            let (lo, hi) = block.split_at_mut(half);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                let (u, v) = (*a, *b);
+                *a = u + v;
+                *b = u - v;
+            }
+        }
+        half *= 2;
+    }
+}
+
+/// `y = H (σ ⊙ x) / √P` in place.
+pub fn rotate(x: &mut [f32], signs: &[f32]) {
+    for (v, s) in x.iter_mut().zip(signs) {
+        *v *= s;
+    }
+    fwht(x);
+    let norm = 1.0 / (x.len() as f32).sqrt();
+    x.iter_mut().for_each(|v| *v *= norm);
+}
+
+/// Inverse of [`rotate`]: `x = σ ⊙ (H y) / √P` in place.
+pub fn unrotate(y: &mut [f32], signs: &[f32]) {
+    fwht(y);
+    let norm = 1.0 / (y.len() as f32).sqrt();
+    for (v, s) in y.iter_mut().zip(signs) {
+        *v *= s * norm;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padded_lengths() {
+        assert_eq!(
+            [0, 1, 2, 3, 5, 64, 65].map(padded_len),
+            [0, 1, 2, 4, 8, 64, 128]
+        );
+    }
+
+    #[test]
+    fn hadamard_of_unit_vector_is_flat() {
+        let mut x = vec![0.0f32; 8];
+        x[0] = 1.0;
+        fwht(&mut x);
+        assert!(x.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn rotation_is_orthonormal_and_invertible() {
+        for len in [1usize, 2, 4, 16, 128] {
+            let s = signs(3, len);
+            let x: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut y = x.clone();
+            rotate(&mut y, &s);
+            let nx: f32 = x.iter().map(|v| v * v).sum();
+            let ny: f32 = y.iter().map(|v| v * v).sum();
+            assert!((nx - ny).abs() <= 1e-5 * nx.max(1.0));
+            unrotate(&mut y, &s);
+            for (a, b) in x.iter().zip(&y) {
+                assert!((a - b).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn signs_are_seeded() {
+        assert_eq!(signs(5, 64), signs(5, 64));
+        assert_ne!(signs(5, 64), signs(6, 64));
+        assert!(signs(5, 64).iter().any(|&v| v < 0.0));
+    }
+}

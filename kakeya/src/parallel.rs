@@ -1,0 +1,51 @@
+//! Runs independent jobs in order-preserving parallel maps, so results never depend on the
+//! thread count. After a `fork` (data loaders, vLLM workers) the thread pools of the parent
+//! are gone: [`disable_after_fork`] switches to serial execution instead of deadlocking.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rayon::prelude::*;
+
+static SERIAL_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Makes every later call run serially (call in a forked child).
+pub fn disable_after_fork() {
+    SERIAL_ONLY.store(true, Ordering::SeqCst);
+}
+
+fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS.get_or_init(Default::default).lock().ok()?;
+    if let Some(p) = pools.get(&threads) {
+        return Some(p.clone());
+    }
+    let built = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .ok()?,
+    );
+    pools.insert(threads, built.clone());
+    Some(built)
+}
+
+/// `(0..count).map(job)` on `threads` threads (`None`: all cores), results in index order.
+pub fn map_jobs<T, F>(threads: Option<usize>, count: usize, job: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync + Send,
+{
+    let serial = SERIAL_ONLY.load(Ordering::Relaxed) || threads == Some(1) || count <= 1;
+    if serial {
+        return (0..count).map(job).collect();
+    }
+    match threads {
+        None => (0..count).into_par_iter().map(job).collect(),
+        Some(t) => match pool(t) {
+            Some(p) => p.install(|| (0..count).into_par_iter().map(&job).collect()),
+            None => (0..count).map(job).collect(),
+        },
+    }
+}

@@ -1,0 +1,320 @@
+//! PCA skeleton of a block: rounded mean plus an orthonormal basis, exact or randomized.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par, Side};
+
+use crate::config::{CodecConfig, PcaMethod, SkeletonDtype};
+use crate::error::{CodecError, Result};
+use crate::rng::{SplitMix64, DOMAIN_SKETCH};
+
+/// Key of the randomized sketch of a shared (per-head) skeleton.
+pub const SHARED_BLOCK_KEY: u64 = u64::MAX;
+
+/// Mean and basis as stored (already rounded to the skeleton dtype).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skeleton {
+    /// Number of basis vectors `r`.
+    pub rank: usize,
+    /// Mean, `D` values.
+    pub mean: Vec<f32>,
+    /// Basis transposed: `r` rows of `D` values.
+    pub basis_t: Vec<f32>,
+}
+
+/// Components found by a PCA, strongest first.
+struct Components {
+    /// Eigenvalues (squared singular values), descending.
+    values: Vec<f64>,
+    /// `D × k` matrix whose columns are the components.
+    vectors: Mat<f64>,
+}
+
+/// Fits the skeleton of `n` rows of `dim` values (row-major `rows`).
+pub fn fit(
+    rows: &[f32],
+    dim: usize,
+    config: &CodecConfig,
+    head: usize,
+    block_key: u64,
+) -> Result<Skeleton> {
+    let n = rows.len() / dim;
+    let dtype = config.skeleton_dtype;
+    let mean = rounded_mean(rows, dim, dtype);
+    let centered = Mat::<f64>::from_fn(n, dim, |i, j| {
+        f64::from(rows[i * dim + j]) - f64::from(mean[j])
+    });
+    let total: f64 = (0..dim)
+        .map(|j| centered.col(j).iter().map(|v| v * v).sum::<f64>())
+        .sum();
+
+    let components = match config.pca {
+        PcaMethod::Exact => exact_components(centered.as_ref())?,
+        PcaMethod::Randomized => {
+            let target = config.rank.or(config.rank_cap).unwrap_or(dim);
+            let width = (target + config.oversampling).clamp(1, dim);
+            randomized_components(centered.as_ref(), width, config, head, block_key)?
+        }
+    };
+    let rank = choose_rank(&components.values, total, n, dim, config);
+
+    let mut basis_t = Vec::with_capacity(rank * dim);
+    for k in 0..rank {
+        let col = components.vectors.col(k);
+        let mut peak = 0usize;
+        for i in 1..dim {
+            if col[i].abs() > col[peak].abs() {
+                peak = i;
+            }
+        }
+        let sign = if col[peak] < 0.0 { -1.0 } else { 1.0 };
+        basis_t.extend((0..dim).map(|i| dtype.round(sign * col[i])));
+    }
+    Ok(Skeleton {
+        rank,
+        mean,
+        basis_t,
+    })
+}
+
+fn rounded_mean(rows: &[f32], dim: usize, dtype: SkeletonDtype) -> Vec<f32> {
+    let n = rows.len() / dim;
+    let mut sum = vec![0.0f64; dim];
+    for row in rows.chunks_exact(dim) {
+        for (s, &v) in sum.iter_mut().zip(row) {
+            *s += f64::from(v);
+        }
+    }
+    sum.iter()
+        .map(|s| dtype.round(s / n.max(1) as f64))
+        .collect()
+}
+
+/// Rank rules of docs/codec.md.
+fn choose_rank(values: &[f64], total: f64, n: usize, dim: usize, config: &CodecConfig) -> usize {
+    let cap = dim
+        .min(n)
+        .min(config.rank_cap.unwrap_or(dim))
+        .min(values.len());
+    if let Some(rank) = config.rank {
+        return rank.min(cap);
+    }
+    if config.variance_ratio >= 1.0 {
+        return cap;
+    }
+    if total <= 0.0 {
+        return 0;
+    }
+    let goal = config.variance_ratio * total;
+    let mut acc = 0.0;
+    for (i, v) in values.iter().enumerate() {
+        acc += v;
+        if acc >= goal {
+            return (i + 1).min(cap);
+        }
+    }
+    cap
+}
+
+fn exact_components(a: MatRef<'_, f64>) -> Result<Components> {
+    let dim = a.ncols();
+    let mut gram = Mat::<f64>::zeros(dim, dim);
+    matmul(
+        gram.as_mut(),
+        Accum::Replace,
+        a.transpose(),
+        a,
+        1.0,
+        Par::Seq,
+    );
+    let eigen = gram
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| CodecError::Numerical(format!("eigendecomposition failed: {e:?}")))?;
+    let s = eigen.S().column_vector();
+    let u = eigen.U();
+    // faer sorts ascending; the codec wants strongest first.
+    let values = (0..dim).rev().map(|i| s[i].max(0.0)).collect();
+    let vectors = Mat::from_fn(dim, dim, |i, k| u[(i, dim - 1 - k)]);
+    Ok(Components { values, vectors })
+}
+
+fn orthonormal_columns(m: MatRef<'_, f64>) -> Mat<f64> {
+    m.qr().compute_thin_Q()
+}
+
+fn product(lhs: MatRef<'_, f64>, rhs: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(lhs.nrows(), rhs.ncols());
+    matmul(out.as_mut(), Accum::Replace, lhs, rhs, 1.0, Par::Seq);
+    out
+}
+
+fn randomized_components(
+    a: MatRef<'_, f64>,
+    width: usize,
+    config: &CodecConfig,
+    head: usize,
+    block_key: u64,
+) -> Result<Components> {
+    let dim = a.ncols();
+    let mut gauss = vec![0.0f64; dim * width];
+    SplitMix64::new(config.seed, DOMAIN_SKETCH, head as u64, block_key).fill_gaussian(&mut gauss);
+    let omega = MatRef::from_row_major_slice(&gauss, dim, width);
+
+    let mut q = orthonormal_columns(product(a, omega).as_ref());
+    for _ in 0..config.power_iters {
+        let z = orthonormal_columns(product(a.transpose(), q.as_ref()).as_ref());
+        q = orthonormal_columns(product(a, z.as_ref()).as_ref());
+    }
+    let small = product(q.as_ref().transpose(), a);
+    let svd = small
+        .thin_svd()
+        .map_err(|e| CodecError::Numerical(format!("SVD of the sketch failed: {e:?}")))?;
+    let s = svd.S().column_vector();
+    let values = (0..s.nrows()).map(|i| s[i] * s[i]).collect();
+    Ok(Components {
+        values,
+        vectors: svd.V().to_owned(),
+    })
+}
+
+/// `c = (x − μ̂) Û` for every row: `n × r` coefficients, row-major.
+pub fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
+    let n = rows.len() / dim;
+    let r = skeleton.rank;
+    let mut centered = rows.to_vec();
+    for row in centered.chunks_exact_mut(dim) {
+        for (v, m) in row.iter_mut().zip(&skeleton.mean) {
+            *v -= m;
+        }
+    }
+    let mut coef = vec![0.0f32; n * r];
+    if r > 0 && n > 0 {
+        let x = MatRef::from_row_major_slice(&centered, n, dim);
+        let basis = MatRef::from_row_major_slice(&skeleton.basis_t, r, dim);
+        let out = faer::MatMut::from_row_major_slice_mut(&mut coef, n, r);
+        matmul(out, Accum::Replace, x, basis.transpose(), 1.0f32, Par::Seq);
+    }
+    coef
+}
+
+/// `x̂ = μ̂ + c Ûᵀ` for `n` rows of `r` coefficients: `n × D`, row-major.
+pub fn reconstruct(coef: &[f32], n: usize, skeleton: &Skeleton) -> Vec<f32> {
+    let dim = skeleton.mean.len();
+    let r = skeleton.rank;
+    let mut out: Vec<f32> = Vec::with_capacity(n * dim);
+    for _ in 0..n {
+        out.extend_from_slice(&skeleton.mean);
+    }
+    if r > 0 && n > 0 {
+        let c = MatRef::from_row_major_slice(coef, n, r);
+        let basis = MatRef::from_row_major_slice(&skeleton.basis_t, r, dim);
+        let dst = faer::MatMut::from_row_major_slice_mut(&mut out, n, dim);
+        matmul(dst, Accum::Add, c, basis, 1.0f32, Par::Seq);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lowrank_rows(n: usize, dim: usize, rank: usize) -> Vec<f32> {
+        let mut g = vec![0.0f64; n * rank + rank * dim];
+        SplitMix64::new(1, 9, 0, 0).fill_gaussian(&mut g);
+        let (coef, basis) = g.split_at(n * rank);
+        (0..n * dim)
+            .map(|idx| {
+                let (i, j) = (idx / dim, idx % dim);
+                (0..rank)
+                    .map(|k| coef[i * rank + k] * basis[k * dim + j] * (4.0 - k as f64))
+                    .sum::<f64>() as f32
+                    + 0.5
+            })
+            .collect()
+    }
+
+    fn config(pca: PcaMethod) -> CodecConfig {
+        CodecConfig {
+            pca,
+            skeleton_dtype: SkeletonDtype::F32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn basis_is_orthonormal_and_captures_low_rank_data() {
+        for pca in [PcaMethod::Exact, PcaMethod::Randomized] {
+            let (n, dim) = (100, 16);
+            let rows = lowrank_rows(n, dim, 3);
+            let cfg = CodecConfig {
+                variance_ratio: 0.999999,
+                ..config(pca)
+            };
+            let sk = fit(&rows, dim, &cfg, 0, 0).unwrap();
+            assert_eq!(sk.rank, 3, "{pca:?}");
+            for a in 0..3 {
+                for b in 0..3 {
+                    let dot: f32 = (0..dim)
+                        .map(|i| sk.basis_t[a * dim + i] * sk.basis_t[b * dim + i])
+                        .sum();
+                    let want = if a == b { 1.0 } else { 0.0 };
+                    assert!((dot - want).abs() < 1e-5, "{pca:?} {a} {b} {dot}");
+                }
+            }
+            let coef = coefficients(&rows, dim, &sk);
+            let back = reconstruct(&coef, n, &sk);
+            let err: f32 = rows
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(err < 1e-3, "{pca:?} max error {err}");
+        }
+    }
+
+    #[test]
+    fn rank_rules() {
+        let rows = lowrank_rows(50, 8, 8);
+        let fixed = CodecConfig {
+            rank: Some(5),
+            ..config(PcaMethod::Exact)
+        };
+        assert_eq!(fit(&rows, 8, &fixed, 0, 0).unwrap().rank, 5);
+        let capped = CodecConfig {
+            rank_cap: Some(2),
+            ..config(PcaMethod::Exact)
+        };
+        assert_eq!(fit(&rows, 8, &capped, 0, 0).unwrap().rank, 2);
+        // Full rank, but never more components than rows.
+        assert_eq!(
+            fit(&rows, 8, &config(PcaMethod::Exact), 0, 0).unwrap().rank,
+            8
+        );
+        assert_eq!(
+            fit(&rows[..3 * 8], 8, &config(PcaMethod::Exact), 0, 0)
+                .unwrap()
+                .rank,
+            3
+        );
+        // Constant rows have no variance to keep.
+        let flat = vec![1.5f32; 40];
+        let ratio = CodecConfig {
+            variance_ratio: 0.9,
+            ..config(PcaMethod::Exact)
+        };
+        let sk = fit(&flat, 8, &ratio, 0, 0).unwrap();
+        assert_eq!(sk.rank, 0);
+        assert_eq!(reconstruct(&[], 5, &sk), flat);
+    }
+
+    #[test]
+    fn signs_are_canonical() {
+        let rows = lowrank_rows(64, 12, 4);
+        let sk = fit(&rows, 12, &config(PcaMethod::Exact), 0, 0).unwrap();
+        for v in sk.basis_t.chunks_exact(12) {
+            let peak = v
+                .iter()
+                .fold(0.0f32, |m, x| if x.abs() > m.abs() { *x } else { m });
+            assert!(peak > 0.0);
+        }
+    }
+}

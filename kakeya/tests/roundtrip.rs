@@ -1,0 +1,499 @@
+//! Round-trip properties of the whole codec: error bounds per bit width and metric,
+//! determinism across thread counts, and a decoder that refuses bad bytes without panicking.
+
+use kakeya::lloyd_max::{gaussian_lloyd_max, gaussian_mse};
+use kakeya::rng::SplitMix64;
+use kakeya::{
+    encode, CodecConfig, CodecError, DType, Elements, Encoded, Metric, OwnedElements, PcaMethod,
+    TensorView,
+};
+use proptest::prelude::*;
+
+fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+    let mut g = vec![0.0f64; n];
+    SplitMix64::new(seed, 77, 0, 0).fill_gaussian(&mut g);
+    g.into_iter().map(|v| v as f32).collect()
+}
+
+fn lloyd_mse(bits: u8) -> f64 {
+    gaussian_mse(&gaussian_lloyd_max(1 << bits))
+}
+
+/// Lower-triangular `[H, D, D]` with a positive diagonal and a real condition number.
+fn random_lower(heads: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let g = gaussian(heads * dim * dim, seed);
+    let mut l = vec![0.0f32; heads * dim * dim];
+    for h in 0..heads {
+        for i in 0..dim {
+            for j in 0..=i {
+                let at = (h * dim + i) * dim + j;
+                l[at] = if i == j {
+                    0.5 + g[at].abs()
+                } else {
+                    0.3 * g[at]
+                };
+            }
+        }
+    }
+    l
+}
+
+/// Σ over rows of ‖(x̂ − x) M‖² / Σ ‖(x − μ_h) M‖², per head mean `μ_h`, `M` = L or I.
+fn relative_error(x: &[f32], y: &[f32], shape: [usize; 3], l: Option<&[f32]>) -> f64 {
+    let [t, h, d] = shape;
+    let apply = |v: &[f64], head: usize| -> Vec<f64> {
+        match l {
+            None => v.to_vec(),
+            Some(l) => (0..d)
+                .map(|j| {
+                    (0..d)
+                        .map(|i| v[i] * f64::from(l[(head * d + i) * d + j]))
+                        .sum()
+                })
+                .collect(),
+        }
+    };
+    let (mut num, mut den) = (0.0, 0.0);
+    for head in 0..h {
+        let mut mean = vec![0.0f64; d];
+        for tok in 0..t {
+            for j in 0..d {
+                mean[j] += f64::from(x[(tok * h + head) * d + j]) / t as f64;
+            }
+        }
+        for tok in 0..t {
+            let at = (tok * h + head) * d;
+            let diff: Vec<f64> = (0..d)
+                .map(|j| f64::from(y[at + j]) - f64::from(x[at + j]))
+                .collect();
+            let cen: Vec<f64> = (0..d).map(|j| f64::from(x[at + j]) - mean[j]).collect();
+            num += apply(&diff, head).iter().map(|v| v * v).sum::<f64>();
+            den += apply(&cen, head).iter().map(|v| v * v).sum::<f64>();
+        }
+    }
+    num / den.max(1e-30)
+}
+
+fn roundtrip(
+    x: &[f32],
+    shape: [usize; 3],
+    config: &CodecConfig,
+    l: Option<&[f32]>,
+) -> (Vec<f32>, Encoded) {
+    let view = TensorView::new(Elements::F32(x), shape).unwrap();
+    let enc = encode(view, config, l, None).unwrap();
+    let parsed = Encoded::from_bytes(enc.as_bytes().to_vec()).unwrap();
+    (parsed.decode(None).unwrap(), enc)
+}
+
+#[test]
+fn gaussian_full_rank_error_is_near_lloyd_max() {
+    let shape = [512, 2, 64];
+    let x = gaussian(shape.iter().product(), 1);
+    for bits in 1..=4u8 {
+        for metric in [Metric::Mse, Metric::InnerProduct] {
+            let l = random_lower(2, 64, 9);
+            let l = (metric == Metric::InnerProduct).then_some(&l[..]);
+            let config = CodecConfig {
+                bits,
+                block_size: 256,
+                metric,
+                ..Default::default()
+            };
+            let (y, _) = roundtrip(&x, shape, &config, l);
+            let rel = relative_error(&x, &y, shape, l);
+            let bound = 1.3 * lloyd_mse(bits);
+            assert!(
+                rel <= bound,
+                "bits {bits} {metric:?}: relative MSE {rel:.5} > {bound:.5}"
+            );
+            // The scale and residual norm are used: error is far below the 0.94 of a dropped norm.
+            assert!(
+                rel > 0.3 * lloyd_mse(bits),
+                "suspiciously small error {rel}"
+            );
+        }
+    }
+}
+
+#[test]
+fn identity_is_bit_exact_for_every_dtype() {
+    let x = gaussian(10 * 3 * 8, 2);
+    let halfs: Vec<u16> = x
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    let bf: Vec<u16> = x
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect();
+    let inputs = [
+        Elements::F32(&x),
+        Elements::F16(&halfs),
+        Elements::Bf16(&bf),
+    ];
+    for input in inputs {
+        let enc = encode(
+            TensorView::new(input, [10, 3, 8]).unwrap(),
+            &CodecConfig::identity(),
+            None,
+            None,
+        )
+        .unwrap();
+        let back = Encoded::from_bytes(enc.as_bytes().to_vec())
+            .unwrap()
+            .decode_as(None, None)
+            .unwrap();
+        assert_eq!(back.view().to_le_bytes(), input.to_le_bytes());
+    }
+}
+
+#[test]
+fn bytes_are_identical_across_thread_counts_and_runs() {
+    let shape = [700, 3, 32];
+    let x = gaussian(shape.iter().product(), 3);
+    for pca in [PcaMethod::Exact, PcaMethod::Randomized] {
+        let config = CodecConfig {
+            pca,
+            block_size: 128,
+            rank: Some(24),
+            outlier_threshold: Some(2.5),
+            ..Default::default()
+        };
+        let view = TensorView::new(Elements::F32(&x), shape).unwrap();
+        let one = encode(view, &config, None, Some(1)).unwrap();
+        let two = encode(view, &config, None, Some(2)).unwrap();
+        let all = encode(view, &config, None, None).unwrap();
+        assert_eq!(one.as_bytes(), two.as_bytes());
+        assert_eq!(one.as_bytes(), all.as_bytes());
+        assert_eq!(one.decode(Some(1)).unwrap(), two.decode(Some(2)).unwrap());
+    }
+}
+
+#[test]
+fn short_last_block_and_empty_input() {
+    let shape = [130, 1, 16];
+    let x = gaussian(shape.iter().product(), 4);
+    let config = CodecConfig {
+        block_size: 64,
+        bits: 4,
+        ..Default::default()
+    };
+    let (y, enc) = roundtrip(&x, shape, &config, None);
+    assert_eq!(enc.header().blocks_per_head, 3);
+    // The 2-row tail is encoded, not dropped: its rows are close to the input.
+    let tail = relative_error(&x[128 * 16..], &y[128 * 16..], [2, 1, 16], None);
+    assert!(tail < 0.1, "tail error {tail}");
+    for share_basis in [false, true] {
+        let config = CodecConfig {
+            share_basis,
+            ..Default::default()
+        };
+        let (y, enc) = roundtrip(&[], [0, 2, 8], &config, None);
+        assert!(y.is_empty());
+        assert_eq!(enc.header().blocks_per_head, 0);
+    }
+}
+
+#[test]
+fn outliers_reduce_error_on_heavy_tails() {
+    let shape = [512, 1, 64];
+    let mut x = gaussian(shape.iter().product(), 5);
+    // A few huge coordinates per vector (heavy tails).
+    for (i, v) in x.iter_mut().enumerate() {
+        if i % 97 == 0 {
+            *v *= 25.0;
+        }
+    }
+    let base = CodecConfig {
+        bits: 2,
+        block_size: 512,
+        ..Default::default()
+    };
+    let with = CodecConfig {
+        outlier_threshold: Some(2.0),
+        ..base.clone()
+    };
+    let (y0, e0) = roundtrip(&x, shape, &base, None);
+    let (y1, e1) = roundtrip(&x, shape, &with, None);
+    let (r0, r1) = (
+        relative_error(&x, &y0, shape, None),
+        relative_error(&x, &y1, shape, None),
+    );
+    assert!(r1 < 0.8 * r0, "outliers {r1} vs none {r0}");
+    assert!(
+        e1.nbytes() > e0.nbytes(),
+        "outliers must cost measured bytes"
+    );
+}
+
+#[test]
+fn variance_ratio_and_share_basis_bound_error() {
+    let shape = [600, 2, 32];
+    // Low-rank signal plus small noise: 0.99 of the variance sits in 4 components.
+    let coef = gaussian(600 * 2 * 4, 6);
+    let basis = gaussian(4 * 32, 7);
+    let noise = gaussian(600 * 2 * 32, 8);
+    let x: Vec<f32> = (0..600 * 2 * 32)
+        .map(|i| {
+            let (row, j) = (i / 32, i % 32);
+            (0..4)
+                .map(|k| coef[row * 4 + k] * basis[k * 32 + j] * 3.0)
+                .sum::<f32>()
+                + 0.05 * noise[i]
+        })
+        .collect();
+    for share_basis in [false, true] {
+        let config = CodecConfig {
+            variance_ratio: 0.99,
+            share_basis,
+            bits: 4,
+            block_size: 200,
+            ..Default::default()
+        };
+        let (y, enc) = roundtrip(&x, shape, &config, None);
+        let rel = relative_error(&x, &y, shape, None);
+        assert!(
+            rel < 0.01 + 1.3 * lloyd_mse(4),
+            "share_basis={share_basis}: {rel}"
+        );
+        assert!(
+            enc.block_ranks().iter().all(|&r| (4..=8).contains(&r)),
+            "{:?}",
+            enc.block_ranks()
+        );
+    }
+}
+
+#[test]
+fn huge_values_fall_back_to_f32_scales() {
+    let shape = [64, 1, 16];
+    let x: Vec<f32> = gaussian(64 * 16, 9).iter().map(|v| v * 1e6).collect();
+    let config = CodecConfig {
+        bits: 4,
+        skeleton_dtype: kakeya::SkeletonDtype::F32,
+        ..Default::default()
+    };
+    let (y, enc) = roundtrip(&x, shape, &config, None);
+    assert_eq!(enc.header().scale_dtype, kakeya::ScaleDtype::F32);
+    assert!(relative_error(&x, &y, shape, None) < 1.3 * lloyd_mse(4));
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let x = vec![0.0f32; 2 * 2 * 4];
+    assert!(matches!(
+        TensorView::new(Elements::F32(&x), [2, 2, 3]),
+        Err(CodecError::Shape(_))
+    ));
+    let mut bad = x.clone();
+    bad[5] = f32::NAN;
+    let view = TensorView::new(Elements::F32(&bad), [2, 2, 4]).unwrap();
+    assert!(matches!(
+        encode(view, &CodecConfig::default(), None, None),
+        Err(CodecError::NonFinite {
+            token: 0,
+            head: 1,
+            dim: 1,
+            ..
+        })
+    ));
+    let view = TensorView::new(Elements::F32(&x), [2, 2, 4]).unwrap();
+    let ip = CodecConfig {
+        metric: Metric::InnerProduct,
+        ..Default::default()
+    };
+    assert!(matches!(
+        encode(view, &ip, None, None),
+        Err(CodecError::Preconditioner(_))
+    ));
+    let mut upper = random_lower(2, 4, 1);
+    upper[1] = 1.0;
+    assert!(matches!(
+        encode(view, &ip, Some(&upper), None),
+        Err(CodecError::Preconditioner(_))
+    ));
+    assert!(matches!(
+        encode(
+            view,
+            &CodecConfig::default(),
+            Some(&random_lower(2, 4, 1)),
+            None
+        ),
+        Err(CodecError::Preconditioner(_))
+    ));
+}
+
+#[test]
+fn decoder_reports_each_kind_of_damage() {
+    let x = gaussian(40 * 2 * 8, 10);
+    let enc = encode(
+        TensorView::new(Elements::F32(&x), [40, 2, 8]).unwrap(),
+        &CodecConfig::default(),
+        None,
+        None,
+    )
+    .unwrap();
+    let bytes = enc.as_bytes().to_vec();
+    let mut magic = bytes.clone();
+    magic[0] = b'X';
+    assert!(matches!(
+        Encoded::from_bytes(magic),
+        Err(CodecError::BadMagic(_))
+    ));
+    let mut version = bytes.clone();
+    version[6] = 9;
+    assert!(matches!(
+        Encoded::from_bytes(version),
+        Err(CodecError::UnsupportedVersion { found: 9, .. })
+    ));
+    let mut flipped = bytes.clone();
+    let mid = bytes.len() / 2;
+    flipped[mid] ^= 0x40;
+    assert!(matches!(
+        Encoded::from_bytes(flipped),
+        Err(CodecError::ChecksumMismatch { .. })
+    ));
+    for cut in [0, 5, 11, 30, bytes.len() - 1] {
+        assert!(
+            Encoded::from_bytes(bytes[..cut].to_vec()).is_err(),
+            "cut at {cut}"
+        );
+    }
+}
+
+fn with_fixed_crc(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.len() >= 4 {
+        let at = bytes.len() - 4;
+        let crc = crc32fast::hash(&bytes[..at]);
+        bytes[at..].copy_from_slice(&crc.to_le_bytes());
+    }
+    bytes
+}
+
+fn small_config() -> impl Strategy<Value = CodecConfig> {
+    (
+        1u8..=4,
+        1usize..80,
+        any::<bool>(),
+        any::<bool>(),
+        proptest::option::of(1.5f32..4.0),
+        any::<bool>(),
+        0.5f64..=1.0,
+    )
+        .prop_map(
+            |(
+                bits,
+                block_size,
+                randomized,
+                share_basis,
+                outlier_threshold,
+                f32_skeleton,
+                variance_ratio,
+            )| CodecConfig {
+                bits,
+                block_size,
+                pca: if randomized {
+                    PcaMethod::Randomized
+                } else {
+                    PcaMethod::Exact
+                },
+                share_basis,
+                outlier_threshold,
+                variance_ratio,
+                skeleton_dtype: if f32_skeleton {
+                    kakeya::SkeletonDtype::F32
+                } else {
+                    kakeya::SkeletonDtype::F16
+                },
+                seed: u64::from(bits) * 31 + block_size as u64,
+                ..Default::default()
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Any shape, dtype and config: decode has the input's shape and dtype, the bytes
+    /// re-parse to the same encoding, and the error stays bounded (full-rank configs:
+    /// near the Lloyd–Max value; any config: below the input's own variance).
+    #[test]
+    fn roundtrip_any_shape(
+        tokens in 0usize..160, heads in 1usize..4, dim in 1usize..40,
+        dtype in prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::Bf16)],
+        config in small_config(), inner in any::<bool>(), seed in any::<u64>(),
+    ) {
+        let shape = [tokens, heads, dim];
+        let x: Vec<f32> = gaussian(tokens * heads * dim, seed);
+        let owned = OwnedElements::from_f32(x, dtype);
+        let xs: Vec<f32> = (0..owned.view().len()).map(|i| owned.view().get(i)).collect();
+        let l = random_lower(heads, dim, seed ^ 1);
+        let config = CodecConfig { metric: if inner { Metric::InnerProduct } else { Metric::Mse }, skeleton_dtype: kakeya::SkeletonDtype::F32, ..config };
+        let l = inner.then_some(&l[..]);
+        let enc = encode(TensorView::new(owned.view(), shape).unwrap(), &config, l, None).unwrap();
+        let parsed = Encoded::from_bytes(enc.as_bytes().to_vec()).unwrap();
+        prop_assert_eq!(parsed.as_bytes(), enc.as_bytes());
+        let out = parsed.decode_as(None, None).unwrap();
+        prop_assert_eq!(out.view().dtype(), dtype);
+        prop_assert_eq!(out.view().len(), xs.len());
+        let y = parsed.decode(None).unwrap();
+        prop_assert!(y.iter().all(|v| v.is_finite()));
+        if tokens >= 2 {
+            let rel = relative_error(&xs, &y, shape, l);
+            // Variance kept below 1 adds up to (1 − ratio) of truncation error; tiny blocks fit exactly.
+            let bound = 1.0 - config.variance_ratio + 1.0;
+            prop_assert!(rel <= bound, "relative error {} > {}", rel, bound);
+        }
+    }
+
+    /// Full-rank Gaussian data at a realistic head dim: every bit width within 1.3× (+
+    /// rounding slack) of the Lloyd–Max MSE, for both metrics and with outliers on or off.
+    #[test]
+    fn error_bound_full_rank(bits in 1u8..=4, inner in any::<bool>(), share_basis in any::<bool>(), outliers in any::<bool>(), seed in any::<u64>()) {
+        let shape = [256, 2, 64];
+        let x = gaussian(shape.iter().product(), seed);
+        let l = random_lower(2, 64, seed ^ 3);
+        let l = inner.then_some(&l[..]);
+        let config = CodecConfig {
+            bits, block_size: 256, share_basis,
+            metric: if inner { Metric::InnerProduct } else { Metric::Mse },
+            outlier_threshold: outliers.then_some(3.0),
+            skeleton_dtype: kakeya::SkeletonDtype::F32,
+            ..Default::default()
+        };
+        let (y, _) = roundtrip(&x, shape, &config, l);
+        let rel = relative_error(&x, &y, shape, l);
+        prop_assert!(rel <= 1.3 * lloyd_mse(bits), "bits {} rel {}", bits, rel);
+    }
+
+    /// Arbitrary bytes never panic the parser.
+    #[test]
+    fn arbitrary_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        prop_assert!(Encoded::from_bytes(bytes.clone()).is_err());
+        let mut framed = b"KAKEYA\x01\x00".to_vec();
+        framed.extend_from_slice(&bytes);
+        let _ = Encoded::from_bytes(with_fixed_crc(framed));
+    }
+
+    /// Mutated valid encodings (checksum recomputed, so the structure checks are exercised)
+    /// either fail cleanly or decode to finite values of the declared shape.
+    #[test]
+    fn mutated_bytes_never_panic(config in small_config(), pos in any::<prop::sample::Index>(), xor in 1u8..=255, truncate in any::<bool>()) {
+        let x = gaussian(50 * 2 * 6, 11);
+        let enc = encode(TensorView::new(Elements::F32(&x), [50, 2, 6]).unwrap(), &config, None, None).unwrap();
+        let mut bytes = enc.as_bytes().to_vec();
+        let at = pos.index(bytes.len() - 4);
+        if truncate {
+            bytes.truncate(at);
+        } else {
+            bytes[at] ^= xor;
+        }
+        if let Ok(parsed) = Encoded::from_bytes(with_fixed_crc(bytes)) {
+            if let Ok(y) = parsed.decode(None) {
+                let [t, h, d] = parsed.header().shape;
+                prop_assert_eq!(y.len(), t * h * d);
+            }
+        }
+    }
+}
