@@ -82,6 +82,12 @@ def register(sub) -> None:
     p = sub.add_parser("attribution", help="Δppl with the codec on one layer at a time, and per stream")
     add_eval_args(p, passages=4, ctx=512, n_eval=128)
     p.add_argument("--by", default="both", choices=["layer", "stream", "both"], help="what to attribute")
+    p.add_argument(
+        "--rank-by",
+        default="dppl",
+        choices=["dppl", "kl"],
+        help="rank layers by Δppl (default) or mean KL (steadier)",
+    )
     p.set_defaults(func=cmd_attribution)
 
     p = sub.add_parser("noise", help="Δppl when K/V get Gaussian noise σ·rms instead of the codec")
@@ -312,7 +318,8 @@ def cmd_attribution(args) -> int:
         row["layer"] = int(variant.name.split()[1])
         row["ratio"] = res.ledger.ratio(layer=row["layer"])
         layer_rows.append(row)
-    layer_rows.sort(key=lambda r: -r["dppl"])
+    layer_rows.sort(key=lambda r: -r["dppl" if args.rank_by == "dppl" else "kl_mean"])
+    record["rank_by"] = args.rank_by
     record["layers"] = layer_rows
     if sv:
         sres = results[len(lv) :]

@@ -142,6 +142,7 @@ def provision_builtin(name: str, *, progress: bool = True) -> Path:
             }
             (tmp / _MARKER).write_text(json.dumps(source, indent=2) + "\n")
             bar.update()
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared (vLLM workers, users)
         if target.exists():  # a stale, unmarked folder from an older run
             shutil.rmtree(target)
         os.replace(tmp, target)

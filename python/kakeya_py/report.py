@@ -74,7 +74,7 @@ def attribution_markdown(r: dict[str, Any]) -> str:
     lines = _header(r, "kakeya attribution")
     if r.get("layers"):
         lines += [
-            "### Per layer (codec on one layer only), ranked by Δppl",
+            f"### Per layer (codec on one layer only), ranked by {'Δppl' if r.get('rank_by') != 'kl' else 'mean KL'}",
             "",
             "| rank | layer | Δppl | 95% CI | top-1 | KL mean | ratio |",
             "|---|---|---|---|---|---|---|",
