@@ -113,9 +113,11 @@ fn prepare_preconditioner(
                 "metric=\"mse\" takes no pre-conditioner; use metric=\"inner_product\"".into(),
             ))
         }
-        (Metric::InnerProduct, None) => return Err(CodecError::Preconditioner(format!(
+        (Metric::InnerProduct, None) => {
+            return Err(CodecError::Preconditioner(format!(
             "metric=\"inner_product\" needs a pre-conditioner L of shape [{heads}, {dim}, {dim}]"
-        ))),
+        )))
+        }
         (Metric::InnerProduct, Some(l)) => l,
     };
     let want = checked_numel([heads, dim, dim])?;
@@ -701,6 +703,11 @@ impl Encoded {
     pub fn ratio(&self) -> f64 {
         let [t, h, d] = self.header.shape;
         (t * h * d * 2) as f64 / self.bytes.len() as f64
+    }
+
+    /// The header as JSON text.
+    pub fn header_json(&self) -> String {
+        serde_json::to_string(&self.header).expect("a header always serialises")
     }
 
     /// The parsed header.

@@ -1,0 +1,45 @@
+"""kakeya: a KV-cache codec with an honest quality harness.
+
+The codec (``encode``, ``decode``, ``roundtrip``, ``CodecConfig``) is the Rust crate
+``kakeya`` behind a thin PyO3 module; the harness (``hooks``, ``metrics``, ``harness``),
+model and text provisioning (``models``, ``corpus``) and the ``kakeya`` CLI are Python.
+"""
+
+from ._kakeya import (
+    FORMAT_VERSION,
+    CodecConfig,
+    ConfigError,
+    CorruptDataError,
+    DTypeError,
+    KakeyaError,
+    NonFiniteError,
+    NumericalError,
+    PreconditionerError,
+    ShapeError,
+    UnsupportedVersionError,
+    gaussian_centroids,
+)
+from ._kakeya import __version__ as __version__
+from .codec import PRESETS, Encoded, decode, encode, preset, roundtrip
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PRESETS",
+    "CodecConfig",
+    "ConfigError",
+    "CorruptDataError",
+    "DTypeError",
+    "Encoded",
+    "KakeyaError",
+    "NonFiniteError",
+    "NumericalError",
+    "PreconditionerError",
+    "ShapeError",
+    "UnsupportedVersionError",
+    "__version__",
+    "decode",
+    "encode",
+    "gaussian_centroids",
+    "preset",
+    "roundtrip",
+]
