@@ -648,10 +648,11 @@ def encode(
             np.divide(b.y, s_hat[:, None], out=z, where=s_hat[:, None] != 0)
             codes = quantize(z, cents)
             parts = [] if cfg["share_basis"] else [_skeleton_bytes(b.mu, b.basis, sk)]
-            parts.append(s_hat.astype(_NP_DTYPES[scale_dtype]).tobytes())
-            parts.append(pack_codes(codes, bits))
-            if t_out is not None:
-                parts.append(_outlier_bytes(z, t_out))
+            if b.y.shape[1]:  # rank 0: the record is the skeleton alone
+                parts.append(s_hat.astype(_NP_DTYPES[scale_dtype]).tobytes())
+                parts.append(pack_codes(codes, bits))
+                if t_out is not None:
+                    parts.append(_outlier_bytes(z, t_out))
             recs.append(b"".join(parts))
         block_recs.append(recs)
     return _serialize(header, _assemble_body(pre, shared_recs, block_recs))
@@ -890,6 +891,11 @@ def _parse(data: bytes) -> Parsed:
             skel = None if cfg["share_basis"] else _parse_skeleton(br, d, sk)
             r = (parsed.shared[h] if skel is None else skel).rank
             p = next_pow2(r)
+            if p == 0:  # rank 0: the record is the skeleton alone
+                empty = np.zeros((n, 0), dtype=np.uint8)
+                segs0 = [] if outliers_on else None
+                row.append(BlockRecord(h, i, n, p, skel, np.zeros(n, np.float32), empty, segs0, body[off : br.pos]))
+                continue
             scales = br.array(n, sc_dt, "scales").astype(np.float32)
             if not np.all(np.isfinite(scales)) or np.any(scales < 0):
                 raise ValueError(f"{what} holds negative or non-finite scales")

@@ -230,7 +230,6 @@ pub fn encode(
         library: format!("kakeya {}", env!("CARGO_PKG_VERSION")),
     };
     if config.identity {
-        header.blocks_per_head = 0;
         return Encoded::from_bytes(assemble(&header, &input.elements.to_le_bytes()));
     }
     let l_hat = prepare_preconditioner(config, preconditioner, heads, dim)?;
@@ -433,7 +432,7 @@ impl Encoded {
         };
         if config.identity {
             let want = numel.checked_mul(header.dtype.size());
-            if want != Some(body.len()) || header.blocks_per_head != 0 || header.preconditioner {
+            if want != Some(body.len()) || header.preconditioner {
                 return Err(CodecError::Corrupt(format!(
                     "identity body has {} bytes, shape {:?} of {} needs {:?}",
                     body.len(),

@@ -192,6 +192,7 @@ fn short_last_block_and_empty_input() {
         let (y, enc) = roundtrip(&[], [0, 2, 8], &config, None);
         assert!(y.is_empty());
         assert_eq!(enc.header().blocks_per_head, 0);
+        assert!(enc.block_ranks().is_empty());
     }
 }
 
