@@ -307,3 +307,14 @@ def test_identical_codes_and_tables_as_reference():
     assert (a == b).mean() > 0.99
     for bits in (1, 2, 3, 4):
         np.testing.assert_allclose(kp.gaussian_centroids(bits), ref.lloyd_max_gaussian(bits)[0], rtol=1e-6)
+
+
+def test_stub_matches_the_extension_module():
+    """The hand-written _kakeya.pyi never drifts from the compiled module."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "kakeya_py._kakeya"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
