@@ -82,6 +82,47 @@ def test_whitening_round_trip():
     assert np.allclose(fit.L[0] @ fit.L_inv[0], np.eye(d), atol=1e-10)
 
 
+def test_rope_matrix_matches_transformers_rope_and_average_is_the_logit_error_metric():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = tiny_model("llama")
+    inv_freq = cal.model_inv_freq(model)
+    d = 2 * inv_freq.size
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 1, 5, d))
+    pos = torch.arange(5)
+    cos, sin = model.model.rotary_emb(torch.zeros(1, 5, 1, dtype=torch.float64), pos[None])
+    qr, _ = apply_rotary_pos_emb(torch.from_numpy(q), torch.from_numpy(q), cos.double(), sin.double())
+    for m in range(5):
+        assert np.allclose(qr[0, 0, m].numpy(), q[0, 0, m] @ cal.rope_matrix(inv_freq, m), atol=1e-6)
+    assert np.allclose(
+        cal.rope_matrix(inv_freq, 3) @ cal.rope_matrix(inv_freq, 1).T,
+        cal.rope_matrix(inv_freq, 2),
+        atol=1e-12,
+    )
+    sigma = random_cov(d, 1)
+    window = 7
+    avg = cal.rope_average(sigma, inv_freq, window)
+    e = rng.standard_normal(d)
+    direct = np.mean(
+        [e @ cal.rope_matrix(inv_freq, k).T @ sigma @ cal.rope_matrix(inv_freq, k) @ e for k in range(window)]
+    )
+    assert e @ avg @ e == pytest.approx(direct)
+    assert np.allclose(cal.rope_average(sigma[None], inv_freq, window)[0], avg)
+    fit = cal.fit_sigma_q(sigma[None], 1, ridge=0.0, max_cond=1e12, rope=(inv_freq, window))
+    assert np.allclose(fit.L[0] @ fit.L[0].T, avg / (np.trace(sigma) / d))
+
+
+def test_derive_rope_averaged_from_a_pre_rope_artifact(tmp_path):
+    inv_freq = 1.0 / 10000 ** (np.arange(0, 16, 2) / 16)
+    path = write_sigma(tmp_path)
+    src = cal.load_sigma_q_artifact(path)
+    fits, rows = cal.derive_rope_averaged(src, inv_freq, 16)
+    direct = cal.fit_sigma_q(np.stack([random_cov(16, 1), random_cov(16, 11)]), 1, rope=(inv_freq, 16))
+    assert np.allclose(fits[1].L, direct.L, atol=1e-4)
+    assert rows[1] == 100
+
+
 def test_gqa_pooling_groups_consecutive_query_heads():
     torch.manual_seed(0)
     q = torch.randn(2, 5, 6, 4)  # [b, s, q_heads=6, D]; kv_heads=2 -> heads 0-2 | 3-5

@@ -292,7 +292,12 @@ def _cond(eig: np.ndarray) -> float:
 
 
 def fit_sigma_q(
-    gram: np.ndarray, rows: int, *, ridge: float = DEFAULT_RIDGE, max_cond: float = DEFAULT_MAX_COND
+    gram: np.ndarray,
+    rows: int,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    max_cond: float = DEFAULT_MAX_COND,
+    rope: tuple[np.ndarray, int] | None = None,
 ) -> SigmaQFit:
     """Cholesky factors of the normalised, regularised query covariance (see the module doc).
 
@@ -301,6 +306,8 @@ def fit_sigma_q(
         rows: number of query vectors summed per kv-head.
         ridge: ``ρ`` added to the diagonal after normalising to mean eigenvalue 1.
         max_cond: cap on the condition number (a further ridge is added to reach it).
+        rope: ``(inv_freq, window)``: replace the normalised Σ_q by its RoPE average
+            (:func:`rope_average`) before the ridge; ``None`` keeps the pre-RoPE Σ_q.
     """
     gram = np.asarray(gram, dtype=np.float64)
     if gram.ndim != 3 or gram.shape[1] != gram.shape[2]:
@@ -319,6 +326,8 @@ def fit_sigma_q(
         if not scale > 0 or not math.isfinite(scale):
             raise CalibrationError(f"kv-head {g}: query covariance has trace {scale * d} (all-zero queries?)")
         sigma = sigma / scale
+        if rope is not None:
+            sigma = rope_average(sigma, rope[0], rope[1])
         eig0 = np.linalg.eigvalsh(sigma)
         sigma = sigma + ridge * eye
         eig1 = eig0 + ridge
@@ -351,6 +360,59 @@ def fit_sigma_q(
     return SigmaQFit(np.stack(ls), np.stack(linvs), heads)
 
 
+def rope_matrix(inv_freq: np.ndarray, delta: float) -> np.ndarray:
+    """``M(δ)`` with ``rope(q, m) = q · M(m)`` for row vectors (rotate-half layout: dim ``i``
+    pairs with ``i + D/2`` at frequency ``inv_freq[i]``); ``M(m) M(n)ᵀ = M(m − n)``."""
+    f = np.asarray(inv_freq, dtype=np.float64)
+    half = f.size
+    c, s = np.cos(delta * f), np.sin(delta * f)
+    m = np.zeros((2 * half, 2 * half))
+    i = np.arange(half)
+    m[i, i] = c
+    m[i + half, i + half] = c
+    m[i, i + half] = s
+    m[i + half, i] = -s
+    return m
+
+
+def rope_average(sigma: np.ndarray, inv_freq: np.ndarray, window: int) -> np.ndarray:
+    """``mean_{δ < window} M(δ)ᵀ Σ M(δ)``: the logit-error metric of a key ``δ`` positions back.
+
+    After RoPE the score is ``q M(δ) kᵀ``, so the error ``e`` of a pre-RoPE key costs
+    ``E[(q M(δ) eᵀ)²] = e M(δ)ᵀ Σ_q M(δ) eᵀ``; averaging over distances ``0 … window−1``
+    (uniformly) gives the metric the codec should whiten by.
+    """
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if window < 1:
+        raise CalibrationError(f"rope window must be >= 1, got {window}")
+    if sigma.shape[-1] != 2 * np.asarray(inv_freq).size:
+        raise CalibrationError(
+            f"Σ_q of dim {sigma.shape[-1]} does not match {np.asarray(inv_freq).size} RoPE pairs"
+        )
+    acc = np.zeros_like(sigma)
+    for delta in range(window):
+        m = rope_matrix(inv_freq, delta)
+        acc += (
+            np.swapaxes(m, -1, -2) @ sigma @ m
+            if sigma.ndim == 2
+            else np.einsum("ji,hjk,kl->hil", m, sigma, m)
+        )
+    return acc / window
+
+
+def model_inv_freq(model) -> np.ndarray:
+    """RoPE inverse frequencies of a transformers model (its ``rotary_emb.inv_freq``)."""
+    base = getattr(model, "model", model)
+    rot = getattr(base, "rotary_emb", None)
+    if rot is None or not hasattr(rot, "inv_freq"):
+        raise CalibrationError(f"{type(model).__name__} has no rotary_emb.inv_freq; cannot RoPE-average Σ_q")
+    if getattr(rot, "rope_type", "default") != "default":
+        raise CalibrationError(
+            f"RoPE type {rot.rope_type!r} is not supported by rope averaging (default only)"
+        )
+    return rot.inv_freq.detach().double().cpu().numpy()
+
+
 def whiten(x: np.ndarray, lower: np.ndarray) -> np.ndarray:
     """``X̃ = X · L`` per head for ``x [T, H, D]`` and ``lower [H, D, D]`` (float64 math)."""
     return np.einsum("thd,hde->the", np.asarray(x, np.float64), np.asarray(lower, np.float64))
@@ -363,6 +425,7 @@ def run_sigma_q(
     *,
     ridge: float = DEFAULT_RIDGE,
     max_cond: float = DEFAULT_MAX_COND,
+    rope: tuple[np.ndarray, int] | None = None,
     progress: bool = False,
 ) -> tuple[dict[int, SigmaQFit], dict[int, int]]:
     """Capture queries on ``text`` and fit one :class:`SigmaQFit` per layer."""
@@ -373,15 +436,19 @@ def run_sigma_q(
     with QueryGramCollector(model) as qc, torch.no_grad():
         for seq in tqdm(text.sequences, desc="Σ_q: queries", disable=not progress):
             base(input_ids=torch.tensor([seq]), use_cache=False)
-    return fit_collected(qc, ridge=ridge, max_cond=max_cond)
+    return fit_collected(qc, ridge=ridge, max_cond=max_cond, rope=rope)
 
 
 def fit_collected(
-    qc: QueryGramCollector, *, ridge: float = DEFAULT_RIDGE, max_cond: float = DEFAULT_MAX_COND
+    qc: QueryGramCollector,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    max_cond: float = DEFAULT_MAX_COND,
+    rope: tuple[np.ndarray, int] | None = None,
 ) -> tuple[dict[int, SigmaQFit], dict[int, int]]:
     """Fit the Gram matrices a :class:`QueryGramCollector` accumulated."""
     fits = {
-        layer: fit_sigma_q(qc.gram[layer], qc.rows[layer], ridge=ridge, max_cond=max_cond)
+        layer: fit_sigma_q(qc.gram[layer], qc.rows[layer], ridge=ridge, max_cond=max_cond, rope=rope)
         for layer in qc.gram
     }
     return fits, dict(qc.rows)
@@ -397,6 +464,8 @@ def save_sigma_q(
     command: str,
     ridge: float,
     max_cond: float,
+    rope_window: int | None = None,
+    derived_from: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``sigma_q.safetensors`` (``layers.{i}.L``, ``layers.{i}.L_inv``) and ``sigma_q.json``."""
     from safetensors.numpy import save_file
@@ -432,6 +501,13 @@ def save_sigma_q(
         "normalisation": "Σ_q = Σ qᵀq / n, divided by trace/D (mean eigenvalue 1)",
         "ridge": ridge,
         "max_cond": max_cond,
+        "rope_average": None
+        if not rope_window
+        else {
+            "window": rope_window,
+            "rule": "Σ_q replaced by mean over δ = 0..window-1 of M(δ)ᵀ Σ_q M(δ) (M: RoPE rotation) before the ridge",
+        },
+        "derived_from": None if derived_from is None else dict(derived_from),
         "factor": "L = chol(Σ_q), lower, L Lᵀ = Σ_q; codec: k̃ = k·L; layers.{i}.L_inv = L⁻¹",
         "safetensors_sha256": _sha256_file(path),
         "layers": [
@@ -441,6 +517,37 @@ def save_sigma_q(
     }
     (out / SIGMA_Q_JSON).write_text(json.dumps(_finite(record), indent=1) + "\n")
     return path
+
+
+def derive_rope_averaged(
+    src: SigmaQArtifact,
+    inv_freq: np.ndarray,
+    window: int,
+    *,
+    ridge: float | None = None,
+    max_cond: float | None = None,
+) -> tuple[dict[int, SigmaQFit], dict[int, int]]:
+    """RoPE-averaged fits from a pre-RoPE artifact, without capturing queries again.
+
+    The normalised Σ_q of each head is recovered as ``L Lᵀ − ridge_applied·I`` (float32 ``L``),
+    scaled back by its recorded normaliser, averaged (:func:`rope_average`) and refitted
+    with the same (or the given) ridge and condition cap.
+    """
+    if src.record.get("rope_average"):
+        raise CalibrationError(f"{src.path} is already RoPE-averaged")
+    ridge = src.record["ridge"] if ridge is None else ridge
+    max_cond = src.record["max_cond"] if max_cond is None else max_cond
+    fits, rows = {}, {}
+    for layer_rec in src.record["layers"]:
+        layer = layer_rec["layer"]
+        lower = src.L[layer].astype(np.float64)
+        grams = []
+        for h, head in enumerate(layer_rec["heads"]):
+            sig = lower[h] @ lower[h].T - head["ridge_applied"] * np.eye(lower.shape[-1])
+            grams.append(sig * head["normaliser_trace_over_d"])
+        fits[layer] = fit_sigma_q(np.stack(grams), 1, ridge=ridge, max_cond=max_cond, rope=(inv_freq, window))
+        rows[layer] = layer_rec["query_vectors_per_kv_head"]
+    return fits, rows
 
 
 @dataclass

@@ -52,6 +52,15 @@ def _sigma_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _rope_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rope-window",
+        type=int,
+        default=0,
+        help="average Σ_q over RoPE rotations of relative distances 0..N-1 (default 0: pre-RoPE Σ_q)",
+    )
+
+
 def _centroid_args(p: argparse.ArgumentParser, *, sigma: bool) -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="bit widths (default 2 3 4)")
     p.add_argument(
@@ -84,6 +93,13 @@ def register(sub) -> None:
     q = csub.add_parser("sigma-q", help="query covariance Cholesky factors per (layer, kv-head)")
     _common(q, tokens=16384, seq_len=1024)
     _sigma_args(q)
+    _rope_arg(q)
+    q.add_argument(
+        "--from",
+        dest="from_artifact",
+        default=None,
+        help="derive from this pre-RoPE sigma_q.safetensors (needs --rope-window) instead of capturing queries",
+    )
     q.set_defaults(func=cmd_sigma_q)
 
     c = csub.add_parser(
@@ -99,6 +115,7 @@ def register(sub) -> None:
     )
     _common(a, tokens=12288, seq_len=1024)
     _sigma_args(a)
+    _rope_arg(a)
     _centroid_args(a, sigma=False)
     a.add_argument(
         "--sigma-tokens", type=int, default=32768, help="calibration tokens for Σ_q (default 32768)"
@@ -225,8 +242,49 @@ def _centroids(
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_sigma_q(args) -> int:
+    if args.from_artifact:
+        return _derive_rope(args)
     model, tok, info, corpus, text_fn = _setup(args)
     _sigma_q(args, model, tok, info, corpus, text_fn, Path(args.out), args.tokens)
+    return 0
+
+
+def _derive_rope(args) -> int:
+    from .calibration import (
+        CalibrationText,
+        derive_rope_averaged,
+        load_sigma_q_artifact,
+        model_inv_freq,
+        save_sigma_q,
+    )
+    from .models import load_model
+
+    if not args.rope_window:
+        raise SystemExit("--from needs --rope-window N")
+    model, _, info = load_model(args.model, args.dtype, progress=not args.no_progress)
+    src = load_sigma_q_artifact(args.from_artifact, info)
+    fits, rows = derive_rope_averaged(
+        src, model_inv_freq(model), args.rope_window, ridge=args.ridge, max_cond=args.max_cond
+    )
+    rec = src.record
+    text = CalibrationText([], rec["text"], rec["tokens"], rec["seq_len"])
+    path = save_sigma_q(
+        Path(args.out),
+        fits,
+        rows,
+        info=info,
+        text=text,
+        command=_command(args),
+        ridge=args.ridge,
+        max_cond=args.max_cond,
+        rope_window=args.rope_window,
+        derived_from={
+            "file": str(src.path),
+            "sha256": rec.get("safetensors_sha256"),
+            "command": rec["command"],
+        },
+    )
+    _print_sigma(fits, info, text, path)
     return 0
 
 
