@@ -71,6 +71,7 @@ def test_ridge_and_condition_cap_are_applied_and_recorded():
     assert h["cond_after"] == pytest.approx(100.0, rel=1e-6)
     eig = np.linalg.eigvalsh(fit.L[0] @ fit.L[0].T)
     assert eig.max() / eig.min() == pytest.approx(100.0, rel=1e-6)
+    json.dumps(fit.heads)  # plain Python values, written as they are
 
 
 def test_whitening_round_trip():

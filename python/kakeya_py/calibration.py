@@ -333,7 +333,7 @@ def fit_sigma_q(
         eig1 = eig0 + ridge
         extra = 0.0
         if _cond(eig1) > max_cond:
-            extra = max(0.0, (eig1.max() - max_cond * eig1.min()) / (max_cond - 1))
+            extra = max(0.0, float((eig1.max() - max_cond * eig1.min()) / (max_cond - 1)))
             sigma = sigma + extra * eye
         eig2 = np.linalg.eigvalsh(sigma)
         try:
@@ -354,7 +354,7 @@ def fit_sigma_q(
                 "ridge_cond_cap": extra,
                 "ridge_applied": ridge + extra,
                 "cond_after": _cond(eig2),
-                "cond_cap_hit": extra > 0,
+                "cond_cap_hit": bool(extra > 0),
             }
         )
     return SigmaQFit(np.stack(ls), np.stack(linvs), heads)
@@ -1340,6 +1340,8 @@ def _finite(obj):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
+    if isinstance(obj, np.bool_):
+        return bool(obj)
     if isinstance(obj, np.floating):
         return _finite(float(obj))
     if isinstance(obj, np.integer):
