@@ -493,7 +493,7 @@ impl Encoded {
             .checked_mul(per_head)
             .ok_or_else(|| CodecError::Corrupt("block count overflows".into()))?;
         let mut offsets = Vec::new();
-        for _ in 0..n_shared.checked_add(n_blocks).unwrap_or(usize::MAX) {
+        for _ in 0..n_shared.saturating_add(n_blocks) {
             offsets.push(r.u64("offset table")? as usize);
         }
         let (shared_offsets, block_offsets) = offsets.split_at(n_shared);
