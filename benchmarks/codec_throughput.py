@@ -21,9 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import reference_codec as ref  # noqa: E402
-
 import kakeya_py as kp  # noqa: E402
+import reference_codec as ref  # noqa: E402
 
 SHAPES = {"smollm2 (4096x3x64)": (4096, 3, 64), "8B-class (4096x8x128)": (4096, 8, 128)}
 TARGETS = {"decode_mb_s": 500.0, "encode_mb_s": 150.0, "speedup_vs_numpy": 20.0}
@@ -48,40 +47,42 @@ def kv_like(shape, seed=0) -> np.ndarray:
     return ref.bf16_to_f32(ref.f32_to_bf16(x)).reshape(shape)
 
 
+def measure(name: str, shape: tuple[int, int, int], bits: int, args: argparse.Namespace) -> dict:
+    x = kv_like(shape)
+    mb = x.size * 2 / 1e6
+    cfg = kp.CodecConfig(bits=bits)
+    enc = kp.encode(x, cfg)
+    data = enc.to_bytes()
+    rust_enc = best_seconds(lambda: kp.encode(x, cfg), args.repeats)
+    rust_dec = best_seconds(lambda: kp.decode(enc), args.repeats)
+    ref_enc = best_seconds(lambda: ref.encode(x, cfg.to_dict()), args.reference_repeats)
+    ref_dec = best_seconds(lambda: ref.decode(data), args.reference_repeats)
+    copy = best_seconds(lambda: x.copy(), args.repeats)
+    return {
+        "shape": name,
+        "bits": bits,
+        "ratio": round(enc.ratio, 3),
+        "encode_mb_s": mb / rust_enc,
+        "decode_mb_s": mb / rust_dec,
+        "numpy_encode_mb_s": mb / ref_enc,
+        "numpy_decode_mb_s": mb / ref_dec,
+        "memcpy_mb_s": mb / copy,
+        "encode_speedup_vs_numpy": ref_enc / rust_enc,
+        "decode_speedup_vs_numpy": ref_dec / rust_dec,
+    }
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference-repeats", type=int, default=1)
     args = parser.parse_args(argv)
 
-    rows = []
     cases = [(name, shape, bits) for name, shape in SHAPES.items() for bits in (2, 3, 4)]
-    for name, shape, bits in tqdm(cases, desc="codec throughput"):
-        x = kv_like(shape)
-        mb = x.size * 2 / 1e6
-        cfg = kp.CodecConfig(bits=bits)
-        enc = kp.encode(x, cfg)
-        data = enc.to_bytes()
-        rust_enc = best_seconds(lambda: kp.encode(x, cfg), args.repeats)
-        rust_dec = best_seconds(lambda: kp.decode(enc), args.repeats)
-        ref_enc = best_seconds(lambda: ref.encode(x, cfg.to_dict()), args.reference_repeats)
-        ref_dec = best_seconds(lambda: ref.decode(data), args.reference_repeats)
-        copy = best_seconds(lambda: x.copy(), args.repeats)
-        rows.append(
-            {
-                "shape": name,
-                "bits": bits,
-                "ratio": round(enc.ratio, 3),
-                "encode_mb_s": mb / rust_enc,
-                "decode_mb_s": mb / rust_dec,
-                "numpy_encode_mb_s": mb / ref_enc,
-                "numpy_decode_mb_s": mb / ref_dec,
-                "memcpy_mb_s": mb / copy,
-                "encode_speedup_vs_numpy": ref_enc / rust_enc,
-                "decode_speedup_vs_numpy": ref_dec / rust_dec,
-            }
-        )
+    rows = [measure(name, shape, bits, args) for name, shape, bits in tqdm(cases, desc="codec throughput")]
 
     header = "| shape | bits | ratio | encode MB/s | decode MB/s | numpy enc | numpy dec | memcpy | enc x numpy | dec x numpy |"
     print(f"\nkakeya {kp.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
@@ -97,7 +98,9 @@ def main(argv=None) -> int:
     worst = {
         "encode_mb_s": min(r["encode_mb_s"] for r in rows),
         "decode_mb_s": min(r["decode_mb_s"] for r in rows),
-        "speedup_vs_numpy": min(min(r["encode_speedup_vs_numpy"], r["decode_speedup_vs_numpy"]) for r in rows),
+        "speedup_vs_numpy": min(
+            min(r["encode_speedup_vs_numpy"], r["decode_speedup_vs_numpy"]) for r in rows
+        ),
     }
     for key, target in TARGETS.items():
         verdict = "meets" if worst[key] >= target else "MISSES"

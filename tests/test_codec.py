@@ -7,14 +7,13 @@ import pickle
 import threading
 import time
 
+import kakeya_py as kp
 import numpy as np
 import pytest
 import reference_codec as ref
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import kakeya_py as kp
 
 LLOYD_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03455, 4: 0.009501}
 
@@ -31,8 +30,8 @@ def relative_error(x, y):
 
 def lower_factor(heads, dim, seed=1):
     g = np.random.default_rng(seed).standard_normal((heads, dim, dim))
-    l = np.tril(0.3 * g, -1) + np.eye(dim) * (0.5 + np.abs(g))
-    return np.tril(l).astype(np.float32)
+    factor = np.tril(0.3 * g, -1) + np.eye(dim) * (0.5 + np.abs(g))
+    return np.tril(factor).astype(np.float32)
 
 
 # --- config -------------------------------------------------------------------------------
@@ -97,20 +96,20 @@ def test_gaussian_error_near_lloyd_max(bits):
 
 def test_inner_product_error_is_bounded_in_the_whitened_space():
     x = gaussian((512, 2, 64), seed=3)
-    l = lower_factor(2, 64)
+    lfac = lower_factor(2, 64)
     cfg = kp.CodecConfig(bits=4, metric="inner_product", block_size=512)
-    y = kp.decode(kp.encode(x, cfg, preconditioner=l))
-    xw = np.einsum("thd,hde->the", x, l)
-    yw = np.einsum("thd,hde->the", y, l)
+    y = kp.decode(kp.encode(x, cfg, preconditioner=lfac))
+    xw = np.einsum("thd,hde->the", x, lfac)
+    yw = np.einsum("thd,hde->the", y, lfac)
     rel = relative_error(xw, yw)
     # The old codec dropped the residual norm and scored 0.94 here.
     assert rel < 1.3 * LLOYD_MSE[4]
     with pytest.raises(kp.PreconditionerError, match="inner_product"):
         kp.encode(x, cfg)
     with pytest.raises(kp.PreconditionerError, match="mse"):
-        kp.encode(x, kp.CodecConfig(), preconditioner=l)
+        kp.encode(x, kp.CodecConfig(), preconditioner=lfac)
     with pytest.raises(kp.PreconditionerError, match="shape"):
-        kp.encode(x, cfg, preconditioner=l[:1])
+        kp.encode(x, cfg, preconditioner=lfac[:1])
 
 
 def test_numpy_dtypes_roundtrip_with_their_dtype():
@@ -315,6 +314,9 @@ def test_stub_matches_the_extension_module():
     import sys
 
     run = subprocess.run(
-        [sys.executable, "-m", "mypy.stubtest", "kakeya_py._kakeya"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mypy.stubtest", "kakeya_py._kakeya"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr

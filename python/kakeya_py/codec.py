@@ -205,7 +205,9 @@ def decode(enc: Encoded | bytes, dtype: Any = None, *, threads: int | None = Non
         if name == "f32":
             out = torch.from_numpy(array)
         else:
-            out = torch.from_numpy(array.view(np.int16)).view(torch.float16 if name == "f16" else torch.bfloat16)
+            out = torch.from_numpy(array.view(np.int16)).view(
+                torch.float16 if name == "f16" else torch.bfloat16
+            )
         device = enc._origin["device"]
         return out if device.type == "cpu" else out.to(device)
     return array if name == "f32" else array.view(np.float16)
