@@ -1,0 +1,640 @@
+"""A compressed KV cache for generation with HF transformers: :class:`KakeyaCache`.
+
+``model.generate(..., past_key_values=KakeyaCache("recommended", model))`` keeps the
+cache in three parts per layer and stream (K, V):
+
+- **encoded chunks**: older tokens, encoded with the codec (one :class:`kakeya_py.Encoded`
+  per batch element and chunk, i.e. bytes);
+- **exact window**: the most recent tokens, stored as given (like KIVI's residual);
+- streams the policy keeps exact (``config_for`` is ``None``, e.g. boundary layers) are
+  one growing exact tensor, as in ``DynamicCache``.
+
+**Window and chunks.** With ``residual_length = R`` and ``block_tokens = B``, when the
+exact window of a stream reaches ``R + B`` tokens, everything but its last ``R`` tokens
+is encoded as one chunk. After a prefill of ``L >= R + B`` tokens this gives one chunk
+of ``L - R`` tokens (one skeleton amortised over the prompt); during decoding, one chunk
+of ``B`` tokens every ``B`` steps. The window always holds ``min(L, R) .. R + B - 1``
+tokens. Tokens passed to the current ``update`` call are always attended exactly;
+tokens from earlier calls that were encoded are attended as decoded.
+
+**Decode policy.** Attention needs every past key and value at each step. Each step
+decodes a layer's chunks once, concatenates them with the window and the new tokens,
+and hands the tensors to attention; nothing decoded is kept after that layer's
+attention (``decoded_budget_bytes=0``, the default). Cost: one codec decode of every
+encoded token per layer per step (O(T), like the attention itself); extra memory: one
+layer's decoded K and V at a time (reported as ``transient_peak_bytes``, not held
+between steps). A positive ``decoded_budget_bytes`` keeps the decoded tensors of
+chunks, oldest first, until that many bytes are held (counted in ``nbytes()`` as
+``decoded_bytes``): faster steps for more memory; ``None`` keeps all (no saving).
+
+**K position.** The cache receives post-RoPE K. For a lossy K stream the cache encodes
+**pre-RoPE K** (the policy's ``k_position``, default ``pre_rope``): RoPE is a rotation
+(times the rope's ``attention_scaling``) of each pair ``(x_i, x_{i+D/2})``, so
+``x = (y * cos - rotate_half(y) * sin) / (cos^2 + sin^2)`` undoes it given the ``cos``/``sin``
+of those positions. The cache captures the ``position_embeddings`` each attention layer
+receives with a forward pre-hook (transformers 5.19 passes no ``cache_kwargs`` to
+``update``), keeps a table of them (half width when ``cos = cat(f, f)``, one row when all
+batch rows agree, so ~128 bytes per token at f32), un-rotates at encode and re-rotates
+after decode. At construction the cache checks numerically that the model's
+``apply_rotary_pos_emb`` is this rotation (Llama, Mistral, Qwen2, Qwen3); if it is not,
+it refuses pre-RoPE (pass a policy with ``k_position="post_rope"``). Identity-codec
+streams are stored as given (post-RoPE), so the identity policy reproduces
+``DynamicCache`` bit for bit; ``k_position="pre_rope"`` forces the RoPE round trip.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .codec import CodecConfig, Encoded, decode, encode
+from .hooks import find_attention_sites
+from .policy import Policy, load_policy
+
+__all__ = ["KakeyaCache", "KakeyaLayer", "unrotate_rope", "rotate_rope"]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama-style RoPE of ``x [b, h, n, d]`` with ``cos``/``sin`` of shape ``[b, n, d]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def unrotate_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rotate_rope` (exact up to rounding; handles a rope scaling factor)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x = y * cos - _rotate_half(y) * sin
+    norm = cos * cos + sin * sin
+    if not torch.allclose(norm, torch.ones_like(norm), rtol=0, atol=1e-6):
+        x = x / norm
+    return x
+
+
+class _RopeTable:
+    """The ``cos``/``sin`` of every cached position, shared by all layers.
+
+    Stored as segments ``(start, cos, sin, half)``; ``half`` segments keep ``d/2`` columns
+    (``cos = cat(f, f)``) and a batch dimension of 1 when all batch rows agree.
+    """
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[int, torch.Tensor, torch.Tensor, bool]] = []
+        self.length = 0
+
+    def append(self, start: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        n = cos.shape[-2]
+        if start + n <= self.length:
+            return  # another layer already recorded these positions
+        if start != self.length:
+            raise RuntimeError(
+                f"RoPE table holds {self.length} positions but a layer appends positions {start}..{start + n}"
+            )
+        d = cos.shape[-1]
+        half = d % 2 == 0 and torch.equal(cos[..., : d // 2], cos[..., d // 2 :])
+        half = half and torch.equal(sin[..., : d // 2], sin[..., d // 2 :])
+        if half:
+            cos, sin = cos[..., : d // 2], sin[..., : d // 2]
+        if cos.shape[0] > 1 and bool((cos == cos[:1]).all()) and bool((sin == sin[:1]).all()):
+            cos, sin = cos[:1], sin[:1]
+        self.segments.append((start, cos.contiguous().clone(), sin.contiguous().clone(), half))
+        self.length = start + n
+
+    def slice(self, start: int, end: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` of positions ``[start, end)``, shape ``[batch, end - start, d]``."""
+        if end > self.length:
+            raise RuntimeError(f"RoPE table holds {self.length} positions, {end} requested")
+        cs, ss = [], []
+        for s0, cos, sin, half in self.segments:
+            e0 = s0 + cos.shape[-2]
+            lo, hi = max(start, s0), min(end, e0)
+            if lo >= hi:
+                continue
+            c, s = cos[:, lo - s0 : hi - s0], sin[:, lo - s0 : hi - s0]
+            if half:
+                c, s = torch.cat((c, c), dim=-1), torch.cat((s, s), dim=-1)
+            cs.append(c.expand(batch, -1, -1))
+            ss.append(s.expand(batch, -1, -1))
+        return torch.cat(cs, dim=1), torch.cat(ss, dim=1)
+
+    def truncate(self, length: int) -> None:
+        kept = []
+        for s0, cos, sin, half in self.segments:
+            if s0 >= length:
+                continue
+            n = min(cos.shape[-2], length - s0)
+            kept.append((s0, cos[:, :n], sin[:, :n], half))
+        self.segments = kept
+        self.length = min(self.length, length)
+
+    def select_batch(self, fn) -> None:
+        self.segments = [
+            (s0, c if c.shape[0] == 1 else fn(c), s if s.shape[0] == 1 else fn(s), half)
+            for s0, c, s, half in self.segments
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            c.numel() * c.element_size() + s.numel() * s.element_size() for _, c, s, _ in self.segments
+        )
+
+
+@dataclass
+class _Chunk:
+    """``length`` tokens starting at ``start``, encoded once per batch element."""
+
+    start: int
+    length: int
+    encodings: list[Encoded]
+    decoded: torch.Tensor | None = None  # kept decoded [b, h, n, d] (within the budget)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.encodings)
+
+
+@dataclass
+class _Stream:
+    """One layer's K or V: encoded chunks, then an exact window."""
+
+    config: CodecConfig | None
+    rope: bool  # encode pre-RoPE (K only)
+    chunks: list[_Chunk] = field(default_factory=list)
+    window: torch.Tensor | None = None  # [b, h, n, d], exact
+
+    @property
+    def encoded_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def window_tokens(self) -> int:
+        return 0 if self.window is None else self.window.shape[-2]
+
+
+class KakeyaLayer(CacheLayerMixin):
+    """One attention layer of a :class:`KakeyaCache` (K and V streams)."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, cache: KakeyaCache, layer_idx: int, k_config, v_config, k_rope: bool):
+        super().__init__()
+        self._cache = weakref.proxy(cache)
+        self.layer_idx = layer_idx
+        self.k = _Stream(k_config, k_rope)
+        self.v = _Stream(v_config, False)
+        self.cumulative_length = 0
+
+    def __repr__(self) -> str:
+        def cfg(s: _Stream) -> str:
+            if s.config is None:
+                return "exact"
+            c = s.config
+            return "identity" if c.identity else f"{c.bits}-bit" + (" pre-RoPE" if s.rope else "")
+
+        return (
+            f"KakeyaLayer({self.layer_idx}, k={cfg(self.k)}, v={cfg(self.v)}, "
+            f"tokens={self.cumulative_length}, encoded={self.k.encoded_tokens})"
+        )
+
+    # -- transformers interface --------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.cumulative_length
+        n = key_states.shape[-2]
+        cache = self._cache
+        if self.k.rope:
+            cos, sin = cache._take_rope(self.layer_idx, n)
+            cache._rope.append(start, cos, sin)
+        keys = self._materialize(self.k, key_states)
+        values = self._materialize(self.v, value_states)
+        self.cumulative_length += n
+        for stream, new in ((self.k, key_states), (self.v, value_states)):
+            stream.window = new if stream.window is None else torch.cat([stream.window, new], dim=-2)
+            self._maybe_flush(stream)
+        # keys/values mirror the exact windows (read by generic transformers code paths)
+        self.keys, self.values = self.k.window, self.v.window
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for s in (self.k, self.v):
+            s.chunks.clear()
+            s.window = None
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop tokens from the end (negative: that many; positive: keep that many, legacy).
+
+        Chunks reaching into the removed range are decoded back into the window (their
+        tokens stay as decoded, i.e. lossy).
+        """
+        length = self.cumulative_length
+        keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
+        if keep >= length or not self.is_initialized:
+            return
+        keep = max(keep, 0)
+        for s in (self.k, self.v):
+            while s.chunks and s.chunks[-1].start + s.chunks[-1].length > keep:
+                chunk = s.chunks.pop()
+                dec = self._decoded(s, chunk)
+                s.window = dec if s.window is None else torch.cat([dec, s.window], dim=-2)
+            if s.window is not None:
+                s.window = s.window[..., : keep - s.encoded_tokens, :]
+        self.cumulative_length = keep
+        self.keys, self.values = self.k.window, self.v.window
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+        if idx and isinstance(idx[0], bool):
+            idx = [i for i, keep in enumerate(idx) if keep]
+        index = torch.tensor(idx, dtype=torch.long)
+        for s in (self.k, self.v):
+            for c in s.chunks:
+                c.encodings = [c.encodings[i] for i in idx]
+                if c.decoded is not None:
+                    c.decoded = c.decoded.index_select(0, index.to(c.decoded.device))
+            if s.window is not None:
+                s.window = s.window.index_select(0, index.to(s.window.device))
+        self.keys, self.values = self.k.window, self.v.window
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
+        b = self.batch_size_now()
+        self.batch_select_indices(torch.arange(b).repeat_interleave(repeats))
+
+    def batch_size_now(self) -> int:
+        s = self.k
+        if s.window is not None:
+            return s.window.shape[0]
+        return len(s.chunks[0].encodings) if s.chunks else 0
+
+    def offload(self):  # nothing offloadable beyond the window; keep it where it is
+        return
+
+    def prefetch(self):
+        return
+
+    # -- internals ---------------------------------------------------------------------
+    def _materialize(self, s: _Stream, new: torch.Tensor) -> torch.Tensor:
+        parts = [self._decoded(s, c) for c in s.chunks]
+        if s.window is not None:
+            parts.append(s.window)
+        if not parts:
+            return new
+        parts.append(new)
+        out = torch.cat(parts, dim=-2)
+        transient = sum(
+            p.numel() * p.element_size() for c, p in zip(s.chunks, parts, strict=False) if c.decoded is None
+        )
+        self._cache._note_transient(self.layer_idx, s is self.k, transient)
+        return out
+
+    def _decoded(self, s: _Stream, chunk: _Chunk) -> torch.Tensor:
+        if chunk.decoded is not None:
+            return chunk.decoded
+        cache = self._cache
+        rows = [decode(e, threads=cache.threads) for e in chunk.encodings]  # each [n, h, d]
+        x = torch.stack(rows).permute(0, 2, 1, 3)  # [b, h, n, d]
+        if x.device != self.device:
+            x = x.to(self.device)
+        if s.rope:
+            cos, sin = cache._rope.slice(chunk.start, chunk.start + chunk.length, x.shape[0])
+            x = rotate_rope(x, cos.to(x.dtype), sin.to(x.dtype))
+        return x.to(self.dtype).contiguous()
+
+    def _maybe_flush(self, s: _Stream) -> None:
+        cache = self._cache
+        if s.config is None:
+            return
+        n = s.window_tokens
+        if n < cache.residual_length + cache.block_tokens:
+            return
+        cut = n - cache.residual_length
+        start = s.encoded_tokens
+        old, s.window = s.window[..., :cut, :], s.window[..., cut:, :].clone()
+        if s.rope:
+            cos, sin = cache._rope.slice(start, start + cut, old.shape[0])
+            old = unrotate_rope(old, cos.to(old.dtype), sin.to(old.dtype))
+        rows = old.permute(0, 2, 1, 3)  # [b, n, h, d]
+        encodings = [
+            encode(rows[b].contiguous(), s.config, threads=cache.threads) for b in range(rows.shape[0])
+        ]
+        chunk = _Chunk(start, cut, encodings)
+        s.chunks.append(chunk)
+        cache._maybe_keep_decoded(self, s, chunk)
+
+
+def _as_policy(spec: Any) -> Policy:
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, str):
+        return load_policy(spec)
+    if isinstance(spec, CodecConfig):
+        return Policy(name="codec-config", k=spec, v=spec)
+    if isinstance(spec, Mapping):
+        d = dict(spec)
+        if not ({"k", "v", "exact_layers", "overrides", "streams"} & set(d)):
+            cfg = CodecConfig.from_dict(d)
+            return Policy(name="codec-config", k=cfg, v=cfg)
+        return Policy.from_dict(d)
+    raise TypeError(
+        f"expected a Policy, a policy preset/file name, a CodecConfig or a dict, got {type(spec).__name__}"
+    )
+
+
+def _rope_matches(site) -> bool:
+    """Whether the layer's ``apply_rotary_pos_emb`` is the rotate-half RoPE we invert."""
+    fn = getattr(site.modeling_module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    d = site.head_dim
+    k = torch.randn(1, 2, 3, d, generator=g)
+    theta = torch.rand(1, 3, d // 2, generator=g) * 6
+    cos, sin = torch.cos(theta).repeat(1, 1, 2), torch.sin(theta).repeat(1, 1, 2)
+    try:
+        _, got = fn(k, k, cos, sin)
+    except Exception:
+        return False
+    return torch.allclose(got, rotate_rope(k, cos, sin), atol=1e-5)
+
+
+class KakeyaCache(Cache):
+    """A transformers ``Cache`` holding old tokens encoded by the kakeya codec.
+
+    Args:
+        policy: a :class:`~kakeya_py.policy.Policy`, a policy preset or JSON file name
+            (``"recommended"``, ``"identity"``, ...), a :class:`CodecConfig` (both streams,
+            every layer) or a dict of either.
+        model: the transformers causal LM the cache serves (layer count, RoPE capture).
+        residual_length: ``R``, tokens always kept exact at the end of each stream.
+        block_tokens: ``B``, encode when the window reaches ``R + B`` tokens.
+        decoded_budget_bytes: bytes of decoded chunks kept between steps (0: decode every
+            step, keep nothing; ``None``: keep every chunk decoded, no memory saving).
+        k_position: override of the policy's ``k_position`` for lossy K (``None``: the
+            policy's); ``"pre_rope"`` here also routes identity K through the RoPE round trip.
+        threads: codec threads (``None``: the codec's default, every core).
+
+    Example:
+        >>> cache = KakeyaCache("recommended", model, residual_length=64)  # doctest: +SKIP
+        >>> out = model.generate(ids, max_new_tokens=32, past_key_values=cache)  # doctest: +SKIP
+        >>> cache.nbytes()["total_bytes"] < cache.nbytes()["dynamic_cache_bytes"]  # doctest: +SKIP
+        True
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        model,
+        *,
+        residual_length: int = 64,
+        block_tokens: int = 128,
+        decoded_budget_bytes: int | None = 0,
+        k_position: str | None = None,
+        threads: int | None = None,
+    ):
+        if residual_length < 0:
+            raise ValueError(f"residual_length must be >= 0, got {residual_length}")
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        if decoded_budget_bytes is not None and decoded_budget_bytes < 0:
+            raise ValueError(f"decoded_budget_bytes must be >= 0 or None, got {decoded_budget_bytes}")
+        if k_position not in (None, "pre_rope", "post_rope"):
+            raise ValueError(f"k_position must be None, 'pre_rope' or 'post_rope', got {k_position!r}")
+        self.policy = _as_policy(policy)
+        if self.policy.sigma_q is not None:
+            raise ValueError(
+                "KakeyaCache does not load Σ_q pre-conditioners yet (policy names a sigma_q file)"
+            )
+        self.residual_length = int(residual_length)
+        self.block_tokens = int(block_tokens)
+        self.decoded_budget_bytes = decoded_budget_bytes
+        self.threads = threads
+        sites = find_attention_sites(model)
+        self.num_layers = len(sites)
+        self._rope = _RopeTable()
+        self._rope_pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._decoded_bytes = 0
+        self._transient: dict[int, list[int]] = {}
+        self.transient_peak_bytes = 0
+        layers = []
+        rope_layers = []
+        for site in sites:
+            kc = self.policy.config_for(site.layer, "k", self.num_layers)
+            vc = self.policy.config_for(site.layer, "v", self.num_layers)
+            want = k_position or self.policy.k_position
+            rope = kc is not None and want == "pre_rope" and (not kc.identity or k_position == "pre_rope")
+            if rope and not _rope_matches(site):
+                raise ValueError(
+                    f"layer {site.layer} ({type(site.attn).__name__}) does not use rotate-half RoPE, so pre-RoPE K "
+                    "cannot be recovered exactly; use a policy with k_position='post_rope'"
+                )
+            if rope:
+                rope_layers.append(site)
+            layers.append(KakeyaLayer(self, site.layer, kc, vc, rope))
+        super().__init__(layers=layers)
+        self._handles = [
+            site.attn.register_forward_pre_hook(_rope_hook(self, site.layer), with_kwargs=True)
+            for site in rope_layers
+        ]
+        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+
+    def __repr__(self) -> str:
+        return (
+            f"KakeyaCache(policy={self.policy.name!r}, layers={self.num_layers}, "
+            f"residual_length={self.residual_length}, block_tokens={self.block_tokens}, "
+            f"decoded_budget_bytes={self.decoded_budget_bytes}, tokens={self.get_seq_length()})"
+        )
+
+    def close(self) -> None:
+        """Remove the RoPE capture hooks from the model (also done when the cache is collected)."""
+        self._finalizer()
+
+    def __enter__(self) -> KakeyaCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def reset(self):
+        super().reset()
+        self._rope = _RopeTable()
+        self._rope_pending.clear()
+        self._decoded_bytes = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._rope.truncate(self.get_seq_length())
+        self._decoded_bytes = self._count_decoded()
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._rope.select_batch(lambda t: t.index_select(0, torch.as_tensor(indices, device=t.device).long()))
+        self._decoded_bytes = self._count_decoded()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int):
+        b = max((layer.batch_size_now() for layer in self.layers), default=0)
+        self.batch_select_indices(torch.arange(b).repeat_interleave(repeats))
+
+    # -- internals used by the layers --------------------------------------------------
+    def _take_rope(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pe = self._rope_pending.pop(layer, None)
+        if pe is None:
+            raise RuntimeError(
+                f"layer {layer}: no position embeddings were captured for this update; pre-RoPE K needs the "
+                "model this cache was built with (KakeyaCache(policy, model))"
+            )
+        cos, sin = pe
+        if cos.dim() == 2:
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        if cos.shape[-2] != n:
+            raise RuntimeError(
+                f"layer {layer}: captured cos/sin for {cos.shape[-2]} positions, update has {n}"
+            )
+        return cos, sin
+
+    def _note_transient(self, layer: int, is_k: bool, nbytes: int) -> None:
+        per = self._transient.setdefault(layer, [0, 0])
+        per[0 if is_k else 1] = nbytes
+        self.transient_peak_bytes = max(self.transient_peak_bytes, sum(per))
+
+    def _maybe_keep_decoded(self, layer: KakeyaLayer, s: _Stream, chunk: _Chunk) -> None:
+        if self.decoded_budget_bytes == 0:
+            return
+        n, h, d = chunk.encodings[0].shape
+        size = len(chunk.encodings) * n * h * d * torch.empty((), dtype=layer.dtype).element_size()
+        if self.decoded_budget_bytes is None or self._decoded_bytes + size <= self.decoded_budget_bytes:
+            chunk.decoded = layer._decoded(s, chunk)
+            self._decoded_bytes += size
+
+    def _count_decoded(self) -> int:
+        return sum(
+            c.decoded.numel() * c.decoded.element_size()
+            for layer in self.layers
+            for s in (layer.k, layer.v)
+            for c in s.chunks
+            if c.decoded is not None
+        )
+
+    # -- accounting --------------------------------------------------------------------
+    def nbytes(self) -> dict[str, Any]:
+        """Bytes held now, by kind, and what ``DynamicCache`` would hold for the same tokens.
+
+        Returns:
+            ``encoded_bytes`` (codec output, headers and skeletons included),
+            ``window_bytes`` (exact recent tokens of compressed streams), ``exact_bytes``
+            (streams the policy keeps exact), ``rope_table_bytes``, ``decoded_bytes`` (decoded
+            chunks kept by the budget), ``total_bytes`` (their sum), ``transient_peak_bytes``
+            (largest decoded buffer of one layer during a step, freed after it; not in the
+            total), ``dynamic_cache_bytes``, ``ratio`` (dynamic / total), ``tokens``,
+            ``encoded_tokens``, and ``per_layer``.
+        """
+        out = dict.fromkeys(
+            ("encoded_bytes", "window_bytes", "exact_bytes", "decoded_bytes", "dynamic_cache_bytes"), 0
+        )
+        per_layer = []
+        for layer in self.layers:
+            row = {"layer": layer.layer_idx}
+            for name, s in (("k", layer.k), ("v", layer.v)):
+                enc = sum(c.nbytes for c in s.chunks)
+                win = 0 if s.window is None else s.window.numel() * s.window.element_size()
+                dec = sum(
+                    c.decoded.numel() * c.decoded.element_size() for c in s.chunks if c.decoded is not None
+                )
+                dyn = 0
+                if s.window is not None and s.window.shape[-2] > 0:
+                    dyn = win // s.window.shape[-2] * layer.cumulative_length
+                elif s.chunks:
+                    b = len(s.chunks[0].encodings)
+                    t, h, d = s.chunks[0].encodings[0].shape
+                    dyn = (
+                        b
+                        * h
+                        * d
+                        * layer.cumulative_length
+                        * torch.empty((), dtype=layer.dtype).element_size()
+                    )
+                out["encoded_bytes"] += enc
+                out["window_bytes" if s.config is not None else "exact_bytes"] += win
+                out["decoded_bytes"] += dec
+                out["dynamic_cache_bytes"] += dyn
+                row[name] = {
+                    "encoded_bytes": enc,
+                    "exact_bytes": win,
+                    "decoded_bytes": dec,
+                    "dynamic_cache_bytes": dyn,
+                    "encoded_tokens": s.encoded_tokens,
+                    "window_tokens": s.window_tokens,
+                    "compressed": s.config is not None,
+                }
+            per_layer.append(row)
+        out["rope_table_bytes"] = self._rope.nbytes
+        out["total_bytes"] = sum(
+            out[k]
+            for k in ("encoded_bytes", "window_bytes", "exact_bytes", "rope_table_bytes", "decoded_bytes")
+        )
+        out["transient_peak_bytes"] = self.transient_peak_bytes
+        out["ratio"] = out["dynamic_cache_bytes"] / out["total_bytes"] if out["total_bytes"] else None
+        out["tokens"] = self.get_seq_length()
+        out["encoded_tokens"] = max((layer.k.encoded_tokens for layer in self.layers), default=0)
+        out["per_layer"] = per_layer
+        return out
+
+
+def _rope_hook(cache: KakeyaCache, layer: int):
+    ref = weakref.ref(cache)
+
+    def hook(_module, args, kwargs):
+        c = ref()
+        if c is None or kwargs.get("past_key_values") is not c:
+            return None
+        pe = kwargs.get("position_embeddings")
+        if pe is None and len(args) > 1:
+            pe = args[1]
+        if pe is not None:
+            c._rope_pending[layer] = (pe[0], pe[1])
+        return None
+
+    return hook
+
+
+def _remove_handles(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
