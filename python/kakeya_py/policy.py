@@ -20,7 +20,7 @@ A :class:`Policy` is the JSON-serialisable answer to "how is the KV cache compre
 :meth:`Policy.config_for` resolves the rules in this order: stream not selected, layer
 not selected, layer in ``exact_layers`` -> exact; then the per-layer override; then the
 stream's config. Policy presets (:data:`POLICY_PRESETS`) include ``identity`` (every
-codec stage bypassed) and ``recommended`` (measured; see ``docs``/the report).
+codec stage bypassed) and ``recommended`` (measured; see ``docs/harness.md``).
 
 :class:`PolicyCodec` applies a policy with the real codec (``kakeya_py.roundtrip``)
 and :class:`Ledger` counts the bytes of the cache actually produced: exact tensors at
@@ -60,9 +60,14 @@ def _codec_config(d: Mapping[str, Any] | None):
     return None if d is None else _codec().CodecConfig.from_dict(dict(d))
 
 
+_SHARED_4BIT = {"bits": 4, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0}
+
 # Policy presets: plain dicts, turned into Policy objects by ``preset_policy``.
-# ``recommended`` was chosen by measurement on SmolLM2-135M (see the harness report in
-# reports/ and the commit that set it): the highest measured ratio that earned ACCEPT.
+# ``recommended`` was chosen by measurement on SmolLM2-135M (30 layers), snapshot mode,
+# 4 passages x (512 + 128) tokens, float32 (see docs/harness.md, "Choosing recommended"):
+# the highest measured ratio that earned ACCEPT. K is the sensitive stream; `kakeya
+# attribution --streams k --rank-by kl` ranks layers 12-23 as the most sensitive, so K is
+# compressed on layers 0-11 only, V on every layer.
 POLICY_PRESETS: dict[str, dict[str, Any]] = {
     "identity": {
         "description": "codec stages bypassed on every layer and stream (exact round trip)",
@@ -70,11 +75,11 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
         "v": {"identity": True},
     },
     "recommended": {
-        "description": "K 4-bit, V 3-bit, shared per-head basis over the prefix, outliers > 3 sigma stored, "
-        "first and last layer exact",
-        "k": {"bits": 4, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
-        "v": {"bits": 3, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
-        "exact_layers": [0, -1],
+        "description": "V 4-bit on every layer, K 4-bit on layers 0-11 (K exact from layer 12 on); "
+        "one basis per head over the prefix, outliers beyond 3 sigma stored exactly",
+        "k": dict(_SHARED_4BIT),
+        "v": dict(_SHARED_4BIT),
+        "overrides": {str(layer): {"k": None} for layer in range(12, 30)},
     },
 }
 
