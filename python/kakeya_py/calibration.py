@@ -175,27 +175,37 @@ class CalibrationText:
 
 
 def calibration_text(corpus, tokenizer, *, tokens: int, seq_len: int) -> CalibrationText:
-    """Cut the first ``tokens`` tokens of the corpus's calibration part into sequences.
+    """``tokens // seq_len`` sequences of ``seq_len`` tokens spread over the calibration part.
 
-    Only the calibration part is ever read (:func:`kakeya_py.corpus.calibration_tokens`);
-    a corpus without one (``--text-file``) is refused. The last short piece is dropped.
+    The calibration articles are tokenized one by one and concatenated
+    (:func:`kakeya_py.corpus.calibration_tokens`); of its ``M`` disjoint windows of
+    ``seq_len`` tokens, sequence ``j`` of ``n`` is window ``floor(j·M/n)`` (as evaluation
+    passages are cut), so the sample covers every article, not just the first ones. Only
+    the calibration part is ever read; a corpus without one (``--text-file``) is refused.
     """
     from .corpus import CorpusError, calibration_tokens
 
     if seq_len < 2 or tokens < seq_len:
         raise CalibrationError(f"need tokens >= seq_len >= 2, got tokens={tokens}, seq_len={seq_len}")
-    stream = calibration_tokens(corpus, tokenizer, max_tokens=tokens)
-    n = len(stream.ids) // seq_len
+    stream = calibration_tokens(corpus, tokenizer)
+    available = len(stream.ids) // seq_len
+    n = min(tokens // seq_len, available)
     if n == 0:
         raise CorpusError(f"calibration part has {len(stream.ids)} tokens, fewer than seq_len={seq_len}")
-    used_tokens = n * seq_len
-    arts = sorted({stream.articles[k].index for k in stream.article_range(0, used_tokens)})
+    windows = [(j * available) // n for j in range(n)]
+    seqs = [list(stream.ids[w * seq_len : (w + 1) * seq_len]) for w in windows]
+    arts = sorted(
+        {
+            stream.articles[k].index
+            for w in windows
+            for k in stream.article_range(w * seq_len, (w + 1) * seq_len)
+        }
+    )
     split = corpus.split()
     bad = sorted(set(arts) - set(split.calibration))
     if bad:  # cannot happen through calibration_tokens; kept as the rule's guard
         raise CorpusError(f"articles {bad} are not calibration text")
-    seqs = [list(stream.ids[i * seq_len : (i + 1) * seq_len]) for i in range(n)]
-    return CalibrationText(seqs, split.usage("calibration", arts), used_tokens, seq_len)
+    return CalibrationText(seqs, split.usage("calibration", arts), n * seq_len, seq_len)
 
 
 # -- Σ_q ----------------------------------------------------------------------------------
