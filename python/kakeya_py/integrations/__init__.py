@@ -1,0 +1,1 @@
+"""Integrations of the kakeya codec into inference engines (vLLM)."""
