@@ -8,7 +8,8 @@ for each cache in ``--caches``:
 - ``quanto``: transformers' ``QuantizedCache`` (backend optimum-quanto, 4-bit, residual 128),
   or a row saying why it could not run (backend not installable/importable);
 - ``kakeya:<preset>``: :class:`kakeya_py.cache.KakeyaCache` with a policy preset
-  (``recommended``, ``identity``, or ``k3v2`` defined here: K 3-bit, V 2-bit).
+  (``recommended``, ``identity``, or defined here: ``k4v4`` K and V 4-bit, ``k3v2`` K 3-bit,
+  V 2-bit, both with the first and last layer exact).
 
 Each cache runs in a fresh subprocess so that peak RSS (``ru_maxrss``) belongs to that
 run alone. ``greedy_agreement`` is the share of generated positions whose token equals
@@ -30,12 +31,18 @@ import sys
 import time
 
 EXTRA_POLICIES = {
+    "k4v4": {
+        "description": "K 4-bit, V 4-bit on every layer but the first and last, shared basis per chunk, outliers > 3 sigma",
+        "k": {"bits": 4, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
+        "v": {"bits": 4, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
+        "exact_layers": [0, -1],
+    },
     "k3v2": {
         "description": "K 3-bit, V 2-bit, shared basis per chunk, outliers > 3 sigma, first and last layer exact",
         "k": {"bits": 3, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
         "v": {"bits": 2, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
         "exact_layers": [0, -1],
-    }
+    },
 }
 
 DEFAULT_CACHES = "dynamic,quanto,kakeya:recommended,kakeya:k3v2"

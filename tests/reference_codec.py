@@ -894,7 +894,9 @@ def _parse(data: bytes) -> Parsed:
             if p == 0:  # rank 0: the record is the skeleton alone
                 empty = np.zeros((n, 0), dtype=np.uint8)
                 segs0 = [] if outliers_on else None
-                row.append(BlockRecord(h, i, n, p, skel, np.zeros(n, np.float32), empty, segs0, body[off : br.pos]))
+                row.append(
+                    BlockRecord(h, i, n, p, skel, np.zeros(n, np.float32), empty, segs0, body[off : br.pos])
+                )
                 continue
             scales = br.array(n, sc_dt, "scales").astype(np.float32)
             if not np.all(np.isfinite(scales)) or np.any(scales < 0):

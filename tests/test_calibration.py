@@ -16,7 +16,7 @@ from conftest import random_ids, tiny_model
 from kakeya_py import calibration as cal
 from kakeya_py import corpus as C
 from kakeya_py.models import describe_model
-from kakeya_py.policy import Policy, load_policy, preset_policy
+from kakeya_py.policy import Policy, load_policy
 
 
 def random_cov(d: int, seed: int, spread: float = 100.0) -> np.ndarray:
@@ -364,8 +364,8 @@ def test_centroid_artifacts_load_into_codec_and_policy(tmp_path):
     t = cs.table("k", 3)
     assert kakeya_py.CodecConfig(bits=3, centroids=t).centroids == pytest.approx(t)
     assert cs.table("v", 2, layer=2) != cs.table("v", 2)
-    pol = preset_policy("recommended").to_dict()
-    pol["k"]["bits"], pol["v"]["bits"] = 3, 2
+    shared = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0}
+    pol = {"k": {"bits": 3, **shared}, "v": {"bits": 2, **shared}, "exact_layers": [0, -1]}
     d = cal.calibrated_policy(Policy.from_dict(pol), centroids=cs)
     p = Policy.from_dict(d)
     assert p.k.centroids == pytest.approx(t) and p.v.centroids == pytest.approx(cs.table("v", 2))
