@@ -105,9 +105,12 @@ def test_attribution_noise_residual_subcommands(tmp_path):
     assert lo <= hi
     n = run_cli(tmp_path, "noise", "noise", "--sigmas", "0", "0.5")
     assert n["sweep"][0]["dppl"] == 0.0 and n["sweep"][1]["dppl"] != 0.0
-    res = run_cli(tmp_path, "res", "residual", "--n-eval", "1")
+    shared = {"bits": 4, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0}
+    policy = tmp_path / "k4v4.json"
+    policy.write_text(json.dumps({"k": shared, "v": shared, "exact_layers": [0, -1]}))
+    res = run_cli(tmp_path, "res", "residual", "--n-eval", "1", "--config", str(policy))
     rows = res["layers"]
-    assert len(rows) == 30 and rows[0]["k_rel_error"] is None
+    assert len(rows) == 30 and rows[0]["k_rel_error"] is None and rows[29]["v_rel_error"] is None
     assert all(0.0 < r["k_rel_error"] < 1.0 and 0.0 < r["v_rel_error"] < 1.0 for r in rows[1:29])
 
 
