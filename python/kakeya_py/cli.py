@@ -18,7 +18,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: list[str] = ["kakeya_py.harness_cli", "kakeya_py.calibration_cli", "kakeya_py.engines_cli"]
+COMMAND_MODULES: list[str] = [
+    "kakeya_py.harness_cli",
+    "kakeya_py.calibration_cli",
+    "kakeya_py.engines_cli",
+    "kakeya_py.sweep_cli",
+]
 
 ENGINES: dict[str, str] = {
     "hf": "kakeya_py.harness_cli:run_hf_eval",

@@ -101,13 +101,18 @@ def _vllm_meta(engine, topk: int) -> dict[str, Any]:
     }
 
 
-def vllm_measure(args, *, engine=None, topk: int | None = None):
-    """The vLLM measurement of ``kakeya eval``: ``(record, tokens, engine)``."""
+def vllm_measure(args, *, engine=None, topk: int | None = None, policy=None):
+    """The vLLM measurement of ``kakeya eval``: ``(record, tokens, engine)``.
+
+    ``policy`` (default: ``--config`` and the selection flags) may be any object with
+    ``name``, ``to_dict()`` and ``k_position``, e.g. a peer method (``kakeya sweep``).
+    """
     t0 = time.perf_counter()
     topk = topk or _topk_default()
     path, tok, info = model_info(args.model, args.dtype, progress=not args.no_progress)
     text = prepare_text(args, tok)
-    policy, _ = prepare_policy(args, info, text)
+    if policy is None:
+        policy, _ = prepare_policy(args, info, text)
     own = engine is None
     if own:
         engine = _engine(path, args.dtype, args, topk)

@@ -226,9 +226,19 @@ class KakeyaVLLMState:
                 policy = json.loads(policy)
             if isinstance(policy, str):
                 policy = load_policy(policy)
+            elif isinstance(policy, dict) and "peer" in policy:  # a peer method (kakeya_py.peers)
+                from ..peers import PeerPolicy
+
+                policy = PeerPolicy.from_dict(policy)
             elif isinstance(policy, dict):
                 policy = Policy.from_dict(policy, name=policy.get("name"))
             sigma = None
+            if getattr(policy, "peer", False):
+                self.policy, self.codec, self.k_position = policy, policy, policy.k_position
+                self.ledger = Ledger()
+                self.snapshot.clear()
+                self.replacement.clear()
+                return self.info()
             if policy.sigma_q:
                 s0 = self.sites[0]
                 sigma = load_sigma_q(
