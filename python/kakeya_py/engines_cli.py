@@ -278,6 +278,7 @@ def engines_markdown(r: dict[str, Any]) -> str:
         f"engine; {r['seconds']:.1f} s. ρ = p_vllm / p_hf of the true token; KL on the shared top-k "
         "(lumped, lower bound).",
         "",
+        *([f"command: `{r['command']}`", ""] if r.get("command") else []),
         "| dtype | vLLM dtype | ppl HF | ppl vLLM | rel. gap [95% CI] | top-1 | sym KL (top-k) | mean / max |Δlog p| "
         "| ESS | ρ∉[½,2] | ρ∉[⅕,5] | k3 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -437,6 +438,7 @@ def compare_markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['passages']} passages x (ctx {r['ctx']} + {r['n_eval']} evaluated); {r['seconds']:.1f} s",
         "",
+        *([f"command: `{r['command']}`", ""] if r.get("command") else []),
         "| engine | Δppl [95% CI] | ppl off -> on | top-1 | KL mean | ratio | verdict |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -33,6 +33,7 @@ def _header(r: dict[str, Any], title: str) -> list[str]:
         f"{r['passages']} passages x (ctx {r['ctx']} + {r['n_eval']} evaluated) from {r['corpus']['name']}; "
         f"kakeya {r['version']}; {r['seconds']:.1f} s",
         "",
+        *([f"command: `{r['command']}`", ""] if r.get("command") else []),
     ]
 
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Regenerates every report under reports/ on the default model and text (SmolLM2-135M,
+# WikiText-2). Each report records the command that produced it.
+#
+#   bash scripts/make_reports.sh            # everything (about an hour on 2 CPU cores)
+#   bash scripts/make_reports.sh eval engines memory   # only the named steps
+#
+# Steps: eval (HF and vLLM, recommended preset), engines (codec-off HF vs vLLM),
+# compare (compare-engines), memory (KakeyaCache generation benchmark), calibration
+# (ablation of Σ_q and centroids), throughput (codec benchmark), overhead (harness).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p reports
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(eval engines compare memory calibration throughput overhead)
+
+run() {  # run NAME CMD...: stdout (Markdown) to reports/NAME.md
+    local name=$1; shift
+    echo "== $name: $*" >&2
+    "$@" > "reports/$name.md"
+}
+
+for step in "${steps[@]}"; do
+    case $step in
+        eval)
+            run eval_recommended kakeya eval --json reports/eval_recommended.json
+            run eval_recommended_vllm kakeya eval --engine vllm --json reports/eval_recommended_vllm.json ;;
+        engines)
+            run engines kakeya engines --json reports/engines.json ;;
+        compare)
+            run compare_engines kakeya compare-engines --config recommended --passages 16 --ctx 1024 \
+                --n-eval 256 --json reports/compare_engines.json ;;
+        memory)
+            {
+                echo "# KakeyaCache vs DynamicCache: generation memory and speed"
+                echo
+                echo "command: \`python benchmarks/generate_memory.py\`"
+                echo
+                python benchmarks/generate_memory.py
+            } > reports/generate_memory.md ;;
+        calibration)
+            python reports/calibration/make_ablation.py ;;
+        throughput)
+            {
+                echo '# Codec throughput'
+                echo
+                echo '```'
+                python benchmarks/codec_throughput.py --json reports/codec_throughput.json
+                echo '```'
+            } > reports/codec_throughput.md ;;
+        overhead)
+            {
+                echo '# Harness overhead'
+                echo
+                echo '```'
+                python benchmarks/harness_overhead.py --json reports/harness_overhead.json
+                echo '```'
+            } > reports/harness_overhead.md ;;
+        *)
+            echo "unknown step: $step" >&2; exit 2 ;;
+    esac
+done
