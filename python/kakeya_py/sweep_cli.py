@@ -16,7 +16,10 @@ method on the same passages against the same codec-off reference and writes, und
 Methods: ``kakeya:<policy preset | codec preset | policy JSON file>`` (``kakeya:recommended``,
 ``kakeya:mse-3bit`` = that codec config on both streams of every layer) and the peers of
 :mod:`kakeya_py.peers` (``fp8``, ``int4``, ``int3``, ``kivi-2``, ``kivi-4``, ``turbo-3``,
-``turbo-4``, ``kvquant-3``, ``kvquant-4``, options in parentheses).
+``turbo-4``, ``kvquant-3``, ``kvquant-4``, options in parentheses). K reaches every method
+pre-RoPE unless ``--post-rope-k`` / ``--k-position post_rope``; a ``@post-rope`` or
+``@pre-rope`` suffix sets it for one method (``kivi-2@post-rope``: KIVI as deployed, on
+rotated K), which is then its own line (family ``kivi (post-rope K)``).
 
 Engines: ``hf`` runs all methods as variants of **one** :meth:`HFRunner.run` (one prefill and
 one reference pass per passage, shared); each point's ``seconds`` is the shared reference time
@@ -58,6 +61,13 @@ def register(sub) -> None:
         f"turbo-4, kvquant-3, kvquant-4 (options in parentheses, e.g. kivi-2(r=0)); default {DEFAULT_METHODS}",
     )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--k-position",
+        default=None,
+        choices=["pre_rope", "post_rope"],
+        help="K given to every method (default pre_rope; = --post-rope-k); a method's own "
+        "@pre-rope / @post-rope suffix wins",
+    )
     p.add_argument("--topk", type=int, default=20, help="vLLM only: top-k log-probs (default 20)")
     p.add_argument("--vllm-in-process", action="store_true", default=None, help=argparse.SUPPRESS)
     add_eval_args(p)
@@ -85,12 +95,28 @@ def split_methods(text: str) -> list[str]:
     return methods
 
 
-def family_of(method: str) -> str:
-    if method.startswith("kakeya:"):
-        return "kakeya"
-    from .peers import parse_method
+K_SUFFIXES = {"@pre-rope": "pre_rope", "@post-rope": "post_rope"}
 
-    return parse_method(method).family
+
+def split_k_position(method: str) -> tuple[str, str | None]:
+    """``"kivi-2@post-rope"`` -> ``("kivi-2", "post_rope")``; no suffix -> ``(method, None)``."""
+    for suffix, pos in K_SUFFIXES.items():
+        if method.endswith(suffix):
+            return method[: -len(suffix)], pos
+    if "@" in method:
+        raise ValueError(f"method {method!r}: the only suffixes are {sorted(K_SUFFIXES)}")
+    return method, None
+
+
+def family_of(method: str) -> str:
+    base, pos = split_k_position(method)
+    if base.startswith("kakeya:"):
+        fam = "kakeya"
+    else:
+        from .peers import parse_method
+
+        fam = parse_method(base).family
+    return fam + (f" ({pos.replace('_', '-')} K)" if pos else "")
 
 
 def slug(method: str) -> str:
@@ -110,7 +136,9 @@ def build_method(method: str, args, info, text):
     from .peers import PeerPolicy, parse_method
     from .policy import POLICY_PRESETS, Policy, PolicyCodec, _layer_list
 
-    k_position = "post_rope" if args.post_rope_k else "pre_rope"
+    method_name = method
+    method, own_position = split_k_position(method)
+    k_position = own_position or ("post_rope" if args.post_rope_k else "pre_rope")
     if method.startswith("kakeya:"):
         spec = method.split(":", 1)[1]
         if spec in PRESETS and spec not in POLICY_PRESETS:
@@ -119,14 +147,15 @@ def build_method(method: str, args, info, text):
                 layers=args.layers,
                 streams=args.streams,
                 exact_layers=args.exact_layers,
-                k_position=k_position if args.post_rope_k else None,
+                k_position=k_position,
             )
             sigma = None
         else:
             margs = copy.copy(args)
             margs.config = spec
+            margs.post_rope_k = k_position == "post_rope"
             policy, sigma = prepare_policy(margs, info, text)
-            policy.name = method
+        policy.name = method_name
         return policy, PolicyCodec(policy, info.num_layers, sigma_q=sigma, threads=args.threads)
     peer = PeerPolicy(
         parse_method(method),
@@ -150,7 +179,10 @@ def sweep_hf(args, methods: list[str]) -> list[dict[str, Any]]:
     text = prepare_text(args, tok)
     built = [build_method(m, args, info, text) for m in methods]
     runner = HFRunner(model, k_position="post_rope" if args.post_rope_k else "pre_rope")
-    variants = [Variant(m, codec.roundtrip) for m, (_, codec) in zip(methods, built, strict=True)]
+    variants = [
+        Variant(m, codec.roundtrip, k_position=policy.k_position)
+        for m, (policy, codec) in zip(methods, built, strict=True)
+    ]
     results, ref_seconds = runner.run(
         text["passages"], variants, mode=args.mode, progress=not args.no_progress, desc="sweep"
     )
@@ -192,6 +224,8 @@ def cmd_sweep(args) -> int:
         raise SystemExit(
             "kakeya sweep takes --methods (e.g. kakeya:my_policy.json) and --out, not --config/--json"
         )
+    if args.k_position == "post_rope":
+        args.post_rope_k = True
     methods = split_methods(args.methods)
     for m in methods:
         family_of(m)  # unknown names fail before the model loads
@@ -238,7 +272,8 @@ def frontier_markdown(records: list[dict[str, Any]], *, seconds: float) -> str:
     model, corpus = r0["model"], r0["corpus"]
     usage = r0["text_usage"]
     arts = usage.get("articles") if isinstance(usage, dict) else None
-    k_pos = r0["config"].get("k_position", "pre_rope")
+    positions = sorted({r["config"].get("k_position", "pre_rope") for r in records})
+    k_pos = " and ".join(p.replace("_", "-") for p in positions)
     lines = [
         f"# KV-cache frontier: kakeya and peer methods on {model['name']}",
         "",
@@ -255,7 +290,7 @@ def frontier_markdown(records: list[dict[str, Any]], *, seconds: float) -> str:
         f"{corpus['split'].get('rule', '')}); {r0['passages']} passages × ({r0['ctx']} context + {r0['n_eval']} evaluated) "
         f"tokens = {r0['eval_tokens']} scored positions"
         + (f"; articles used: {arts}" if arts is not None else ""),
-        f"- **engine / mode**: {r0['engine']}, {r0['mode']}; K given to every method **{k_pos.replace('_', '-')}**; "
+        f"- **engine / mode**: {r0['engine']}, {r0['mode']}; K given to the methods **{k_pos}** (column K); "
         "every method shares the same passages and codec-off reference",
         f"- **version**: kakeya {r0['version']}; "
         + ", ".join(f"{k} {v}" for k, v in sorted(r0.get("versions", {}).items()))
@@ -265,13 +300,14 @@ def frontier_markdown(records: list[dict[str, Any]], *, seconds: float) -> str:
         "tensors left exact at 2 bytes/value). Methods: `docs/peers.md`.",
         f"- **verdict**: {VERDICT_RULE}",
         "",
-        "| method | family | ratio | K / V ratio | Δppl | 95% CI | top-1 | KL mean | KL p95 | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | family | K | ratio | K / V ratio | Δppl | 95% CI | top-1 | KL mean | KL p95 | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in _sorted(records):
         lo, hi = r["dppl_ci95"] or (None, None)
         lines.append(
-            f"| `{r['method']}` | {r['family']} | {_x(r['ratio_measured'])} | {_x(r['ratio_k'])} / "
+            f"| `{r['method']}` | {r['family']} | {r['config'].get('k_position', 'pre_rope').replace('_', '-')} | "
+            f"{_x(r['ratio_measured'])} | {_x(r['ratio_k'])} / "
             f"{_x(r['ratio_v'])} | {_pct(r['dppl'])} | [{_pct(lo)}, {_pct(hi)}] | {r['top1'] * 100:.2f}% | "
             f"{fmt_num(r['kl_mean'])} | {fmt_num(r['kl_p95'])} | {r['verdict']} |"
         )
@@ -350,7 +386,7 @@ def plot_frontier(records: list[dict[str, Any]], path: Path) -> None:
     r0 = records[0]
     fig.suptitle(
         f"{r0['model']['name']}, {r0['corpus']['name']}, {r0['passages']} passages × ({r0['ctx']} + "
-        f"{r0['n_eval']}), {r0['engine']} {r0['mode']}, K {r0['config'].get('k_position', 'pre_rope')}; "
+        f"{r0['n_eval']}), {r0['engine']} {r0['mode']}; "
         f"kakeya {r0['version']}",
         fontsize=10,
     )
