@@ -5,8 +5,8 @@
 #   bash scripts/make_reports.sh            # everything (about an hour on 2 CPU cores)
 #   bash scripts/make_reports.sh eval engines memory   # only the named steps
 #
-# Steps: eval (HF and vLLM, recommended preset), engines (codec-off HF vs vLLM),
-# compare (compare-engines), memory (KakeyaCache generation benchmark), calibration
+# Steps: eval (HF, recommended preset), engines (codec-off HF vs vLLM), compare
+# (compare-engines: the recommended preset under HF and vLLM), memory (KakeyaCache generation benchmark), calibration
 # (ablation of Σ_q and centroids), throughput (codec benchmark), overhead (harness).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +24,7 @@ run() {  # run NAME CMD...: stdout (Markdown) to reports/NAME.md
 for step in "${steps[@]}"; do
     case $step in
         eval)
-            run eval_recommended kakeya eval --json reports/eval_recommended.json
-            run eval_recommended_vllm kakeya eval --engine vllm --json reports/eval_recommended_vllm.json ;;
+            run eval_recommended kakeya eval --json reports/eval_recommended.json ;;
         engines)
             run engines kakeya engines --json reports/engines.json ;;
         compare)
@@ -35,9 +34,10 @@ for step in "${steps[@]}"; do
             {
                 echo "# KakeyaCache vs DynamicCache: generation memory and speed"
                 echo
-                echo "command: \`python benchmarks/generate_memory.py\`"
-                echo
+                echo '```'
+                echo 'command: python benchmarks/generate_memory.py'
                 python benchmarks/generate_memory.py
+                echo '```'
             } > reports/generate_memory.md ;;
         calibration)
             python reports/calibration/make_ablation.py ;;
