@@ -144,6 +144,8 @@ def test_turbo_rotation_is_orthogonal_and_seeded():
 def test_parse_method_and_peer_policy():
     assert P.parse_method("kivi-2(g=16,r=0)").name == "kivi-2(g=16,r=0)"
     assert P.parse_method("int4(r=128)").residual == 128
+    for spec in ("int4(g=32,r=128)", "kivi-4(g=16,r=0)", "kvquant-3(o=0.02,sink=0)", "fp8(scale=float16)"):
+        assert P.parse_method(P.parse_method(spec).name).name == spec  # names parse back
     with pytest.raises(ValueError, match="unknown peer method"):
         P.parse_method("awq-4")
     with pytest.raises(ValueError, match="unknown options"):

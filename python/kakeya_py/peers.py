@@ -322,9 +322,10 @@ class IntGroup(PeerMethod):
         if bits not in (2, 3, 4, 8):
             raise ValueError("int bits must be 2, 3, 4 or 8")
         self.bits, self.group, self.residual = bits, group, residual
-        self.name = (
-            f"int{bits}" + (f"(g={group})" if group != 64 else "") + (f"(r={residual})" if residual else "")
+        opts = ",".join(
+            e for e in (f"g={group}" if group != 64 else "", f"r={residual}" if residual else "") if e
         )
+        self.name = f"int{bits}" + (f"({opts})" if opts else "")
 
     def params(self):
         return {"bits": self.bits, "group": self.group, "residual": self.residual, "scale_zero": "float16"}
