@@ -1,4 +1,4 @@
-"""Pure-numpy reference implementation of the kakeya codec and byte format, version 1.
+"""Pure-numpy reference implementation of the kakeya codec and byte format, versions 1 and 2.
 
 This module implements ``docs/codec.md`` literally, with numpy and the standard library
 only. It is the test oracle for the Rust crate and the "numpy reference" of the
@@ -9,8 +9,10 @@ Public API (see each docstring):
 
 - ``DEFAULT_CONFIG``, ``make_config(config=None, **overrides)``
 - ``rng(seed, domain, a, b)`` -> ``SplitMix64``; ``rng_outputs``, ``rng_gaussians``
-- ``lloyd_max_gaussian(bits)``, ``centroid_table(config)``, ``boundaries(centroids)``,
-  ``quantize(z, centroids)``
+- ``lloyd_max_gaussian(bits)`` (1..8 bits), ``centroid_table(config)``,
+  ``boundaries(centroids)``, ``quantize(z, centroids)``
+- ``distortion(b)``, ``allocate(lam, budget)``, ``component_allocation(coef, bits)``
+  (allocation "variance"), ``pack_widths(codes, widths)``, ``unpack_widths(...)``
 - ``hadamard_signs(seed, p)``, ``fwht(a)``, ``rotate(c, seed)``, ``unrotate(y, seed, r)``
 - ``fit_skeleton(rows, config, head, index)``, ``choose_rank(...)``
 - ``pack_codes(codes, bits)``, ``unpack_codes(buf, count, bits)``
@@ -36,7 +38,9 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"KAKEYA"
-VERSION = 1
+VERSION = 2  # newest version written and read
+MIN_VERSION = 1  # oldest version read
+MAX_TABLE_BITS = 8
 LIBRARY = "kakeya-reference"
 MAX_DIM = 4096
 U64_MASK = (1 << 64) - 1
@@ -60,6 +64,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "oversampling": 8,
     "power_iters": 2,
     "identity": False,
+    "allocation": "uniform",
 }
 
 _NP_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
@@ -111,6 +116,8 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         raise bad("outlier_threshold", "None or a finite number >= 0")
     if c["metric"] not in ("mse", "inner_product"):
         raise bad("metric", "'mse' or 'inner_product'")
+    if c["allocation"] not in ("uniform", "variance"):
+        raise bad("allocation", "'uniform' or 'variance'")
     if c["skeleton_dtype"] not in ("f16", "f32"):
         raise bad("skeleton_dtype", "'f16' or 'f32'")
     if not _is_int(c["seed"]) or not 0 <= c["seed"] <= U64_MASK:
@@ -119,6 +126,8 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         if not _is_int(c[name]) or c[name] < 0:
             raise bad(name, "an integer >= 0")
     cents = c["centroids"]
+    if cents is not None and c["allocation"] == "variance":
+        raise bad("centroids", "None with allocation 'variance' (a caller's table is for 'uniform' only)")
     if cents is not None:
         try:
             arr = np.asarray(cents, dtype=np.float64).astype(np.float32)
@@ -146,7 +155,13 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         "oversampling": int(c["oversampling"]),
         "power_iters": int(c["power_iters"]),
         "identity": bool(c["identity"]),
+        "allocation": c["allocation"],
     }
+
+
+def version_for(config: dict[str, Any]) -> int:
+    """The format version an encoding is written with: the lowest that can express it."""
+    return 2 if config["allocation"] == "variance" else 1
 
 
 # -------------------------------------------------------------------------- generator
@@ -268,12 +283,97 @@ def _lloyd_max(bits: int) -> tuple[tuple[float, ...], float]:
     return tuple(c), mse
 
 
+def _mass(a: float, b: float) -> float:
+    """N(0,1) mass of [a, b], accurate in both tails."""
+
+    def q(x: float) -> float:
+        return 0.5 * math.erfc(x / _SQRT2)
+
+    if a >= 0:
+        return q(a) - q(b)
+    if b <= 0:
+        return q(-b) - q(-a)
+    return 1.0 - q(-a) - q(b)
+
+
+@cache
+def _lloyd_max_newton(bits: int) -> tuple[tuple[float, ...], float]:
+    """The Lloyd–Max fixed point by Newton's method on `c = m(c)` (plain Lloyd iteration is
+    too slow beyond 16 levels), from the companding start `√3 Φ⁻¹((i + ½)/K)`."""
+    from statistics import NormalDist
+
+    k = 1 << bits
+    c = np.array([math.sqrt(3.0) * NormalDist().inv_cdf((i + 0.5) / k) for i in range(k)])
+    for _ in range(100):
+        edges = [-math.inf] + [(c[j] + c[j + 1]) / 2 for j in range(k - 1)] + [math.inf]
+        jac = np.eye(k)
+        f = np.empty(k)
+        for i in range(k):
+            a, b = edges[i], edges[i + 1]
+            m = _mass(a, b)
+            cen = (_pdf(a) - _pdf(b)) / m
+            ga = 0.0 if math.isinf(a) else 0.5 * _pdf(a) * (cen - a) / m
+            gb = 0.0 if math.isinf(b) else 0.5 * _pdf(b) * (b - cen) / m
+            jac[i, i] -= ga + gb
+            if i > 0:
+                jac[i, i - 1] = -ga
+            if i + 1 < k:
+                jac[i, i + 1] = -gb
+            f[i] = c[i] - cen
+        step = np.linalg.solve(jac, f)
+        c = c - step
+        if np.max(np.abs(step)) < 1e-13:
+            break
+    c = (c - c[::-1]) / 2  # exactly symmetric
+    edges = [-math.inf] + [(c[j] + c[j + 1]) / 2 for j in range(k - 1)] + [math.inf]
+    mse = 0.0
+    for i in range(k):
+        lo, hi = edges[i], edges[i + 1]
+        p = _mass(lo, hi)
+        mse += p + _xpdf(lo) - _xpdf(hi) - 2 * c[i] * (_pdf(lo) - _pdf(hi)) + c[i] * c[i] * p
+    return tuple(float(v) for v in c), mse
+
+
 def lloyd_max_gaussian(bits: int) -> tuple[np.ndarray, float]:
-    """Gaussian-optimal Lloyd–Max centroids (f64, ascending) for `bits` and their MSE on N(0,1)."""
-    if bits not in (1, 2, 3, 4):
-        raise ValueError(f"bits must be in 1..4, got {bits!r}")
-    c, mse = _lloyd_max(bits)
+    """Gaussian-optimal Lloyd–Max centroids (f64, ascending) for `bits` (1..8) and their MSE
+    on N(0,1). 5..8 bits serve allocation "variance" only."""
+    if bits not in range(1, MAX_TABLE_BITS + 1):
+        raise ValueError(f"bits must be in 1..{MAX_TABLE_BITS}, got {bits!r}")
+    c, mse = _lloyd_max(bits) if bits <= 4 else _lloyd_max_newton(bits)
     return np.array(c, dtype=np.float64), mse
+
+
+def distortion(b: int) -> float:
+    """`D(b)`: the Gaussian Lloyd–Max MSE for `b` bits, `D(0) = 1` (the mean)."""
+    return 1.0 if b == 0 else lloyd_max_gaussian(b)[1]
+
+
+def allocate(lam: np.ndarray, budget: int) -> np.ndarray:
+    """Greedy allocation, literally: `budget` times, give one bit to the component (λ > 0,
+    fewer than 8 bits) with the largest `λ_i (D(b_i) − D(b_i + 1))`, lower index on ties."""
+    lam = np.asarray(lam, dtype=np.float64)
+    bits = np.zeros(lam.size, dtype=np.uint8)
+    dd = np.array([distortion(b) - distortion(b + 1) for b in range(MAX_TABLE_BITS)] + [0.0])
+    for _ in range(budget):
+        gains = np.where((lam > 0) & (bits < MAX_TABLE_BITS), lam * dd[bits], -1.0)
+        best = int(np.argmax(gains))  # first maximum: the lower index on ties
+        if gains[best] < 0:
+            break
+        bits[best] += 1
+    return bits
+
+
+def component_allocation(coef: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(b, σ)` of one skeleton from all its coefficient rows (f32 [N, r]): `λ_i = Σ c² / N`
+    (f64, rows summed in order), `b = allocate(λ, bits·r)` with components whose f32 `√λ`
+    is 0 counted as λ = 0, and `σ_i = f32(√λ_i)` where `b_i > 0`, else 0."""
+    c64 = np.asarray(coef, dtype=np.float32).astype(np.float64)
+    n, r = c64.shape
+    lam = np.sum(c64 * c64, axis=0) / max(n, 1)  # axis 0: sequential over rows
+    lam = np.where(np.sqrt(lam).astype(np.float32) > 0, lam, 0.0)
+    b = allocate(lam, bits * r)
+    sigma = np.where(b > 0, np.sqrt(lam).astype(np.float32), np.float32(0)).astype(np.float32)
+    return b, sigma
 
 
 def centroid_table(config: dict[str, Any]) -> np.ndarray:
@@ -519,6 +619,35 @@ def unpack_codes(buf: bytes, count: int, bits: int) -> np.ndarray:
     return (planes.reshape(count, bits) * weights).sum(axis=1).astype(np.uint8)
 
 
+def pack_widths(codes: np.ndarray, widths: np.ndarray) -> bytes:
+    """Pack codes [n, r] (code j in `widths[j]` bits; width 0 takes none) row by row,
+    components in order, least-significant bit first, as one bit stream."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    cols = [
+        (codes[:, j : j + 1] >> np.arange(w, dtype=np.uint8)) & np.uint8(1) for j, w in enumerate(widths) if w
+    ]
+    if not cols or codes.shape[0] == 0:
+        return b""
+    return np.packbits(np.concatenate(cols, axis=1).ravel(), bitorder="little").tobytes()
+
+
+def unpack_widths(buf: bytes, rows: int, widths: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_widths`: codes [rows, r] (0 for width-0 components)."""
+    widths = [int(w) for w in widths]
+    total = sum(widths)
+    out = np.zeros((rows, len(widths)), dtype=np.uint8)
+    if total == 0 or rows == 0:
+        return out
+    planes = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=rows * total, bitorder="little")
+    planes = planes.reshape(rows, total)
+    pos = 0
+    for j, w in enumerate(widths):
+        weights = (1 << np.arange(w)).astype(np.uint16)
+        out[:, j] = (planes[:, pos : pos + w] * weights).sum(axis=1).astype(np.uint8)
+        pos += w
+    return out
+
+
 def segment_rows(p: int) -> int:
     """Rows per outlier segment `S = max(1, 65536 / P)` (SPEC CHOICE: P = 0 counts as 1)."""
     return max(1, 65536 // max(p, 1))
@@ -623,11 +752,17 @@ def encode(
             c = ((rows.astype(np.float64) - mu.astype(np.float64)) @ basis.astype(np.float64)).astype(
                 np.float32
             )
+            if cfg["allocation"] == "variance":  # no rotation; scales once allocated
+                row.append(_Block(h, i, mu, basis, c, np.zeros(rows.shape[0])))
+                continue
             y = rotate(c, seed)
             y64 = y.astype(np.float64)
             s = np.sqrt(np.mean(y64 * y64, axis=1)) if y.shape[1] else np.zeros(rows.shape[0])
             row.append(_Block(h, i, mu, basis, y, s))
         blocks.append(row)
+
+    if cfg["allocation"] == "variance":
+        return _encode_variance(header, cfg, pre, shared, blocks)
 
     all_s = np.concatenate([b.s for row in blocks for b in row]) if nblocks else np.zeros(0)
     nz = all_s[all_s != 0]
@@ -658,7 +793,94 @@ def encode(
     return _serialize(header, _assemble_body(pre, shared_recs, block_recs))
 
 
+def _variance_scales(c: np.ndarray, b: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """`s_t = sqrt(mean over b_i > 0 of (c_{t,i} / σ_i)²)` (f64, components summed in order)."""
+    live = np.nonzero(b)[0]
+    acc = np.zeros(c.shape[0])
+    for j in live:
+        u = c[:, j].astype(np.float64) / np.float64(sigma[j])
+        acc = acc + u * u
+    return np.sqrt(acc / live.size) if live.size else acc
+
+
+def _allocation_bytes(b: np.ndarray, sigma_hat: np.ndarray, scale_dtype: str) -> bytes:
+    return np.asarray(b, dtype=np.uint8).tobytes() + sigma_hat.astype(_NP_DTYPES[scale_dtype]).tobytes()
+
+
+def _encode_variance(
+    header: dict[str, Any],
+    cfg: dict[str, Any],
+    pre: bytes,
+    shared: list[tuple[np.ndarray, np.ndarray]],
+    blocks: list[list[_Block]],
+) -> bytes:
+    """Allocation "variance": per skeleton (per head when shared) bits and σ from the
+    variance of the coefficients, per-row scales, variable-width codes; `_Block.y` holds
+    the plain coefficients."""
+    sk, bits, t_out = cfg["skeleton_dtype"], cfg["bits"], cfg["outlier_threshold"]
+    # One allocation per skeleton: allocs[h] (shared) or allocs[(h, i)].
+    allocs: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
+    for h, row in enumerate(blocks):
+        if shared:
+            coef = (
+                np.concatenate([b.y for b in row])
+                if row
+                else np.zeros((0, shared[h][1].shape[1]), np.float32)
+            )
+            allocs[h] = component_allocation(coef, bits)
+        else:
+            for b in row:
+                allocs[(h, b.index)] = component_allocation(b.y, bits)
+
+    def alloc_of(b: _Block) -> tuple[np.ndarray, np.ndarray]:
+        return allocs[b.head] if shared else allocs[(b.head, b.index)]
+
+    for row in blocks:
+        for b in row:
+            b.s = _variance_scales(b.y, *alloc_of(b))
+    values = [b.s for row in blocks for b in row] + [sig for _, sig in allocs.values()]
+    allv = np.concatenate(values) if values else np.zeros(0)
+    nz = allv[allv != 0]
+    scale_dtype = "f32" if np.any((nz < F16_SCALE_MIN) | (nz > F16_SCALE_MAX)) else "f16"
+    header["scale_dtype"] = scale_dtype
+    sigma_hat = {key: _round_to(sig, scale_dtype) for key, (_, sig) in allocs.items()}
+
+    shared_recs = [
+        _skeleton_bytes(mu, basis, sk) + _allocation_bytes(allocs[h][0], sigma_hat[h], scale_dtype)
+        for h, (mu, basis) in enumerate(shared)
+    ]
+    block_recs: list[list[bytes]] = []
+    for row in blocks:
+        recs = []
+        for blk in row:
+            key = blk.head if shared else (blk.head, blk.index)
+            b, sig = allocs[key][0], sigma_hat[key]
+            parts = []
+            if not shared:
+                parts.append(_skeleton_bytes(blk.mu, blk.basis, sk) + _allocation_bytes(b, sig, scale_dtype))
+            live = np.nonzero(b)[0]
+            if live.size:  # no component with bits: nothing but the skeleton
+                s_hat = _round_to(blk.s, scale_dtype)
+                n, r = blk.y.shape
+                z = np.zeros((n, r), dtype=np.float32)
+                codes = np.zeros((n, r), dtype=np.uint8)
+                nonzero = s_hat != 0
+                for j in live:
+                    zj = blk.y[:, j] / sig[j]  # f32 ÷ f32
+                    zj = np.divide(zj, s_hat, out=np.zeros_like(zj), where=nonzero)
+                    z[:, j] = zj
+                    codes[:, j] = quantize(zj, lloyd_max_gaussian(int(b[j]))[0].astype(np.float32))
+                parts.append(s_hat.astype(_NP_DTYPES[scale_dtype]).tobytes())
+                parts.append(pack_widths(codes, b))
+                if t_out is not None:
+                    parts.append(_outlier_bytes(z, t_out))
+            recs.append(b"".join(parts))
+        block_recs.append(recs)
+    return _serialize(header, _assemble_body(pre, shared_recs, block_recs))
+
+
 def _outlier_bytes(z: np.ndarray, t_out: float) -> bytes:
+    """Outlier segments; with allocation "variance" `z` is [n, r], 0 where `b_i = 0`."""
     n, p = z.shape
     seg = segment_rows(p)
     mask = np.abs(z.astype(np.float64)) > t_out
@@ -694,8 +916,11 @@ def _assemble_body(pre: bytes, shared_recs: list[bytes], block_recs: list[list[b
 
 
 def _serialize(header: dict[str, Any], body: bytes) -> bytes:
+    version = version_for(header["config"])
+    if header["config"]["allocation"] == "uniform":  # version 1 has no such field
+        header = {**header, "config": {k: v for k, v in header["config"].items() if k != "allocation"}}
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head = MAGIC + struct.pack("<HI", VERSION, len(hjson)) + hjson
+    head = MAGIC + struct.pack("<HI", version, len(hjson)) + hjson
     out = head + body
     return out + struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
 
@@ -705,17 +930,21 @@ def _serialize(header: dict[str, Any], body: bytes) -> bytes:
 
 @dataclass
 class SkeletonRecord:
-    """A parsed skeleton record: `rank`, `mean` (f32 [D]), `basis_t` (f32 [r, D]), raw bytes."""
+    """A parsed skeleton record: `rank`, `mean` (f32 [D]), `basis_t` (f32 [r, D]), raw bytes;
+    with allocation "variance" also `bits` (uint8 [r]) and `sigma` (σ̂, f32 [r])."""
 
     rank: int
     mean: np.ndarray
     basis_t: np.ndarray
     raw: bytes
+    bits: np.ndarray | None = None
+    sigma: np.ndarray | None = None
 
 
 @dataclass
 class BlockRecord:
-    """A parsed block record of head `head`, block `index` with `rows` rows and `P = padded`."""
+    """A parsed block record of head `head`, block `index` with `rows` rows and `padded`
+    codes per row (`P`; `r` with allocation "variance", 0 when no component has bits)."""
 
     head: int
     index: int
@@ -726,6 +955,7 @@ class BlockRecord:
     codes: np.ndarray  # uint8 [n, P]
     outliers: list[np.ndarray] | None  # per segment, structured (index u16, value f16)
     raw: bytes
+    code_bytes: int = 0  # length of the packed codes
 
 
 @dataclass
@@ -762,7 +992,8 @@ class _Reader:
         return np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype)
 
 
-def _parse_skeleton(rd: _Reader, d: int, sk: str) -> SkeletonRecord:
+def _parse_skeleton(rd: _Reader, d: int, sk: str, alloc: tuple[int, str] | None = None) -> SkeletonRecord:
+    """`alloc = (bits, scale_dtype)` reads the allocation that follows (allocation "variance")."""
     start = rd.pos
     (r,) = struct.unpack("<H", rd.take(2, "rank"))
     if r > d:
@@ -772,7 +1003,19 @@ def _parse_skeleton(rd: _Reader, d: int, sk: str) -> SkeletonRecord:
     basis_t = rd.array(r * d, dt, "basis").astype(np.float32).reshape(r, d)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(basis_t))):
         raise ValueError("skeleton record holds non-finite values")
-    return SkeletonRecord(r, mean, basis_t, rd.buf[start : rd.pos])
+    rec = SkeletonRecord(r, mean, basis_t, b"")
+    if alloc is not None:
+        budget, scale_dtype = alloc
+        rec.bits = rd.array(r, np.dtype("u1"), "bit allocation").copy()
+        rec.sigma = rd.array(r, _NP_DTYPES[scale_dtype], "component scales").astype(np.float32)
+        if not np.all(np.isfinite(rec.sigma)) or np.any(rec.sigma < 0):
+            raise ValueError("component scales must be finite and >= 0")
+        if np.any(rec.bits > MAX_TABLE_BITS) or np.any((rec.bits > 0) != (rec.sigma > 0)):
+            raise ValueError("bit allocation: bits must be 0..8 and σ > 0 exactly where bits > 0")
+        if int(rec.bits.astype(np.int64).sum()) > budget * r:
+            raise ValueError(f"bit allocation spends more than bits·r = {budget * r} bits")
+    rec.raw = rd.buf[start : rd.pos]
+    return rec
 
 
 def _header_int(header: dict[str, Any], key: str) -> int:
@@ -799,8 +1042,10 @@ def _parse(data: bytes) -> Parsed:
     if data[: len(MAGIC)] != MAGIC:
         raise ValueError(f"bad magic: expected {MAGIC!r}, got {data[: len(MAGIC)]!r}")
     version, hlen = struct.unpack_from("<HI", data, len(MAGIC))
-    if version != VERSION:
-        raise ValueError(f"unknown format version {version}; this reader knows version {VERSION}")
+    if not MIN_VERSION <= version <= VERSION:
+        raise ValueError(
+            f"unknown format version {version}; this reader knows versions {MIN_VERSION} to {VERSION}"
+        )
     if fixed + hlen + 4 > len(data):
         raise ValueError(f"truncated encoding: header of {hlen} bytes does not fit in {len(data)} bytes")
     (crc,) = struct.unpack_from("<I", data, len(data) - 4)
@@ -818,10 +1063,15 @@ def _parse(data: bytes) -> Parsed:
             raise ValueError(f"header lacks the field {key!r}")
     if not isinstance(header["config"], dict):
         raise ValueError("header field 'config' must be an object")
-    missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]))
+    # SPEC CHOICE: every field is required except `allocation` (absent: "uniform").
+    missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]) - {"allocation"})
     if missing:
         raise ValueError(f"header config lacks the fields {missing}")
-    cfg = make_config({k: header["config"][k] for k in DEFAULT_CONFIG})
+    cfg = make_config({k: header["config"][k] for k in DEFAULT_CONFIG if k in header["config"]})
+    if version < version_for(cfg):
+        raise ValueError(
+            f"allocation {cfg['allocation']!r} needs format version {version_for(cfg)}, got {version}"
+        )
     shape = header["shape"]
     if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) for v in shape)):
         raise ValueError(f"header shape must be [T, H, D], got {shape!r}")
@@ -876,11 +1126,13 @@ def _parse(data: bytes) -> Parsed:
             raise ValueError(f"{what} offset {off} outside the records area [{tables_end}, {len(body)}]")
         return _Reader(body, off, what)
 
+    bits = cfg["bits"]
+    variance = cfg["allocation"] == "variance"
+    alloc = (bits, header["scale_dtype"]) if variance else None
     for h, off in enumerate(parsed.shared_offsets):
-        parsed.shared.append(_parse_skeleton(reader_at(off, f"skeleton record of head {h}"), d, sk))
+        parsed.shared.append(_parse_skeleton(reader_at(off, f"skeleton record of head {h}"), d, sk, alloc))
 
     sc_dt = _NP_DTYPES[header["scale_dtype"]]
-    bits = cfg["bits"]
     outliers_on = cfg["outlier_threshold"] is not None
     for h in range(nh):
         row = []
@@ -888,10 +1140,17 @@ def _parse(data: bytes) -> Parsed:
             what = f"block record (head {h}, block {i})"
             br = reader_at(off, what)
             n = min(bsz, t - i * bsz)
-            skel = None if cfg["share_basis"] else _parse_skeleton(br, d, sk)
-            r = (parsed.shared[h] if skel is None else skel).rank
-            p = next_pow2(r)
-            if p == 0:  # rank 0: the record is the skeleton alone
+            skel = None if cfg["share_basis"] else _parse_skeleton(br, d, sk, alloc)
+            owner = parsed.shared[h] if skel is None else skel
+            r = owner.rank
+            if variance:  # r codes per row, none at all when no component has bits
+                widths = owner.bits
+                p = r if int(np.count_nonzero(widths)) else 0
+                code_bytes = -(-n * int(widths.astype(np.int64).sum()) // 8)
+            else:
+                p = next_pow2(r)
+                code_bytes = -(-n * p * bits // 8)
+            if p == 0:  # rank 0 (or no bits): the record is the skeleton alone
                 empty = np.zeros((n, 0), dtype=np.uint8)
                 segs0 = [] if outliers_on else None
                 row.append(
@@ -901,7 +1160,11 @@ def _parse(data: bytes) -> Parsed:
             scales = br.array(n, sc_dt, "scales").astype(np.float32)
             if not np.all(np.isfinite(scales)) or np.any(scales < 0):
                 raise ValueError(f"{what} holds negative or non-finite scales")
-            codes = unpack_codes(br.take(-(-n * p * bits // 8), "codes"), n * p, bits).reshape(n, p)
+            raw_codes = br.take(code_bytes, "codes")
+            if variance:
+                codes = unpack_widths(raw_codes, n, owner.bits)
+            else:
+                codes = unpack_codes(raw_codes, n * p, bits).reshape(n, p)
             segs = None
             if outliers_on:
                 segs = []
@@ -914,8 +1177,10 @@ def _parse(data: bytes) -> Parsed:
                         raise ValueError(f"{what}: outlier index out of range in segment {sidx}")
                     if cnt and not np.all(np.isfinite(pairs["value"])):
                         raise ValueError(f"{what}: non-finite outlier value in segment {sidx}")
+                    if cnt and variance and np.any(owner.bits[pairs["index"].astype(np.intp) % p] == 0):
+                        raise ValueError(f"{what}: outlier on a component without bits in segment {sidx}")
                     segs.append(pairs)
-            row.append(BlockRecord(h, i, n, p, skel, scales, codes, segs, body[off : br.pos]))
+            row.append(BlockRecord(h, i, n, p, skel, scales, codes, segs, body[off : br.pos], code_bytes))
         parsed.blocks.append(row)
     return parsed
 
@@ -941,7 +1206,7 @@ def body_sections(data: bytes) -> dict[str, bytes]:
             if b.skeleton is not None:
                 out[key + "/skeleton"] = b.skeleton.raw
                 pos = len(b.skeleton.raw)
-            ncodes = -(-b.rows * b.padded * ps.config["bits"] // 8)
+            ncodes = b.code_bytes if b.padded else 0
             out[key + "/scales"] = b.raw[pos : pos + b.rows * sc_size]
             pos += b.rows * sc_size
             out[key + "/codes"] = b.raw[pos : pos + ncodes]
@@ -974,6 +1239,10 @@ def decode(data: bytes, dtype: str | None = "f32") -> np.ndarray:
     for h in range(nh):
         for b in ps.blocks[h]:
             skel = b.skeleton if b.skeleton is not None else ps.shared[h]
+            start = b.index * bsz
+            if cfg["allocation"] == "variance":
+                out[start : start + b.rows, h, :] = skel.mean + _dequantize_variance(b, skel) @ skel.basis_t
+                continue
             z_hat = cents[b.codes.astype(np.intp)]
             if b.outliers is not None:
                 flat = z_hat.reshape(-1)
@@ -983,7 +1252,6 @@ def decode(data: bytes, dtype: str | None = "f32") -> np.ndarray:
                     flat[base + pairs["index"].astype(np.intp)] = pairs["value"].astype(np.float32)
             y_hat = (b.scales[:, None] * z_hat).astype(np.float32)
             c = unrotate(y_hat, seed, skel.rank)
-            start = b.index * bsz
             out[start : start + b.rows, h, :] = skel.mean + c @ skel.basis_t
     if ps.preconditioner is not None:
         for h in range(nh):
@@ -991,6 +1259,26 @@ def decode(data: bytes, dtype: str | None = "f32") -> np.ndarray:
             # x̂ ← x̂ L̂⁻¹, i.e. solve L̂ᵀ yᵀ = x̂ᵀ.
             out[:, h, :] = np.linalg.solve(l64.T, out[:, h, :].astype(np.float64).T).T.astype(np.float32)
     return _from_f32(out, out_dtype)
+
+
+def _dequantize_variance(b: BlockRecord, skel: SkeletonRecord) -> np.ndarray:
+    """`c = (ẑ · ŝ_t) · σ̂_i` (f32) for components with bits, 0 for the others."""
+    assert skel.bits is not None and skel.sigma is not None
+    c = np.zeros((b.rows, skel.rank), dtype=np.float32)
+    if b.padded == 0:
+        return c
+    z_hat = np.zeros((b.rows, skel.rank), dtype=np.float32)
+    for j in np.nonzero(skel.bits)[0]:
+        table = lloyd_max_gaussian(int(skel.bits[j]))[0].astype(np.float32)
+        z_hat[:, j] = table[b.codes[:, j].astype(np.intp)]
+    if b.outliers is not None:
+        flat = z_hat.reshape(-1)
+        srows = segment_rows(b.padded)
+        for sidx, pairs in enumerate(b.outliers):
+            flat[sidx * srows * b.padded + pairs["index"].astype(np.intp)] = pairs["value"].astype(np.float32)
+    live = skel.bits > 0
+    c[:, live] = (z_hat[:, live] * b.scales[:, None]).astype(np.float32) * skel.sigma[live]
+    return c
 
 
 def _from_f32(x32: np.ndarray, dtype: str) -> np.ndarray:

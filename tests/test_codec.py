@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import threading
 import time
+import zlib
 
 import kakeya_py as kp
 import numpy as np
@@ -69,6 +70,73 @@ def test_config_defaults_repr_and_dict_roundtrip():
 def test_invalid_config_names_the_field(kwargs, field):
     with pytest.raises(kp.ConfigError, match=field):
         kp.CodecConfig(**kwargs)
+
+
+def test_allocation_field():
+    c = kp.CodecConfig()
+    assert c.allocation == "uniform" and repr(c).endswith("identity=False, allocation='uniform')")
+    assert "allocation" not in c.to_json()  # the version-1 header form
+    assert c.to_dict()["allocation"] == "uniform"
+    v = kp.CodecConfig(bits=2, allocation="variance", share_basis=True)
+    assert v.allocation == "variance" and "allocation='variance'" in repr(v)
+    assert v.to_dict()["allocation"] == "variance" and '"allocation":"variance"' in v.to_json()
+    assert kp.CodecConfig.from_dict(v.to_dict()) == v == kp.CodecConfig.from_json(v.to_json())
+    assert pickle.loads(pickle.dumps(v)) == v and hash(pickle.loads(pickle.dumps(v))) == hash(v)
+    assert (
+        v != kp.CodecConfig(bits=2, share_basis=True) and len({v, kp.CodecConfig.from_dict(v.to_dict())}) == 1
+    )
+    with pytest.raises(kp.ConfigError, match="allocation"):
+        kp.CodecConfig(allocation="kvtc")
+    with pytest.raises(kp.ConfigError, match="centroids"):
+        kp.CodecConfig(bits=1, centroids=[-0.8, 0.8], allocation="variance")
+    with pytest.raises(kp.ConfigError, match="centroids"):
+        kp.CodecConfig.from_dict({"bits": 1, "centroids": [-0.8, 0.8], "allocation": "variance"})
+    for bits in (2, 3, 4):
+        p = kp.preset(f"var-{bits}bit")
+        assert (p.bits, p.allocation, p.share_basis, p.block_size, p.outlier_threshold) == (
+            bits,
+            "variance",
+            True,
+            4096,
+            3.0,
+        )
+
+
+def test_policy_passes_allocation_through():
+    from kakeya_py.policy import Policy
+
+    policy = Policy.from_dict({"k": {"bits": 3, "allocation": "variance"}, "v": {"bits": 4}})
+    assert policy.k.allocation == "variance" and policy.v.allocation == "uniform"
+    assert policy.config_for(0, "k", 4).allocation == "variance"
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_variance_allocation_roundtrip_and_gain(bits):
+    x = gaussian((1024, 2, 64), seed=bits) * np.exp(-np.arange(64, dtype=np.float32) / 16)
+    uni = kp.encode(x, kp.CodecConfig(bits=bits, share_basis=True, block_size=4096, outlier_threshold=3.0))
+    var = kp.encode(x, kp.CodecConfig.from_dict({**kp.PRESETS["var-4bit"], "bits": bits}))
+    assert var.config.allocation == "variance" and var.header()["config"]["allocation"] == "variance"
+    assert var.to_bytes()[6:8] == b"\x02\x00" and uni.to_bytes()[6:8] == b"\x01\x00"
+    ru, rv = relative_error(x, kp.decode(uni)), relative_error(x, kp.decode(var))
+    assert rv < 0.67 * ru and rv < 1.3 * LLOYD_MSE[bits]
+    assert abs(var.nbytes / uni.nbytes - 1) < 0.03 and var.ratio == pytest.approx(x.size * 2 / var.nbytes)
+    again = kp.Encoded.from_bytes(var.to_bytes())
+    assert np.array_equal(kp.decode(again), kp.decode(var)) and again.config == var.config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_variance_allocation_torch_roundtrip(dtype):
+    t = (torch.randn(300, 2, 64) * torch.exp(-torch.arange(64) / 16.0)).to(dtype)
+    y, nbytes = kp.roundtrip(t, kp.preset("var-3bit"))
+    assert isinstance(y, torch.Tensor) and y.dtype == dtype and y.shape == t.shape
+    assert nbytes < t.numel()  # ratio > 2 at bf16, skeletons included
+    assert relative_error(t.float().numpy(), y.float().numpy()) < 1.3 * LLOYD_MSE[3]
+    pre = torch.from_numpy(lower_factor(2, 64))
+    cfg = kp.CodecConfig(bits=4, allocation="variance", metric="inner_product")
+    y = kp.decode(kp.encode(t, cfg, preconditioner=pre))
+    xw = np.einsum("thd,hde->the", t.float().numpy(), pre.numpy())
+    yw = np.einsum("thd,hde->the", y.float().numpy(), pre.numpy())
+    assert relative_error(xw, yw) < 1.3 * LLOYD_MSE[4]
 
 
 def test_unknown_dict_key_and_preset_are_refused():
@@ -216,10 +284,32 @@ def test_corrupt_bytes_raise():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=300))
-def test_arbitrary_bytes_only_raise_corrupt_data(data):
+@given(st.binary(max_size=300), st.sampled_from([b"\x01\x00", b"\x02\x00"]))
+def test_arbitrary_bytes_only_raise_corrupt_data(data, version):
     with pytest.raises(kp.CorruptDataError):
-        kp.Encoded.from_bytes(b"KAKEYA\x01\x00" + data)
+        kp.Encoded.from_bytes(b"KAKEYA" + version + data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 255), st.booleans(), st.booleans())
+def test_mutated_variance_bytes_raise_only_corrupt_data(pos, xor, share_basis, truncate):
+    x = gaussian((60, 2, 8), seed=11) * np.linspace(2.0, 0.05, 8, dtype=np.float32)
+    cfg = kp.CodecConfig(
+        bits=2, block_size=32, outlier_threshold=1.5, allocation="variance", share_basis=share_basis
+    )
+    buf = bytearray(kp.encode(x, cfg).to_bytes())
+    at = pos % (len(buf) - 4)
+    if truncate:
+        del buf[at:-4]
+    else:
+        buf[at] ^= xor
+    body = bytes(buf[:-4])
+    fixed = body + zlib.crc32(body).to_bytes(4, "little")
+    try:
+        enc = kp.Encoded.from_bytes(fixed)
+    except kp.CorruptDataError:
+        return
+    assert kp.decode(enc).shape == enc.shape
 
 
 # --- determinism and threads --------------------------------------------------------------
@@ -268,6 +358,12 @@ REFERENCE_CASES = [
     {"bits": 1, "variance_ratio": 0.9, "skeleton_dtype": "f32"},
     {"bits": 3, "pca": "randomized", "rank": 16, "block_size": 256},
     {"bits": 4, "rank_cap": 20, "metric": "inner_product"},
+    {"bits": 3, "allocation": "variance"},
+    {"bits": 2, "allocation": "variance", "block_size": 100, "outlier_threshold": 2.0},
+    {"bits": 4, "allocation": "variance", "share_basis": True, "block_size": 128, "outlier_threshold": 3.0},
+    {"bits": 1, "allocation": "variance", "variance_ratio": 0.9, "skeleton_dtype": "f32"},
+    {"bits": 3, "allocation": "variance", "pca": "randomized", "rank": 16, "block_size": 256},
+    {"bits": 4, "allocation": "variance", "rank_cap": 20, "metric": "inner_product", "share_basis": True},
 ]
 
 
@@ -290,8 +386,14 @@ def test_rust_agrees_with_numpy_reference(overrides):
 
 
 def test_reference_bytes_decode_in_rust():
-    x = gaussian((130, 3, 16), seed=8)
-    for overrides in ({"bits": 2, "outlier_threshold": 2.5}, {"identity": True}, {"share_basis": True}):
+    x = gaussian((130, 3, 16), seed=8) * np.linspace(0.1, 2.0, 16, dtype=np.float32)
+    for overrides in (
+        {"bits": 2, "outlier_threshold": 2.5},
+        {"identity": True},
+        {"share_basis": True},
+        {"allocation": "variance", "outlier_threshold": 2.5},
+        {"allocation": "variance", "share_basis": True, "block_size": 64},
+    ):
         data = ref.encode(x, kp.CodecConfig(**overrides).to_dict())
         np.testing.assert_allclose(kp.decode(data), ref.decode(data), rtol=1e-5, atol=1e-5)
 
@@ -304,8 +406,30 @@ def test_identical_codes_and_tables_as_reference():
     a = np.frombuffer(rust["block/0/0/codes"], np.uint8)
     b = np.frombuffer(theirs["block/0/0/codes"], np.uint8)
     assert (a == b).mean() > 0.99
-    for bits in (1, 2, 3, 4):
+    for bits in range(1, 9):
         np.testing.assert_allclose(kp.gaussian_centroids(bits), ref.lloyd_max_gaussian(bits)[0], rtol=1e-6)
+    with pytest.raises(kp.ConfigError, match="1..=8"):
+        kp.gaussian_centroids(9)
+
+
+@pytest.mark.parametrize("share_basis", [False, True])
+def test_identical_allocation_and_codes_as_reference(share_basis):
+    x = gaussian((512, 2, 32), seed=10) * np.exp(-np.arange(32, dtype=np.float32) / 8)
+    cfg = kp.CodecConfig(
+        bits=3, skeleton_dtype="f32", allocation="variance", share_basis=share_basis, block_size=256
+    )
+    ours, theirs = kp.encode(x, cfg).to_bytes(), ref.encode(x, cfg.to_dict())
+    a, b = ref.parse(ours), ref.parse(theirs)
+    assert a.header["scale_dtype"] == b.header["scale_dtype"] and len(a.body) == len(b.body)
+    skels_a = a.shared or [blk.skeleton for row in a.blocks for blk in row]
+    skels_b = b.shared or [blk.skeleton for row in b.blocks for blk in row]
+    for sa, sb in zip(skels_a, skels_b, strict=True):
+        np.testing.assert_array_equal(sa.bits, sb.bits)
+        np.testing.assert_allclose(sa.sigma, sb.sigma, rtol=1e-6)
+    for ra, rb in zip(a.blocks, b.blocks, strict=True):
+        for ba, bb in zip(ra, rb, strict=True):
+            assert (ba.codes == bb.codes).mean() > 0.995
+            np.testing.assert_allclose(ba.scales, bb.scales, rtol=1e-3)
 
 
 def test_stub_matches_the_extension_module():

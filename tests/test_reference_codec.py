@@ -540,7 +540,9 @@ def test_header_and_layout():
     ]
     assert header["shape"] == [70, 2, 8] and header["dtype"] == "f32"
     assert header["library"] == "kakeya-reference" and header["blocks_per_head"] == 3
-    assert header["config"] == {**rc.DEFAULT_CONFIG, "bits": 2, "block_size": 32, "outlier_threshold": 2.5}
+    # Version 1 (allocation "uniform"): the header config has every field but `allocation`.
+    v1_defaults = {k: v for k, v in rc.DEFAULT_CONFIG.items() if k != "allocation"}
+    assert header["config"] == {**v1_defaults, "bits": 2, "block_size": 32, "outlier_threshold": 2.5}
     assert b'"rank":null' in raw
     assert struct.unpack_from("<I", data, len(data) - 4)[0] == zlib.crc32(data[:-4])
     ps = rc.parse(data)
@@ -586,7 +588,8 @@ def corrupt_variants(data):
     yield "bad magic, crc fixed", refresh_crc(b"XAKEYA" + data[6:])
     yield "bad crc", data[:-1] + bytes([data[-1] ^ 1])
     yield "flipped body byte", data[:40] + bytes([data[40] ^ 0x10]) + data[41:]
-    yield "unknown version", refresh_crc(data[:6] + struct.pack("<H", 2) + data[8:])
+    yield "unknown version", refresh_crc(data[:6] + struct.pack("<H", 3) + data[8:])
+    yield "version 0", refresh_crc(data[:6] + struct.pack("<H", 0) + data[8:])
     yield "header length too long", refresh_crc(data[:8] + struct.pack("<I", len(data)) + data[12:])
     yield "not json", refresh_crc(data[:12] + b"{" * hlen + data[12 + hlen :])
     yield "empty", b""
@@ -617,7 +620,7 @@ def test_corrupt_bytes_raise_value_error():
             rc.decode(bad)
         assert name  # for the failure message
     with pytest.raises(ValueError, match="version"):
-        rc.decode(refresh_crc(data[:6] + struct.pack("<H", 2) + data[8:]))
+        rc.decode(refresh_crc(data[:6] + struct.pack("<H", 3) + data[8:]))
     with pytest.raises(ValueError, match="magic"):
         rc.decode(b"KAKEYB" + data[6:])
     with pytest.raises(ValueError, match="checksum"):
@@ -687,3 +690,197 @@ def test_bad_inputs_raise():
         rc.encode(x, {"metric": "inner_product"}, -np.eye(8)[None])
     with pytest.raises(ValueError):
         rc.encode(x, {"metric": "inner_product"}, np.eye(4)[None])
+
+
+# ------------------------------------------------------- allocation "variance"
+
+# MSE of the Lloyd–Max fixed point for 5..8 bits, mpmath at 40 digits (quadrature per cell).
+LLOYD_MAX_WIDE = {
+    5: 0.0025046683556748,
+    6: 0.000644239665317262,
+    7: 0.000163478229980237,
+    8: 4.11850828671175e-5,
+}
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7, 8])
+def test_wide_lloyd_max_tables(bits):
+    c, mse = rc.lloyd_max_gaussian(bits)
+    assert c.shape == (1 << bits,) and np.all(np.diff(c.astype(np.float32)) > 0)
+    np.testing.assert_array_equal(c, -c[::-1])
+    assert mse == pytest.approx(LLOYD_MAX_WIDE[bits], rel=1e-9)
+    assert rc.distortion(bits) == mse and rc.distortion(0) == 1.0
+    g = rc.rng_gaussians(bits, 9, 0, 0, 200_000).astype(np.float32)
+    table = c.astype(np.float32)
+    err = np.mean((table[rc.quantize(g, table)].astype(np.float64) - g) ** 2)
+    assert err == pytest.approx(mse, rel=0.03)
+
+
+def test_allocate_rules():
+    assert rc.allocate(np.ones(4), 10).tolist() == [3, 3, 2, 2]
+    assert rc.allocate(np.array([16.0, 1.0, 0.0]), 6).tolist() == [4, 2, 0]
+    assert rc.allocate(np.array([1.0, 0.0]), 20).tolist() == [8, 0]
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        lam = rng.lognormal(0, 3, size=rng.integers(1, 30)) * (rng.random(1) > 0.2)
+        lam[rng.random(lam.size) < 0.2] = 0.0
+        bits = int(rng.integers(1, 5))
+        b = rc.allocate(lam, bits * lam.size)
+        assert int(b.sum()) == min(bits * lam.size, 8 * int(np.count_nonzero(lam)))
+        assert np.all(b[lam == 0] == 0) and b.max(initial=0) <= 8
+        order = np.argsort(-lam, kind="stable")
+        assert np.all(np.diff(b[order].astype(int)) <= 0)  # monotone in λ
+
+
+@pytest.mark.parametrize("widths", [[3, 0, 5], [8, 8, 1], [0, 0, 0], [2, 7, 4, 1, 0, 6]])
+def test_pack_widths_lsb_first(widths):
+    widths = np.array(widths, dtype=np.uint8)
+    rng = np.random.default_rng(int(widths.sum()))
+    codes = np.stack([rng.integers(0, 1 << int(w), size=9) for w in widths], axis=1).astype(np.uint8)
+    flat = [int(codes[t, j]) for t in range(9) for j in range(len(widths))]
+    wide = [int(w) for _ in range(9) for w in widths]
+    out = bytearray(-(-sum(wide) // 8))
+    pos = 0
+    for code, w in zip(flat, wide, strict=True):
+        for k in range(w):
+            if (code >> k) & 1:
+                out[pos // 8] |= 1 << (pos % 8)
+            pos += 1
+    assert rc.pack_widths(codes, widths) == bytes(out)
+    np.testing.assert_array_equal(rc.unpack_widths(bytes(out), 9, widths), codes)
+
+
+def decaying_data(t, h, d, decay, seed=0):
+    return low_rank_data(t, h, d, np.exp(-np.arange(d) / (2 * decay)), seed=seed)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("share", [False, True])
+def test_variance_allocation_beats_uniform(bits, share):
+    x = decaying_data(1024, 2, 32, decay=6.0, seed=bits)
+    cfg = {"bits": bits, "block_size": 512, "share_basis": share, "outlier_threshold": 3.0}
+    uni = rc.encode(x, cfg)
+    var = rc.encode(x, {**cfg, "allocation": "variance"})
+    xc = x - x.mean(axis=0)
+    eu = rel_mse(rc.decode(uni) - x.mean(axis=0), xc)
+    ev = rel_mse(rc.decode(var) - x.mean(axis=0), xc)
+    assert ev < 0.67 * eu, (ev, eu)
+    assert ev < 1.3 * rc.lloyd_max_gaussian(bits)[1]
+    assert abs(len(var) / len(uni) - 1) < 0.03
+
+
+def test_variance_layout_and_version():
+    x = decaying_data(70, 2, 8, decay=3.0, seed=5)
+    data = rc.encode(x, {"bits": 2, "block_size": 32, "outlier_threshold": 2.0, "allocation": "variance"})
+    assert struct.unpack_from("<H", data, 6)[0] == 2
+    hlen = struct.unpack_from("<I", data, 8)[0]
+    raw = data[12 : 12 + hlen]
+    assert raw.endswith(
+        b',"allocation":"variance"},"scale_dtype":"f16","preconditioner":false,'
+        b'"blocks_per_head":3,"library":"kakeya-reference"}'
+    )
+    ps = rc.parse(data)
+    secs = rc.body_sections(data)
+    for h in range(2):
+        for i, blk in enumerate(ps.blocks[h]):
+            r, n = blk.skeleton.rank, blk.rows
+            k = f"block/{h}/{i}"
+            assert len(secs[f"{k}/skeleton"]) == 2 + (1 + r) * 8 * 2 + r + 2 * r
+            b = blk.skeleton.bits
+            assert int(b.sum()) == min(2 * r, 8 * int(np.count_nonzero(blk.skeleton.sigma)))
+            assert len(secs[f"{k}/scales"]) == 2 * n
+            assert len(secs[f"{k}/codes"]) == math.ceil(n * int(b.sum()) / 8)
+            assert np.all(blk.codes[:, b == 0] == 0)
+    # Version 1 cannot carry allocation "variance"; versions 0 and 3 are unknown.
+    with pytest.raises(ValueError, match="version"):
+        rc.parse(refresh_crc(data[:6] + struct.pack("<H", 1) + data[8:]))
+    for v in (0, 3):
+        with pytest.raises(ValueError, match="unknown format version"):
+            rc.parse(refresh_crc(data[:6] + struct.pack("<H", v) + data[8:]))
+
+
+def test_variance_literal_block_encoding():
+    """One block of allocation "variance" encoded with scalar loops, against the record."""
+    x = decaying_data(12, 1, 4, decay=1.0, seed=6)
+    cfg = rc.make_config(bits=2, skeleton_dtype="f32", outlier_threshold=1.5, allocation="variance")
+    blk = rc.parse(rc.encode(x, cfg)).blocks[0][0]
+    sk = blk.skeleton
+    c = [
+        [
+            np.float32(
+                sum((float(x[t, 0, k]) - float(sk.mean[k])) * float(sk.basis_t[j, k]) for k in range(4))
+            )
+            for j in range(4)
+        ]
+        for t in range(12)
+    ]
+    lam = [sum(float(c[t][j]) ** 2 for t in range(12)) / 12 for j in range(4)]
+    bits = [0] * 4
+    dd = [rc.distortion(b) - rc.distortion(b + 1) for b in range(8)]
+    for _ in range(8):
+        j = max((j for j in range(4) if lam[j] > 0 and bits[j] < 8), key=lambda j: (lam[j] * dd[bits[j]], -j))
+        bits[j] += 1
+    assert sk.bits.tolist() == bits
+    sigma = [np.float16(math.sqrt(lam[j])) if bits[j] else 0.0 for j in range(4)]
+    np.testing.assert_array_equal(sk.sigma, np.array(sigma, dtype=np.float32))
+    live = [j for j in range(4) if bits[j]]
+    codes, outliers = [], []
+    for t in range(12):
+        s = math.sqrt(
+            sum((float(c[t][j]) / float(np.float32(math.sqrt(lam[j])))) ** 2 for j in live) / len(live)
+        )
+        s = np.float16(s)
+        assert blk.scales[t] == np.float32(s)
+        for j in live:
+            z = np.float32(np.float32(c[t][j] / np.float32(sigma[j])) / np.float32(s))
+            table = rc.lloyd_max_gaussian(bits[j])[0].astype(np.float32)
+            codes.append(
+                sum(1 for a, b in zip(table, table[1:], strict=False) if z > np.float32((a + b) / 2))
+            )
+            if abs(z) > 1.5:
+                outliers.append((t * 4 + j, np.float16(z)))
+    assert [int(blk.codes[t, j]) for t in range(12) for j in live] == codes
+    assert [(int(a), b) for a, b in blk.outliers[0].tolist()] == [(a, float(b)) for a, b in outliers]
+
+
+def test_variance_zero_variance_and_empty():
+    const = np.full((8, 2, 6), 0.5, dtype=np.float32)
+    data = rc.encode(const, {"allocation": "variance", "outlier_threshold": 2.0})
+    assert all(
+        int(b.skeleton.bits.sum()) == 0 and b.padded == 0 for row in rc.parse(data).blocks for b in row
+    )
+    np.testing.assert_array_equal(rc.decode(data), const)
+    for cfg in ({"allocation": "variance"}, {"allocation": "variance", "share_basis": True}):
+        assert rc.decode(rc.encode(np.zeros((0, 2, 8), np.float32), cfg)).shape == (0, 2, 8)
+    with pytest.raises(ValueError, match="centroids"):
+        rc.make_config(allocation="variance", centroids=[-1.0, -0.3, 0.3, 1.0, 1.5, 2.0, 2.5, 3.0])
+    with pytest.raises(ValueError, match="allocation"):
+        rc.make_config(allocation="kvtc")
+
+
+def test_variance_corrupt_and_mutated_bytes():
+    x = decaying_data(64, 2, 8, decay=3.0, seed=7)
+    for share in (False, True):
+        data = rc.encode(
+            x,
+            {
+                "bits": 3,
+                "block_size": 32,
+                "outlier_threshold": 2.0,
+                "allocation": "variance",
+                "share_basis": share,
+            },
+        )
+        rc.decode(data)
+        for _name, bad in corrupt_variants(data):
+            with pytest.raises(ValueError):
+                rc.decode(bad)
+        rng = np.random.default_rng(24)
+        for _ in range(200):
+            buf = bytearray(data)
+            for pos in rng.integers(0, len(buf) - 4, size=rng.integers(1, 4)):
+                buf[pos] = int(rng.integers(0, 256))
+            try:
+                rc.decode(refresh_crc(bytes(buf)))
+            except ValueError:
+                pass

@@ -44,6 +44,56 @@ pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
     }
 }
 
+/// Bytes needed for `rows` rows of codes whose widths are `widths` (one per component).
+/// `None` on overflow.
+pub fn packed_len_widths(rows: usize, widths: &[u8]) -> Option<usize> {
+    let per_row: usize = widths.iter().map(|&w| usize::from(w)).sum();
+    Some(rows.checked_mul(per_row)?.div_ceil(8))
+}
+
+/// Packs `codes` (`rows × widths.len()`, row-major; code `j` of a row `< 2^widths[j]`) into
+/// one LSB-first bit stream, each row's codes in component order; width-0 components
+/// take no bits. `out` must be [`packed_len_widths`] long and zeroed.
+pub fn pack_widths(codes: &[u8], widths: &[u8], out: &mut [u8]) {
+    let mut acc: u32 = 0;
+    let mut filled = 0usize;
+    let mut pos = 0usize;
+    for row in codes.chunks_exact(widths.len().max(1)) {
+        for (&code, &w) in row.iter().zip(widths) {
+            acc |= u32::from(code) << filled;
+            filled += usize::from(w);
+            while filled >= 8 {
+                out[pos] = acc as u8;
+                pos += 1;
+                acc >>= 8;
+                filled -= 8;
+            }
+        }
+    }
+    if filled > 0 {
+        out[pos] = acc as u8;
+    }
+}
+
+/// Inverse of [`pack_widths`]: fills `out` (`rows × widths.len()`); width-0 codes are 0.
+pub fn unpack_widths(packed: &[u8], widths: &[u8], out: &mut [u8]) {
+    let mut acc: u32 = 0;
+    let mut available = 0usize;
+    let mut bytes = packed.iter();
+    for row in out.chunks_exact_mut(widths.len().max(1)) {
+        for (code, &w) in row.iter_mut().zip(widths) {
+            let w = usize::from(w);
+            while available < w {
+                acc |= u32::from(*bytes.next().unwrap_or(&0)) << available;
+                available += 8;
+            }
+            *code = (acc & ((1u32 << w) - 1)) as u8;
+            acc >>= w;
+            available -= w;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +118,36 @@ mod tests {
             unpack(&packed, bits, &mut back);
             prop_assert_eq!(back, codes);
         }
+
+        #[test]
+        fn pack_widths_roundtrip(
+            widths in proptest::collection::vec(0u8..=8, 1..20),
+            rows in 0usize..12,
+            seed in any::<u64>(),
+        ) {
+            let mut rng = crate::rng::SplitMix64::new(seed, 0, 0, 0);
+            let codes: Vec<u8> = (0..rows * widths.len())
+                .map(|i| (rng.next_u64() & ((1u64 << widths[i % widths.len()]) - 1)) as u8)
+                .collect();
+            let mut packed = vec![0u8; packed_len_widths(rows, &widths).unwrap()];
+            pack_widths(&codes, &widths, &mut packed);
+            let mut back = vec![0u8; codes.len()];
+            unpack_widths(&packed, &widths, &mut back);
+            prop_assert_eq!(&back, &codes);
+            // Equal widths give the fixed-width layout.
+            if widths.iter().all(|&w| w == widths[0]) && widths[0] > 0 {
+                let mut fixed = vec![0u8; packed_len(codes.len(), widths[0])];
+                pack(&codes, widths[0], &mut fixed);
+                prop_assert_eq!(fixed, packed);
+            }
+        }
+    }
+
+    #[test]
+    fn widths_layout_is_lsb_first() {
+        // Widths [3, 0, 5]: row codes 0b101, (none), 0b10011 -> 101 | 10011 << 3.
+        let mut out = [0u8; 1];
+        pack_widths(&[0b101, 0, 0b10011], &[3, 0, 5], &mut out);
+        assert_eq!(out[0], 0b1001_1101);
     }
 }

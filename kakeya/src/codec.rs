@@ -3,12 +3,13 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
+use crate::allocation::allocate;
 use crate::bitpack;
-use crate::config::{CodecConfig, Metric, SkeletonDtype};
+use crate::config::{Allocation, CodecConfig, Metric, SkeletonDtype};
 use crate::error::{CodecError, Result};
-use crate::format::{self, Header, Reader, ScaleDtype, Writer, FORMAT_VERSION, MAGIC};
+use crate::format::{self, Header, Reader, ScaleDtype, Writer, MAGIC};
 use crate::hadamard;
-use crate::lloyd_max::{gaussian_table, Quantizer};
+use crate::lloyd_max::{gaussian_table, Quantizer, MAX_TABLE_BITS};
 use crate::parallel::map_jobs;
 use crate::pca::{self, Skeleton, SHARED_BLOCK_KEY};
 use crate::tensor::{checked_numel, DType, OwnedElements, TensorView};
@@ -28,23 +29,43 @@ pub struct Encoded {
     preconditioner: Option<Vec<(Vec<f32>, Vec<f32>)>>,
     /// Shared skeleton per head (share_basis only).
     shared: Vec<Skeleton>,
+    /// Bit allocation of each shared skeleton (share_basis with allocation "variance").
+    shared_alloc: Vec<BitAllocation>,
     /// `[start, end)` of each block record within the body, head-major.
     blocks: Vec<(usize, usize)>,
+}
+
+/// Per-component bits `b_i` and normalisers `σ_i` of one skeleton (allocation
+/// "variance"); `σ_i = 0` exactly where `b_i = 0`.
+#[derive(Debug, Clone, PartialEq)]
+struct BitAllocation {
+    bits: Vec<u8>,
+    sigma: Vec<f32>,
+}
+
+impl BitAllocation {
+    /// Number of components that get codes.
+    fn coded(&self) -> usize {
+        self.bits.iter().filter(|&&b| b > 0).count()
+    }
 }
 
 /// A block record, parsed but not dequantized.
 struct BlockRecord<'a> {
     own_skeleton: Option<Skeleton>,
+    own_alloc: Option<BitAllocation>,
     scales: Vec<f32>,
     codes: &'a [u8],
     /// `(row · P + coordinate, value)` pairs.
     outliers: Vec<(usize, f32)>,
 }
 
-/// Stage-one result of a block: skeleton, rotated coefficients and raw scales.
+/// Stage-one result of a block: skeleton, rotated coefficients (uniform) or plain
+/// coefficients (variance), and raw scales.
 struct RotatedBlock {
     own_skeleton: Option<Skeleton>,
     rank: usize,
+    /// Uniform: `n × P` rotated rows. Variance: `n × r` coefficients.
     rotated: Vec<f32>,
     scales: Vec<f32>,
 }
@@ -54,6 +75,114 @@ fn quantizer_for(config: &CodecConfig) -> Quantizer {
         Some(table) => Quantizer::new(table),
         None => Quantizer::new(gaussian_table(config.bits)),
     }
+}
+
+/// The Gaussian quantizers of 1..=8 bits, index `b − 1`.
+fn width_quantizers() -> Vec<Quantizer> {
+    (1..=MAX_TABLE_BITS)
+        .map(|b| Quantizer::new(gaussian_table(b)))
+        .collect()
+}
+
+/// Variances `λ_i = Σ c_{t,i}² / N` over every row of `blocks` (f64, rows in order), then
+/// the greedy allocation of `bits · r` bits and `σ_i = √λ_i` (f32; 0 where `b_i = 0`).
+/// A component whose `σ_i` would be 0 in f32 counts as variance 0.
+fn allocation_of(blocks: &[&[f32]], rank: usize, bits: u8) -> BitAllocation {
+    if rank == 0 {
+        return BitAllocation {
+            bits: Vec::new(),
+            sigma: Vec::new(),
+        };
+    }
+    let mut sum = vec![0.0f64; rank];
+    let mut rows = 0usize;
+    for coef in blocks {
+        for row in coef.chunks_exact(rank) {
+            for (s, &v) in sum.iter_mut().zip(row) {
+                *s += f64::from(v) * f64::from(v);
+            }
+            rows += 1;
+        }
+    }
+    let lambda: Vec<f64> = sum
+        .iter()
+        .map(|s| {
+            let l = s / rows.max(1) as f64;
+            if (l.sqrt() as f32) > 0.0 {
+                l
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let bits = allocate(&lambda, usize::from(bits) * rank);
+    let sigma = lambda
+        .iter()
+        .zip(&bits)
+        .map(|(l, &b)| if b > 0 { l.sqrt() as f32 } else { 0.0 })
+        .collect();
+    BitAllocation { bits, sigma }
+}
+
+/// Per-row scale `s_t = sqrt(mean over b_i > 0 of (c_{t,i} / σ_i)²)` (f64, then f32).
+fn variance_scales(coef: &[f32], alloc: &BitAllocation) -> Vec<f32> {
+    let rank = alloc.bits.len();
+    let coded = alloc.coded();
+    if coded == 0 {
+        return vec![0.0; coef.len().checked_div(rank).unwrap_or(0)];
+    }
+    coef.chunks_exact(rank)
+        .map(|row| {
+            let power: f64 = row
+                .iter()
+                .zip(alloc.bits.iter().zip(&alloc.sigma))
+                .filter(|(_, (&b, _))| b > 0)
+                .map(|(&c, (_, &sigma))| {
+                    let u = f64::from(c) / f64::from(sigma);
+                    u * u
+                })
+                .sum();
+            (power / coded as f64).sqrt() as f32
+        })
+        .collect()
+}
+
+fn write_allocation(w: &mut Writer, alloc: &BitAllocation, dtype: ScaleDtype) {
+    w.buf.extend_from_slice(&alloc.bits);
+    w.scales(&alloc.sigma, dtype);
+}
+
+fn read_allocation(
+    r: &mut Reader<'_>,
+    rank: usize,
+    bits: u8,
+    dtype: ScaleDtype,
+) -> Result<BitAllocation> {
+    let widths = r.take(rank, "bit allocation")?.to_vec();
+    let sigma = format::read_floats(
+        r.take_array(rank, dtype.size(), "component scales")?,
+        dtype.size(),
+        "component scales",
+    )?;
+    let mut spent = 0usize;
+    for (i, (&b, &s)) in widths.iter().zip(&sigma).enumerate() {
+        if b > MAX_TABLE_BITS || (b > 0) != (s > 0.0) || s < 0.0 {
+            return Err(CodecError::Corrupt(format!(
+                "component {i}: {b} bits with scale {s} (bits must be 0..=8, and the scale > 0 \
+                 exactly when bits > 0)"
+            )));
+        }
+        spent += usize::from(b);
+    }
+    if spent > usize::from(bits) * rank {
+        return Err(CodecError::Corrupt(format!(
+            "bit allocation spends {spent} bits on {rank} components, more than bits={bits} allows"
+        )));
+    }
+    Ok(BitAllocation {
+        bits: widths,
+        sigma,
+    })
 }
 
 fn round_scale(s: f32, dtype: ScaleDtype) -> f32 {
@@ -228,6 +357,7 @@ pub fn encode(
         preconditioner: false,
         blocks_per_head: tokens.div_ceil(config.block_size),
         library: format!("kakeya {}", env!("CARGO_PKG_VERSION")),
+        version: format::version_for(config),
     };
     if config.identity {
         return Encoded::from_bytes(assemble(&header, &input.elements.to_le_bytes()));
@@ -259,7 +389,8 @@ pub fn encode(
         let end = (start + config.block_size).min(tokens);
         (h, b, &head_rows[h][start * dim..end * dim])
     };
-    let rotated: Vec<RotatedBlock> = map_jobs(threads, heads * per_head, |job| {
+    let variance = config.allocation == Allocation::Variance;
+    let mut rotated: Vec<RotatedBlock> = map_jobs(threads, heads * per_head, |job| {
         let (h, b, rows) = block_rows(job);
         let n = rows.len() / dim;
         let own = if config.share_basis {
@@ -270,7 +401,11 @@ pub fn encode(
         let sk = own.as_ref().unwrap_or_else(|| &shared[h]);
         let rank = sk.rank;
         let coef = pca::coefficients(rows, dim, sk);
-        let (rotated, scales) = rotate_rows(&coef, n, rank, config.seed);
+        let (rotated, scales) = if variance {
+            (coef, Vec::new())
+        } else {
+            rotate_rows(&coef, n, rank, config.seed)
+        };
         Ok(RotatedBlock {
             own_skeleton: own,
             rank,
@@ -281,14 +416,74 @@ pub fn encode(
     .into_iter()
     .collect::<Result<_>>()?;
 
+    // Allocation "variance": one allocation per skeleton (per head when the basis is
+    // shared, over all of the head's rows), then the per-row scales.
+    let allocs: Vec<BitAllocation> = if !variance {
+        Vec::new()
+    } else if config.share_basis {
+        map_jobs(threads, shared.len(), |h| {
+            let coefs: Vec<&[f32]> = rotated[h * per_head..(h + 1) * per_head]
+                .iter()
+                .map(|b| &b.rotated[..])
+                .collect();
+            allocation_of(&coefs, shared[h].rank, config.bits)
+        })
+    } else {
+        map_jobs(threads, rotated.len(), |job| {
+            allocation_of(&[&rotated[job].rotated], rotated[job].rank, config.bits)
+        })
+    };
+    let alloc_index = |job: usize| {
+        if config.share_basis {
+            job / per_head
+        } else {
+            job
+        }
+    };
+    if variance {
+        let scales: Vec<Vec<f32>> = map_jobs(threads, rotated.len(), |job| {
+            variance_scales(&rotated[job].rotated, &allocs[alloc_index(job)])
+        });
+        for (block, s) in rotated.iter_mut().zip(scales) {
+            block.scales = s;
+        }
+    }
+
     let fits_f16 = |s: &f32| *s == 0.0 || (F16_MIN_NORMAL..=F16_MAX).contains(s);
-    if !rotated.iter().all(|b| b.scales.iter().all(fits_f16)) {
+    if !(rotated.iter().all(|b| b.scales.iter().all(fits_f16))
+        && allocs.iter().all(|a| a.sigma.iter().all(fits_f16)))
+    {
         header.scale_dtype = ScaleDtype::F32;
     }
-    let quantizer = quantizer_for(config);
-    let records: Vec<Vec<u8>> = map_jobs(threads, rotated.len(), |job| {
-        quantize_block(&rotated[job], config, header.scale_dtype, &quantizer)
-    });
+    let scale_dtype = header.scale_dtype;
+    let allocs: Vec<BitAllocation> = allocs
+        .into_iter()
+        .map(|a| BitAllocation {
+            sigma: a
+                .sigma
+                .iter()
+                .map(|&s| round_scale(s, scale_dtype))
+                .collect(),
+            bits: a.bits,
+        })
+        .collect();
+    let records: Vec<Vec<u8>> = if variance {
+        let quantizers = width_quantizers();
+        map_jobs(threads, rotated.len(), |job| {
+            quantize_block_variance(
+                &rotated[job],
+                config,
+                scale_dtype,
+                &allocs[alloc_index(job)],
+                &quantizers,
+            )
+        })
+    } else {
+        let quantizer = quantizer_for(config);
+        map_jobs(threads, rotated.len(), |job| {
+            quantize_block(&rotated[job], config, scale_dtype, &quantizer)
+        })
+    };
 
     let mut body = Writer::default();
     if let Some(l) = &l_hat {
@@ -301,9 +496,12 @@ pub fn encode(
         }
     }
     let mut skeleton_records = Vec::with_capacity(shared.len());
-    for sk in &shared {
+    for (h, sk) in shared.iter().enumerate() {
         let mut w = Writer::default();
         write_skeleton(&mut w, sk, config.skeleton_dtype);
+        if let Some(alloc) = allocs.get(h) {
+            write_allocation(&mut w, alloc, scale_dtype);
+        }
         skeleton_records.push(w.buf);
     }
     let table_len = 8 * (shared.len() + records.len());
@@ -373,18 +571,77 @@ fn quantize_block(
         .resize(start + bitpack::packed_len(codes.len(), config.bits), 0);
     bitpack::pack(&codes, config.bits, &mut w.buf[start..]);
     if config.outlier_threshold.is_some() {
-        let seg_rows = segment_rows(padded);
-        let seg_codes = seg_rows * padded;
-        for seg in 0..n.div_ceil(seg_rows) {
-            let range = seg * seg_codes..(seg + 1) * seg_codes;
-            let here: Vec<&(usize, f32)> =
-                outliers.iter().filter(|(i, _)| range.contains(i)).collect();
-            w.u32(here.len() as u32);
-            for &&(i, z) in &here {
-                w.u16((i - range.start) as u16);
-                w.f16(z);
+        write_outliers(&mut w, &outliers, n, padded);
+    }
+    w.buf
+}
+
+/// Outlier segments of `S = max(1, 65536 / width)` rows: a `u32` count, then
+/// `(u16 index within the segment, f16 z)` pairs. `outliers` is sorted by index.
+fn write_outliers(w: &mut Writer, outliers: &[(usize, f32)], n: usize, width: usize) {
+    let seg_rows = segment_rows(width);
+    let seg_codes = seg_rows * width;
+    for seg in 0..n.div_ceil(seg_rows) {
+        let range = seg * seg_codes..(seg + 1) * seg_codes;
+        let here: Vec<&(usize, f32)> = outliers.iter().filter(|(i, _)| range.contains(i)).collect();
+        w.u32(here.len() as u32);
+        for &&(i, z) in &here {
+            w.u16((i - range.start) as u16);
+            w.f16(z);
+        }
+    }
+}
+
+/// Block record of allocation "variance": own skeleton and allocation (unless shared),
+/// then, if some component has bits, the scales, the variable-width codes and outliers.
+fn quantize_block_variance(
+    block: &RotatedBlock,
+    config: &CodecConfig,
+    scale_dtype: ScaleDtype,
+    alloc: &BitAllocation,
+    quantizers: &[Quantizer],
+) -> Vec<u8> {
+    let mut w = Writer::default();
+    if let Some(sk) = &block.own_skeleton {
+        write_skeleton(&mut w, sk, config.skeleton_dtype);
+        write_allocation(&mut w, alloc, scale_dtype);
+    }
+    let rank = block.rank;
+    if alloc.coded() == 0 {
+        return w.buf;
+    }
+    let n = block.scales.len();
+    let scales: Vec<f32> = block
+        .scales
+        .iter()
+        .map(|&s| round_scale(s, scale_dtype))
+        .collect();
+    w.scales(&scales, scale_dtype);
+    let mut codes = vec![0u8; n * rank];
+    let mut outliers: Vec<(usize, f32)> = Vec::new();
+    for (t, (row, &s)) in block.rotated.chunks_exact(rank).zip(&scales).enumerate() {
+        for (i, &c) in row.iter().enumerate() {
+            let b = alloc.bits[i];
+            if b == 0 {
+                continue;
+            }
+            let z = if s > 0.0 {
+                (c / alloc.sigma[i]) / s
+            } else {
+                0.0
+            };
+            codes[t * rank + i] = quantizers[usize::from(b) - 1].code(z);
+            if config.outlier_threshold.is_some_and(|th| z.abs() > th) {
+                outliers.push((t * rank + i, z));
             }
         }
+    }
+    let len = bitpack::packed_len_widths(n, &alloc.bits).expect("n · Σb_i fits: n ≤ 2^24");
+    let start = w.buf.len();
+    w.buf.resize(start + len, 0);
+    bitpack::pack_widths(&codes, &alloc.bits, &mut w.buf[start..]);
+    if config.outlier_threshold.is_some() {
+        write_outliers(&mut w, &outliers, n, rank);
     }
     w.buf
 }
@@ -395,13 +652,50 @@ fn assemble(header: &Header, body: &[u8]) -> Vec<u8> {
     w.buf
         .reserve(format::PREAMBLE_LEN + json.len() + body.len() + 4);
     w.buf.extend_from_slice(MAGIC);
-    w.u16(FORMAT_VERSION);
+    w.u16(header.version);
     w.u32(json.len() as u32);
     w.buf.extend_from_slice(&json);
     w.buf.extend_from_slice(body);
     let crc = crc32fast::hash(&w.buf);
     w.u32(crc);
     w.buf
+}
+
+/// `c_{t,i} = (ẑ_{t,i} · ŝ_t) · σ̂_i` for components with bits, 0 for the others.
+fn dequantize_variance(
+    record: &BlockRecord<'_>,
+    alloc: &BitAllocation,
+    rank: usize,
+    coef: &mut [f32],
+) {
+    if alloc.coded() == 0 {
+        return;
+    }
+    let quantizers = width_quantizers();
+    let mut codes = vec![0u8; coef.len()];
+    bitpack::unpack_widths(record.codes, &alloc.bits, &mut codes);
+    let mut z: Vec<f32> = codes
+        .iter()
+        .enumerate()
+        .map(|(k, &c)| match alloc.bits[k % rank] {
+            0 => 0.0,
+            b => quantizers[usize::from(b) - 1].value(c),
+        })
+        .collect();
+    for &(i, v) in &record.outliers {
+        z[i] = v;
+    }
+    for ((out, row), &s) in coef
+        .chunks_exact_mut(rank)
+        .zip(z.chunks_exact(rank))
+        .zip(&record.scales)
+    {
+        for (i, (o, &zi)) in out.iter_mut().zip(row).enumerate() {
+            if alloc.bits[i] > 0 {
+                *o = (zi * s) * alloc.sigma[i];
+            }
+        }
+    }
 }
 
 impl Encoded {
@@ -427,6 +721,7 @@ impl Encoded {
             body_start,
             preconditioner: None,
             shared: Vec::new(),
+            shared_alloc: Vec::new(),
             blocks: Vec::new(),
             bytes: Vec::new(),
         };
@@ -511,15 +806,29 @@ impl Encoded {
             if n_shared > 0 {
                 check_start(shared_offsets[h], expected, "shared skeleton record")?;
                 let mut rr = Reader::new(&body[expected..], body_start + expected);
-                enc.shared.push(read_skeleton(&mut rr, dim, sk_dtype)?);
+                let sk = read_skeleton(&mut rr, dim, sk_dtype)?;
+                if config.allocation == Allocation::Variance {
+                    enc.shared_alloc.push(read_allocation(
+                        &mut rr,
+                        sk.rank,
+                        config.bits,
+                        header.scale_dtype,
+                    )?);
+                }
+                enc.shared.push(sk);
                 expected += rr.position();
             }
             for b in 0..per_head {
                 let start = block_offsets[h * per_head + b];
                 check_start(start, expected, "block record")?;
                 let n = enc.block_len(b);
-                let (_, used) =
-                    enc.parse_block(&body[start..], body_start + start, n, enc.shared.get(h))?;
+                let (_, used) = enc.parse_block(
+                    &body[start..],
+                    body_start + start,
+                    n,
+                    enc.shared.get(h),
+                    enc.shared_alloc.get(h),
+                )?;
                 expected = start + used;
                 enc.blocks.push((start, expected));
             }
@@ -546,33 +855,54 @@ impl Encoded {
         base: usize,
         n: usize,
         shared: Option<&Skeleton>,
+        shared_alloc: Option<&BitAllocation>,
     ) -> Result<(BlockRecord<'a>, usize)> {
         let config = &self.header.config;
         let dim = self.header.shape[2];
+        let variance = config.allocation == Allocation::Variance;
+        let scale_dtype = self.header.scale_dtype;
         let mut r = Reader::new(bytes, base);
         let own_skeleton = match shared {
             Some(_) => None,
             None => Some(read_skeleton(&mut r, dim, config.skeleton_dtype)?),
         };
+        let own_alloc = match (&own_skeleton, variance) {
+            (Some(sk), true) => Some(read_allocation(&mut r, sk.rank, config.bits, scale_dtype)?),
+            _ => None,
+        };
         let rank = own_skeleton.as_ref().or(shared).map_or(0, |s| s.rank);
-        let padded = hadamard::padded_len(rank);
+        // Codes per row (P for uniform, r for variance) and the bytes of the codes.
+        let (width, code_bytes, widths) = if variance {
+            let alloc = own_alloc.as_ref().or(shared_alloc).ok_or_else(|| {
+                CodecError::Corrupt("shared skeleton without its bit allocation".into())
+            })?;
+            let len = bitpack::packed_len_widths(n, &alloc.bits)
+                .ok_or_else(|| CodecError::Corrupt("code length overflows".into()))?;
+            let width = if alloc.coded() == 0 { 0 } else { rank };
+            (width, len, Some(alloc.bits.clone()))
+        } else {
+            let padded = hadamard::padded_len(rank);
+            (padded, bitpack::packed_len(n * padded, config.bits), None)
+        };
         let mut record = BlockRecord {
             own_skeleton,
+            own_alloc,
             scales: Vec::new(),
             codes: &[],
             outliers: Vec::new(),
         };
-        if padded == 0 {
+        if width == 0 {
             return Ok((record, r.position()));
         }
-        let scale_size = self.header.scale_dtype.size();
+        let scale_size = scale_dtype.size();
         record.scales =
             format::read_floats(r.take_array(n, scale_size, "scales")?, scale_size, "scales")?;
         if let Some(bad) = record.scales.iter().find(|&&s| s < 0.0) {
             return Err(CodecError::Corrupt(format!("negative scale {bad}")));
         }
-        record.codes = r.take(bitpack::packed_len(n * padded, config.bits), "codes")?;
+        record.codes = r.take(code_bytes, "codes")?;
         if config.outlier_threshold.is_some() {
+            let padded = width;
             let seg_rows = segment_rows(padded);
             for seg in 0..n.div_ceil(seg_rows) {
                 let rows_here = (n - seg * seg_rows).min(seg_rows);
@@ -585,6 +915,14 @@ impl Encoded {
                         return Err(CodecError::Corrupt(format!(
                             "outlier ({idx}, {value}) outside a segment of {rows_here} rows × {padded}"
                         )));
+                    }
+                    if let Some(w) = &widths {
+                        if w[idx % padded] == 0 {
+                            return Err(CodecError::Corrupt(format!(
+                                "outlier ({idx}, {value}) on component {} which has no bits",
+                                idx % padded
+                            )));
+                        }
                     }
                     record.outliers.push((seg * seg_rows * padded + idx, value));
                 }
@@ -605,6 +943,7 @@ impl Encoded {
             self.body_start + start,
             n,
             self.shared.get(h),
+            self.shared_alloc.get(h),
         )?;
         let sk = record
             .own_skeleton
@@ -612,7 +951,13 @@ impl Encoded {
             .unwrap_or_else(|| &self.shared[h]);
         let padded = hadamard::padded_len(sk.rank);
         let mut coef = vec![0.0f32; n * sk.rank];
-        if padded > 0 {
+        if config.allocation == Allocation::Variance {
+            let alloc = record
+                .own_alloc
+                .as_ref()
+                .unwrap_or_else(|| &self.shared_alloc[h]);
+            dequantize_variance(&record, alloc, sk.rank, &mut coef);
+        } else if padded > 0 {
             let quantizer = quantizer_for(config);
             let mut codes = vec![0u8; n * padded];
             bitpack::unpack(record.codes, config.bits, &mut codes);

@@ -58,6 +58,25 @@ impl SkeletonDtype {
     }
 }
 
+/// How the bits of a block are spread over its principal components.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Allocation {
+    /// Every coordinate gets `bits` after a randomized Hadamard rotation (format version 1).
+    #[default]
+    Uniform,
+    /// `bits · r` bits per vector spread over the `r` components by their variance, no
+    /// rotation (format version 2).
+    Variance,
+}
+
+impl Allocation {
+    /// Whether this is the default (uniform) allocation, omitted from the JSON form.
+    pub fn is_uniform(&self) -> bool {
+        *self == Self::Uniform
+    }
+}
+
 /// Every parameter of the codec (docs/codec.md, "Configuration").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -92,6 +111,10 @@ pub struct CodecConfig {
     pub power_iters: usize,
     /// Store the input verbatim (exact round trip, ratio ≤ 1 at bf16).
     pub identity: bool,
+    /// Bit allocation across components. Omitted from the JSON form when uniform, so
+    /// uniform encodings keep the version-1 header byte for byte.
+    #[serde(skip_serializing_if = "Allocation::is_uniform")]
+    pub allocation: Allocation,
 }
 
 impl Default for CodecConfig {
@@ -112,6 +135,7 @@ impl Default for CodecConfig {
             oversampling: 8,
             power_iters: 2,
             identity: false,
+            allocation: Allocation::Uniform,
         }
     }
 }
@@ -170,6 +194,13 @@ impl CodecConfig {
             }
         }
         if let Some(table) = &self.centroids {
+            if self.allocation == Allocation::Variance {
+                return Err(invalid(
+                    "centroids",
+                    "a caller's table applies to allocation=\"uniform\" only; allocation=\"variance\" \
+                     uses the Gaussian table of each component's bit width (set centroids to None)",
+                ));
+            }
             validate_centroids(table, self.bits)?;
         }
         if self.oversampling > MAX_HEAD_DIM {
@@ -195,7 +226,7 @@ impl CodecConfig {
         Ok(config)
     }
 
-    /// JSON form of the config.
+    /// JSON form of the config (`allocation` omitted when uniform).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a config always serialises")
     }
@@ -210,6 +241,13 @@ mod tests {
         let c = CodecConfig::default();
         c.validate().unwrap();
         assert_eq!(CodecConfig::from_json(&c.to_json()).unwrap(), c);
+        assert!(!c.to_json().contains("allocation"));
+        let v = CodecConfig {
+            allocation: Allocation::Variance,
+            ..Default::default()
+        };
+        assert!(v.to_json().ends_with(r#","allocation":"variance"}"#));
+        assert_eq!(CodecConfig::from_json(&v.to_json()).unwrap(), v);
     }
 
     #[test]
@@ -268,6 +306,14 @@ mod tests {
                 "centroids",
                 CodecConfig {
                     centroids: Some(vec![0.0; 3]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "centroids",
+                CodecConfig {
+                    centroids: Some(vec![-1.0, -0.3, 0.3, 1.0, 1.5, 2.0, 2.5, 3.0]),
+                    allocation: Allocation::Variance,
                     ..Default::default()
                 },
             ),

@@ -38,11 +38,11 @@ pub enum CodecError {
     #[error("not a kakeya encoding: bad magic {0:?} (expected \"KAKEYA\")")]
     BadMagic(Vec<u8>),
     /// The bytes were written by a format version this library cannot read.
-    #[error("unsupported format version {found} (this library reads version {supported})")]
+    #[error("unsupported format version {found} (this library reads versions 1 to {supported})")]
     UnsupportedVersion {
         /// Version found in the bytes.
         found: u16,
-        /// Version this library reads.
+        /// Newest version this library reads (it reads every version from 1 up).
         supported: u16,
     },
     /// The bytes end before a section does.

@@ -2,14 +2,26 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{CodecConfig, SkeletonDtype};
+use crate::config::{Allocation, CodecConfig, SkeletonDtype};
 use crate::error::{CodecError, Result};
 use crate::tensor::DType;
 
 /// First bytes of every encoding.
 pub const MAGIC: &[u8; 6] = b"KAKEYA";
-/// The format version this library writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest format version this library writes and reads. An encoding is written with
+/// the lowest version that can express it: 1 for `allocation = "uniform"` (byte for byte
+/// the version-1 format), 2 for `allocation = "variance"`.
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format version this library reads.
+pub const MIN_FORMAT_VERSION: u16 = 1;
+
+/// The version an encoding with `config` is written with.
+pub fn version_for(config: &CodecConfig) -> u16 {
+    match config.allocation {
+        Allocation::Uniform => 1,
+        Allocation::Variance => 2,
+    }
+}
 /// Largest header accepted when reading.
 pub const MAX_HEADER_LEN: usize = 1 << 20;
 /// Bytes before the header: magic, version, header length.
@@ -53,6 +65,9 @@ pub struct Header {
     pub blocks_per_head: usize,
     /// Writer, informational.
     pub library: String,
+    /// Format version read from (or to be written to) the preamble; not part of the JSON.
+    #[serde(skip)]
+    pub version: u16,
 }
 
 /// Little-endian writer of a growing buffer.
@@ -201,7 +216,7 @@ pub fn split(bytes: &[u8]) -> Result<(Header, &[u8], usize)> {
         return Err(CodecError::BadMagic(magic.to_vec()));
     }
     let version = r.u16("version")?;
-    if version != FORMAT_VERSION {
+    if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(CodecError::UnsupportedVersion {
             found: version,
             supported: FORMAT_VERSION,
@@ -229,8 +244,16 @@ pub fn split(bytes: &[u8]) -> Result<(Header, &[u8], usize)> {
     if stored != computed {
         return Err(CodecError::ChecksumMismatch { stored, computed });
     }
-    let header: Header = serde_json::from_slice(header_bytes).map_err(|e| {
+    let mut header: Header = serde_json::from_slice(header_bytes).map_err(|e| {
         CodecError::Corrupt(format!("header is not valid JSON of this version: {e}"))
     })?;
+    header.version = version;
+    if version < version_for(&header.config) {
+        return Err(CodecError::Corrupt(format!(
+            "allocation {:?} needs format version {}, the bytes say {version}",
+            header.config.allocation,
+            version_for(&header.config)
+        )));
+    }
     Ok((header, &bytes[body_start..crc_at], body_start))
 }

@@ -3,7 +3,8 @@
 //! A KV-cache codec. For each (layer, kv-head) stream of K or V vectors, blocks of
 //! consecutive tokens go through a PCA skeleton (exact or randomized), a seeded
 //! Walsh–Hadamard rotation, a per-vector scale, Lloyd–Max scalar codes and sparse exact
-//! outliers; K may be pre-conditioned by the query covariance. The result is a versioned,
+//! outliers (or, with `allocation = "variance"`, per-component bit widths that follow the
+//! component variances); K may be pre-conditioned by the query covariance. The result is a versioned,
 //! self-describing byte string whose length is the measured size of the cache.
 //!
 //! The algorithm and the bytes are specified in `docs/codec.md`.
@@ -18,6 +19,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod allocation;
 pub mod bitpack;
 mod codec;
 pub mod config;
@@ -31,8 +33,8 @@ pub mod rng;
 pub mod tensor;
 
 pub use codec::{encode, Encoded};
-pub use config::{CodecConfig, Metric, PcaMethod, SkeletonDtype};
+pub use config::{Allocation, CodecConfig, Metric, PcaMethod, SkeletonDtype};
 pub use error::{CodecError, Result};
-pub use format::{ScaleDtype, FORMAT_VERSION};
+pub use format::{ScaleDtype, FORMAT_VERSION, MIN_FORMAT_VERSION};
 pub use parallel::disable_after_fork;
 pub use tensor::{DType, Elements, OwnedElements, TensorView};

@@ -22,6 +22,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mse-4bit": {"bits": 4, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
     "mse-3bit": {"bits": 3, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
     "mse-2bit": {"bits": 2, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0},
+    # Bits follow component variance (docs/codec.md, allocation "variance"); same budget.
+    "var-4bit": {
+        "bits": 4,
+        "block_size": 4096,
+        "share_basis": True,
+        "outlier_threshold": 3.0,
+        "allocation": "variance",
+    },
+    "var-3bit": {
+        "bits": 3,
+        "block_size": 4096,
+        "share_basis": True,
+        "outlier_threshold": 3.0,
+        "allocation": "variance",
+    },
+    "var-2bit": {
+        "bits": 2,
+        "block_size": 4096,
+        "share_basis": True,
+        "outlier_threshold": 3.0,
+        "allocation": "variance",
+    },
 }
 
 

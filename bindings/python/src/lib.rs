@@ -3,8 +3,8 @@
 //! The Python API proper (numpy/torch handling, presets) lives in `python/kakeya_py/`.
 
 use kakeya::{
-    encode, CodecConfig, CodecError, DType, Elements, Encoded, Metric, OwnedElements, PcaMethod,
-    SkeletonDtype, TensorView,
+    encode, Allocation, CodecConfig, CodecError, DType, Elements, Encoded, Metric, OwnedElements,
+    PcaMethod, SkeletonDtype, TensorView,
 };
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -84,7 +84,7 @@ fn to_py_err(err: CodecError) -> PyErr {
     }
 }
 
-const FIELDS: [&str; 15] = [
+const FIELDS: [&str; 16] = [
     "bits",
     "block_size",
     "pca",
@@ -100,6 +100,7 @@ const FIELDS: [&str; 15] = [
     "oversampling",
     "power_iters",
     "identity",
+    "allocation",
 ];
 
 fn py_bool(v: bool) -> &'static str {
@@ -138,7 +139,7 @@ impl PyCodecConfig {
     #[new]
     #[pyo3(signature = (*, bits=3, block_size=1024, pca="exact", variance_ratio=1.0, rank=None, rank_cap=None,
         share_basis=false, outlier_threshold=None, metric="mse", centroids=None, skeleton_dtype="f16", seed=0,
-        oversampling=8, power_iters=2, identity=false))]
+        oversampling=8, power_iters=2, identity=false, allocation="uniform"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         bits: i64,
@@ -156,6 +157,7 @@ impl PyCodecConfig {
         oversampling: i64,
         power_iters: i64,
         identity: bool,
+        allocation: &str,
     ) -> PyResult<Self> {
         let count = |field: &'static str, v: i64| -> PyResult<usize> {
             usize::try_from(v).map_err(|_| {
@@ -202,6 +204,14 @@ impl PyCodecConfig {
             oversampling: count("oversampling", oversampling)?,
             power_iters: count("power_iters", power_iters)?,
             identity,
+            allocation: parse_choice(
+                "allocation",
+                allocation,
+                &[
+                    ("uniform", Allocation::Uniform),
+                    ("variance", Allocation::Variance),
+                ],
+            )?,
         };
         inner.validate().map_err(to_py_err)?;
         Ok(Self { inner })
@@ -220,12 +230,15 @@ impl PyCodecConfig {
         })
     }
 
-    /// The config as a JSON-friendly dict (every field).
+    /// The config as a JSON-friendly dict (every field, `allocation` included).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let loads = py.import("json")?.getattr("loads")?;
-        Ok(loads
+        let dict = loads
             .call1((self.inner.to_json(),))?
-            .cast_into::<PyDict>()?)
+            .cast_into::<PyDict>()?;
+        // The JSON form omits the default allocation (version-1 headers have no such field).
+        dict.set_item("allocation", self.allocation())?;
+        Ok(dict)
     }
 
     /// Builds a validated config from a dict as written by `to_dict` (missing keys: defaults).
@@ -249,7 +262,7 @@ impl PyCodecConfig {
         format!(
             "CodecConfig(bits={}, block_size={}, pca='{}', variance_ratio={:?}, rank={}, rank_cap={}, share_basis={}, \
              outlier_threshold={}, metric='{}', centroids={}, skeleton_dtype='{}', seed={}, oversampling={}, \
-             power_iters={}, identity={})",
+             power_iters={}, identity={}, allocation='{}')",
             c.bits,
             c.block_size,
             self.pca(),
@@ -265,6 +278,7 @@ impl PyCodecConfig {
             c.oversampling,
             c.power_iters,
             py_bool(c.identity),
+            self.allocation(),
         )
     }
 
@@ -341,6 +355,13 @@ impl PyCodecConfig {
     #[getter]
     fn identity(&self) -> bool {
         self.inner.identity
+    }
+    #[getter]
+    fn allocation(&self) -> &'static str {
+        match self.inner.allocation {
+            Allocation::Uniform => "uniform",
+            Allocation::Variance => "variance",
+        }
     }
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
@@ -541,12 +562,13 @@ impl PyEncoded {
     }
 }
 
-/// The Gaussian Lloyd–Max centroids for `bits` (1..=4).
+/// The Gaussian Lloyd–Max centroids for `bits` (1..=8; 5..=8 are used by
+/// `allocation="variance"`).
 #[pyfunction]
 fn gaussian_centroids(bits: u8) -> PyResult<Vec<f32>> {
-    if !(1..=4).contains(&bits) {
+    if !(1..=kakeya::lloyd_max::MAX_TABLE_BITS).contains(&bits) {
         return Err(ConfigError::new_err(format!(
-            "bits must be 1..=4, got {bits}"
+            "bits must be 1..=8, got {bits}"
         )));
     }
     Ok(kakeya::lloyd_max::gaussian_table(bits).to_vec())
