@@ -164,7 +164,8 @@ class Encoded:
     def __repr__(self) -> str:
         return (
             f"Encoded(shape={self.shape}, dtype='{self.dtype}', nbytes={self.nbytes}, "
-            f"ratio={self.ratio:.3f}, bits={self.config.bits}, identity={self.config.identity})"
+            f"ratio={self.ratio:.3f}, bits={self.config.bits}, allocation='{self.config.allocation}', "
+            f"identity={self.config.identity})"
         )
 
 
