@@ -15,10 +15,11 @@ mkdir -p reports
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(eval engines compare memory calibration throughput overhead)
 
-run() {  # run NAME CMD...: stdout (Markdown) to reports/NAME.md
+run() {  # run NAME CMD...: the Markdown summary on stdout to reports/NAME.md
     local name=$1; shift
     echo "== $name: $*" >&2
-    "$@" > "reports/$name.md"
+    # vLLM's loggers print to stdout too: keep from the summary's heading on
+    "$@" | sed -n '/^## kakeya/,$p' > "reports/$name.md"
 }
 
 for step in "${steps[@]}"; do
