@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "kakeya_py.calibration_cli",
     "kakeya_py.engines_cli",
     "kakeya_py.sweep_cli",
+    "kakeya_py.tune",
 ]
 
 ENGINES: dict[str, str] = {

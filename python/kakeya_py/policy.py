@@ -62,6 +62,10 @@ def _codec_config(d: Mapping[str, Any] | None):
 
 _SHARED_4BIT = {"bits": 4, "block_size": 4096, "share_basis": True, "outlier_threshold": 3.0}
 
+#: Saved policy presets, ``NAME.json`` (package data; ``kakeya tune --save-preset NAME``).
+#: ``load_policy(NAME)`` resolves them after the built-in :data:`POLICY_PRESETS`.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
 # Policy presets: plain dicts, turned into Policy objects by ``preset_policy``.
 # ``recommended`` was chosen by measurement on SmolLM2-135M (30 layers), snapshot mode,
 # 4 passages x (512 + 128) tokens, float32 (see docs/harness.md, "Choosing recommended"):
@@ -226,11 +230,21 @@ def _expand(spec: str) -> list[int]:
     return out
 
 
+def preset_names() -> list[str]:
+    """Built-in presets and the saved ones in :data:`PRESETS_DIR`."""
+    saved = {p.stem for p in PRESETS_DIR.glob("*.json")} if PRESETS_DIR.is_dir() else set()
+    return sorted(set(POLICY_PRESETS) | saved)
+
+
 def preset_policy(name: str) -> Policy:
-    """A named policy preset (``identity``, ``recommended``, ...)."""
-    if name not in POLICY_PRESETS:
-        raise ValueError(f"unknown policy preset {name!r}; known: {sorted(POLICY_PRESETS)}")
-    return Policy.from_dict(POLICY_PRESETS[name], name=name)
+    """A named policy preset: built in (``identity``, ``recommended``) or saved as
+    ``presets/NAME.json`` (e.g. by ``kakeya tune --save-preset NAME``)."""
+    if name in POLICY_PRESETS:
+        return Policy.from_dict(POLICY_PRESETS[name], name=name)
+    path = PRESETS_DIR / f"{name}.json"
+    if "/" not in name and path.is_file():
+        return load_policy(str(path))
+    raise ValueError(f"unknown policy preset {name!r}; known: {preset_names()}")
 
 
 def load_policy(spec: str) -> Policy:
@@ -239,11 +253,11 @@ def load_policy(spec: str) -> Policy:
     A JSON file holding a bare codec config (keys such as ``bits``) is accepted too and
     applied to both streams on every layer.
     """
-    if spec in POLICY_PRESETS:
+    if spec in POLICY_PRESETS or ("/" not in spec and (PRESETS_DIR / f"{spec}.json").is_file()):
         return preset_policy(spec)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise ValueError(f"--config {spec!r} is neither a preset ({sorted(POLICY_PRESETS)}) nor a file")
+        raise ValueError(f"--config {spec!r} is neither a preset ({preset_names()}) nor a file")
     d = json.loads(path.read_text())
     if not isinstance(d, dict):
         raise ValueError(f"{path} must hold a JSON object")

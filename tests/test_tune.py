@@ -1,0 +1,307 @@
+"""``kakeya tune`` on a tiny random Llama: budget, compression, determinism, output files.
+
+The search runs on the real codec with the default ladder (exact -> 4 -> 3 -> 2 bits),
+on random-token passages long enough (ctx 192) that a compressed tensor is smaller than
+its bf16 copy, so every test below can fail.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import random_ids, tiny_model
+from kakeya_py.corpus import Passage
+from kakeya_py.harness import HFRunner, Variant, codec_transform
+from kakeya_py.policy import Policy, PolicyCodec, load_policy
+from kakeya_py.tune import (
+    Ladder,
+    LadderCodec,
+    TuneSettings,
+    reusing_runner,
+    save_preset,
+    search,
+    split_passages,
+    state_policy,
+)
+
+CTX, N_EVAL = 192, 24
+
+
+def passages(n: int = 2) -> list[Passage]:
+    out = []
+    for i in range(n):
+        ids = tuple(random_ids(CTX + N_EVAL + 1, seed=10 + i)[0].tolist())
+        out.append(Passage(i, i, CTX, N_EVAL, ids, 0, len(ids), None, None, ()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def run_search(model, **kw):
+    ladder = Ladder.load(None)
+    codec = LadderCodec(ladder, threads=2)
+    settings = TuneSettings(**{"budget_dppl": 0.02, "min_top1": 0.9, "check_every": 3, **kw})
+    runner = reusing_runner(model)
+    result = search(runner, passages(), ladder, codec, settings, progress=False)
+    return result, ladder, runner
+
+
+def measure_policy(model, policy: Policy):
+    codec = PolicyCodec(policy, 3, threads=2)
+    (res,), _ = HFRunner(model).run(passages(), [Variant("p", codec_transform(codec))], progress=False)
+    return res.summary(), res.ledger
+
+
+# -- ladder and policy ---------------------------------------------------------------------------
+def test_ladder_forms_and_errors(tmp_path):
+    default = Ladder.load(None)
+    assert [r is None for r in default.rungs["k"]] == [True, False, False, False]
+    assert [c.bits for c in default.configs["v"][1:]] == [4, 3, 2]
+    both = Ladder.from_dict([None, {"bits": 4, "allocation": "variance"}])
+    assert both.depth("k") == both.depth("v") == 2 and both.configs["k"][1].allocation == "variance"
+    only_k = Ladder.from_dict({"k": [None, {"bits": 3}]})
+    assert only_k.rungs["v"] == [None]
+    f = tmp_path / "ladder.json"
+    f.write_text(json.dumps({"k": [None, {"bits": 2}], "v": [None]}))
+    assert Ladder.load(str(f)).configs["k"][1].bits == 2
+    with pytest.raises(ValueError, match="bits"):
+        Ladder.from_dict([None, {"bits": 9}])
+    with pytest.raises(ValueError, match="unknown fields"):
+        Ladder.from_dict({"k": [None], "x": 1})
+    with pytest.raises(ValueError, match="no such file"):
+        Ladder.load(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="inner_product"):
+        LadderCodec(Ladder.from_dict({"k": [None, {"bits": 4, "metric": "inner_product"}]}))
+    with pytest.raises(ValueError, match="cost"):
+        TuneSettings(cost="bytes")
+
+
+def test_state_policy_says_exactly_what_the_state_says(tmp_path):
+    ladder = Ladder.load(None)
+    state = {(0, "k"): 0, (0, "v"): 1, (1, "k"): 2, (1, "v"): 1, (2, "k"): 2, (2, "v"): 3}
+    state[(3, "v")] = 1  # layer 3 K is outside the search: exact
+    policy = state_policy(state, ladder, 4, name="t", description="d")
+    for (layer, s), rung in state.items():
+        cfg = policy.config_for(layer, s, 4)
+        want = ladder.configs[s][rung]
+        assert (cfg is None) == (want is None) and (cfg is None or cfg.to_dict() == want.to_dict())
+    assert policy.config_for(3, "k", 4) is None
+    assert policy.k.bits == 3 and policy.v.bits == 4  # the most common rung is the stream's config
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(policy.to_dict()))
+    again = load_policy(str(path))
+    assert again.to_dict() == policy.to_dict() and again.name == "t"
+    exact = state_policy(dict.fromkeys(state, 0), ladder, 4)
+    assert exact.k is None and exact.v is None and exact.overrides == {} and exact.active(4) == []
+
+
+def test_saved_presets_resolve_by_name(tmp_path, monkeypatch):
+    import kakeya_py.policy as P
+
+    monkeypatch.setattr(P, "PRESETS_DIR", tmp_path / "presets")
+    policy = state_policy({(0, "v"): 1, (1, "v"): 1}, Ladder.load(None), 3, name="x")
+    path = save_preset(policy, "my-tuned")
+    assert path == tmp_path / "presets" / "my-tuned.json"
+    loaded = load_policy("my-tuned")
+    assert loaded.name == "my-tuned" and loaded.v.bits == 4 and loaded.config_for(2, "v", 3) is None
+    assert "my-tuned" in P.preset_names() and "recommended" in P.preset_names()
+    assert load_policy("recommended").name == "recommended"  # built-ins first
+    with pytest.raises(ValueError, match="built-in"):
+        save_preset(policy, "recommended")
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_policy("not-saved")
+
+
+def test_the_package_ships_the_presets_folder():
+    import kakeya_py.policy as P
+
+    assert P.PRESETS_DIR.parent.name == "kakeya_py" and P.PRESETS_DIR.is_dir()
+
+
+# -- search --------------------------------------------------------------------------------------
+def test_search_respects_the_budget_and_compresses(llama):
+    result, ladder, _ = run_search(llama)
+    assert result.rounds and result.stop_reason
+    row = result.search
+    assert abs(row["dppl"]) <= 0.02 and row["top1"] >= 0.9
+    assert row["ratio"] > result.base["ratio"] == pytest.approx(1.0)  # at least as compressed as exact
+    assert any(r > 0 for r in result.state.values())
+    # the written policy, applied by PolicyCodec on a plain runner, measures the same
+    policy = state_policy(result.state, ladder, 3)
+    summary, ledger = measure_policy(llama, policy)
+    assert summary["dppl"] == pytest.approx(row["dppl"], abs=1e-12)
+    assert summary["top1"] == row["top1"] and ledger.ratio() == pytest.approx(row["ratio"])
+    assert abs(summary["dppl"]) <= 0.02
+    # bytes of a combination are the sum of the per-(layer, stream) sensitivity bytes
+    table = {(e["layer"], e["stream"], e["rung"]): e["bytes"] for e in result.sensitivity}
+    raw = sum(ledger.raw.values())
+    predicted = sum(table[(la, s, r)] if r else ledger.raw[(la, s)] for (la, s), r in result.state.items())
+    assert raw / predicted == pytest.approx(row["ratio"])
+    # every kept candidate passed; the last kept one is the result
+    kept = [c for rd in result.rounds for c in rd["candidates"] if c["kept"]]
+    assert all(c["passes"] for c in kept if c is kept[-1]) and kept[-1]["dppl"] == row["dppl"]
+
+
+def test_search_is_deterministic(llama):
+    a, _, _ = run_search(llama)
+    b, _, _ = run_search(llama)
+    assert a.state == b.state
+    assert [c["dppl"] for r in a.rounds for c in r["candidates"]] == [
+        c["dppl"] for r in b.rounds for c in r["candidates"]
+    ]
+
+
+def test_zero_budget_keeps_everything_exact(llama):
+    result, ladder, _ = run_search(llama, budget_dppl=0.0, min_top1=0.95)
+    assert set(result.state.values()) == {0}
+    policy = state_policy(result.state, ladder, 3)
+    assert policy.active(3) == []
+
+
+def test_unlimited_budget_goes_to_the_bottom_of_the_ladder(llama):
+    result, _, _ = run_search(llama, budget_dppl=1e9, min_top1=0.0, check_every=50)
+    assert set(result.state.values()) == {3}  # 2-bit everywhere: every step saves bytes
+    assert result.search["ratio"] > 3
+
+
+def test_a_tighter_budget_compresses_less(llama):
+    loose, _, _ = run_search(llama, budget_dppl=0.05, min_top1=0.8)
+    tight, _, _ = run_search(llama, budget_dppl=0.002, min_top1=0.95)
+    assert tight.search["ratio"] <= loose.search["ratio"]
+    assert abs(tight.search["dppl"]) <= 0.002 and tight.search["top1"] >= 0.95
+
+
+def test_reusing_runner_computes_each_prefill_once(llama):
+    runner = reusing_runner(llama)
+    calls = []
+    original = HFRunner.prefill
+
+    def counting(self, ids):
+        calls.append(1)
+        return original(self, ids)
+
+    ladder = Ladder.load(None)
+    codec = LadderCodec(ladder, threads=2)
+    v = [Variant("a", codec.transform({(0, "k"): 2}))]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HFRunner, "prefill", counting)
+        (r1,), _ = runner.run(passages(), v, progress=False)
+        (r2,), _ = runner.run(passages(), v, progress=False)
+    assert len(calls) == 2  # two passages, once each
+    np.testing.assert_array_equal(r1.tokens[0].alt_logprob, r2.tokens[0].alt_logprob)
+    assert codec.encodes == 2  # K of layer 0, once per passage
+    (plain,), _ = HFRunner(llama).run(passages(), v, progress=False)
+    np.testing.assert_array_equal(plain.tokens[1].alt_logprob, r1.tokens[1].alt_logprob)
+    np.testing.assert_array_equal(plain.tokens[1].ref_logprob, r1.tokens[1].ref_logprob)
+
+
+def test_split_passages_are_disjoint_and_seeded():
+    from kakeya_py.corpus import TokenStream
+
+    ids = tuple(range(5000))
+    stream = TokenStream(ids, (), (0,), (0,), None)
+    s1, v1 = split_passages(stream, 3, 4, 100, 20, seed=0)
+    s2, v2 = split_passages(stream, 3, 4, 100, 20, seed=0)
+    s3, v3 = split_passages(stream, 3, 4, 100, 20, seed=1)
+    assert [p.window for p in s1] == [p.window for p in s2] and [p.window for p in v1] == [
+        p.window for p in v2
+    ]
+    assert [p.window for p in s1 + v1] != [p.window for p in s3 + v3]
+    windows = [p.window for p in s1 + v1]
+    assert len(set(windows)) == 7
+    spans = sorted((p.token_start, p.token_end) for p in s1 + v1)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert [p.index for p in v1] == [0, 1, 2, 3] and len(s1[0].token_ids) == 121
+    # longer validation passages: wider windows, each passage cut to its own length
+    s4, v4 = split_passages(stream, 3, 4, 100, 20, seed=0, val_n_eval=50)
+    assert [len(p.token_ids) for p in s4] == [121] * 3 and [len(p.token_ids) for p in v4] == [151] * 4
+    assert all(p.n_eval == 50 and p.token_end - p.token_start == 151 for p in v4)
+    assert all(p.token_ids == ids[p.token_start : p.token_end] for p in s4 + v4)
+    spans = sorted((p.token_start, p.token_end) for p in s4 + v4)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+# -- command -------------------------------------------------------------------------------------
+def _save_tiny_llama(folder) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model("llama").save_pretrained(folder)
+    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(256)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2"
+    ).save_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_tune_command_writes_a_policy_that_eval_runs(tmp_path, monkeypatch, capsys):
+    import kakeya_py.policy as P
+    from kakeya_py.cli import main
+
+    monkeypatch.setattr(P, "PRESETS_DIR", tmp_path / "presets")
+    folder = tmp_path / "tiny"
+    _save_tiny_llama(folder)
+    text = tmp_path / "text.txt"
+    rng = np.random.default_rng(0)
+    text.write_text(" ".join(f"t{i}" for i in rng.integers(3, 256, size=1200)) + "\n")
+    out = tmp_path / "out"
+    argv = [
+        "tune",
+        "--model",
+        str(folder),
+        "--text-file",
+        str(text),
+        "--passages",
+        "2",
+        "--val-passages",
+        "2",
+    ]
+    argv += [
+        "--ctx",
+        "192",
+        "--n-eval",
+        "24",
+        "--budget-dppl",
+        "0.02",
+        "--min-top1",
+        "0.9",
+        "--out",
+        str(out),
+    ]
+    argv += ["--no-progress", "--threads", "2", "--check-every", "4", "--save-preset", "tiny-tuned"]
+    assert main(argv) == 0
+    policy = json.loads((out / "policy.json").read_text())
+    record = json.loads((out / "tune.json").read_text())
+    md = (out / "tune.md").read_text()
+    assert policy["name"] == "tiny-tuned" and "budget 0.02" in policy["description"]
+    assert record["command"] in policy["description"] and record["command"] in md
+    search_windows = {p["window"] for p in record["passages_provenance"]["search"]}
+    val_windows = {p["window"] for p in record["passages_provenance"]["validation"]}
+    assert len(search_windows) == len(val_windows) == 2 and not search_windows & val_windows
+    res = record["search_result"]
+    assert abs(res["dppl"]) <= 0.02 and res["top1"] >= 0.9 and res["ratio"] > 1
+    assert [v["policy"] for v in record["validation"]] == ["tiny-tuned", "recommended"]
+    assert all(len(rd["candidates"]) <= 4 for rd in record["rounds"])
+    assert load_policy("tiny-tuned").to_dict() == load_policy(str(out / "policy.json")).to_dict() | {
+        "name": "tiny-tuned"
+    }
+    capsys.readouterr()
+    ev = ["eval", "--model", str(folder), "--text-file", str(text), "--passages", "2", "--ctx", "192"]
+    ev += ["--n-eval", "24", "--config", str(out / "policy.json"), "--no-progress", "--threads", "2"]
+    ev += ["--json", str(tmp_path / "eval.json")]
+    assert main(ev) == 0
+    r = json.loads((tmp_path / "eval.json").read_text())
+    assert r["config"]["name"] == "tiny-tuned" and r["ratio_measured"] == pytest.approx(
+        res["ratio"], rel=0.02
+    )
+    ev[ev.index("--config") + 1] = "tiny-tuned"  # the saved preset, by name
+    ev[-1] = str(tmp_path / "eval2.json")
+    assert main(ev) == 0
+    r2 = json.loads((tmp_path / "eval2.json").read_text())
+    assert r2["config"]["name"] == "tiny-tuned" and r2["dppl"] == r["dppl"]
