@@ -144,7 +144,7 @@ def test_search_respects_the_budget_and_compresses(llama):
     assert raw / predicted == pytest.approx(row["ratio"])
     # every kept candidate passed; the last kept one is the result
     kept = [c for rd in result.rounds for c in rd["candidates"] if c["kept"]]
-    assert all(c["passes"] for c in kept if c is kept[-1]) and kept[-1]["dppl"] == row["dppl"]
+    assert kept[-1]["passes"] and kept[-1]["dppl"] == row["dppl"] and kept[-1]["ratio"] == row["ratio"]
 
 
 def test_search_is_deterministic(llama):
