@@ -68,6 +68,8 @@ from typing import Any
 
 import numpy as np
 
+from .harness_cli import _finite
+
 SIGMA_Q_FILE = "sigma_q.safetensors"
 SIGMA_Q_JSON = "sigma_q.json"
 SIGMA_Q_FORMAT = "kakeya-sigma-q"
@@ -1341,22 +1343,6 @@ def calibrated_policy(
 
     Policy.from_dict(d)  # validate now
     return d
-
-
-def _finite(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.floating):
-        return _finite(float(obj))
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def command_line(argv: Sequence[str] | None) -> str:

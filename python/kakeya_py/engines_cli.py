@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from . import metrics as M
-from .harness_cli import add_eval_args, base_record, emit, finish_record, prepare_policy, prepare_text
+from .harness_cli import (
+    add_eval_args,
+    base_record,
+    emit,
+    finish_record,
+    measure_hf,
+    prepare_policy,
+    prepare_text,
+)
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -299,28 +307,6 @@ def engines_markdown(r: dict[str, Any]) -> str:
 
 
 # -- compare-engines -------------------------------------------------------------------------------
-def hf_measure(args):
-    """The HF measurement of ``kakeya eval`` keeping the per-passage tokens: ``(record, tokens)``."""
-    from .harness import Variant, codec_transform
-    from .harness_cli import _runner_and_codec
-
-    t0 = time.perf_counter()
-    runner, codec, info, policy, text = _runner_and_codec(args)
-    results, ref_seconds = runner.run(
-        text["passages"],
-        [Variant(policy.name, codec_transform(codec))],
-        mode=args.mode,
-        progress=not args.no_progress,
-        desc=f"hf {policy.name}",
-    )
-    res = results[0]
-    record = base_record(args, "hf", info, policy, text)
-    finish_record(record, res.summary(seed=args.seed), res.ledger, time.perf_counter() - t0)
-    record["seconds_reference"] = ref_seconds
-    record["seconds_codec"] = res.seconds
-    return record, res.tokens
-
-
 def decompose(hf_tokens, vl_tokens, *, seed: int = 0, samples: int = M.BOOTSTRAP_SAMPLES) -> dict[str, Any]:
     """Δppl under vLLM minus Δppl under HF, and where it comes from (paired passage bootstrap).
 
@@ -391,7 +377,7 @@ def cmd_compare_engines(args) -> int:
     import copy
 
     t0 = time.perf_counter()
-    hf_record, hf_tokens = hf_measure(args)
+    hf_record, hf_tokens = measure_hf(args, "hf")
     vargs = copy.copy(args)
     vargs.mode = args.vllm_mode or args.mode
     vl_record, vl_tokens, _ = vllm_measure(vargs, topk=args.topk)

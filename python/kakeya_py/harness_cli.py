@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 DEFAULT_CONFIG = "recommended"
 DEFAULT_DTYPE = "float32"
 
@@ -223,6 +225,9 @@ def finish_record(record: dict[str, Any], summary: dict[str, Any], ledger, secon
 
 
 def _finite(obj):
+    """``obj`` made JSON-safe: non-finite floats become None, numpy scalars Python numbers."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
@@ -261,8 +266,8 @@ def _runner_and_codec(args):
 
 
 # -- eval --------------------------------------------------------------------------------------
-def run_hf_eval(args) -> dict[str, Any]:
-    """The ``hf`` engine of ``kakeya eval``: returns the complete record."""
+def measure_hf(args, desc: str = "eval"):
+    """One policy under HF: ``(record, per-passage tokens)``."""
     from .harness import Variant, codec_transform
 
     t0 = time.perf_counter()
@@ -272,14 +277,19 @@ def run_hf_eval(args) -> dict[str, Any]:
         [Variant(policy.name, codec_transform(codec))],
         mode=args.mode,
         progress=not args.no_progress,
-        desc=f"eval {policy.name}",
+        desc=f"{desc} {policy.name}",
     )
     res = results[0]
     record = base_record(args, "hf", info, policy, text)
     finish_record(record, res.summary(seed=args.seed), res.ledger, time.perf_counter() - t0)
     record["seconds_reference"] = ref_seconds
     record["seconds_codec"] = res.seconds
-    return record
+    return record, res.tokens
+
+
+def run_hf_eval(args) -> dict[str, Any]:
+    """The ``hf`` engine of ``kakeya eval``: returns the complete record."""
+    return measure_hf(args)[0]
 
 
 def cmd_eval(args) -> int:

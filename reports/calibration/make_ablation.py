@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from kakeya_py.harness_cli import _finite
+
 HERE = Path(__file__).resolve().parent
 # fixed here (not the moving ``recommended`` preset) so the ablation stays comparable
 SHARED_BASIS = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0}
@@ -184,18 +186,6 @@ def main(argv=None) -> int:
     (out / "ablation.md").write_text(markdown(summary))
     sys.stdout.write(markdown(summary))
     return 0
-
-
-def _finite(obj):
-    import math
-
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _pct(x):
