@@ -42,12 +42,12 @@ def llama():
     return tiny_model("llama")
 
 
-def run_search(model, **kw):
+def run_search(model, previous=None, **kw):
     ladder = Ladder.load(None)
     codec = LadderCodec(ladder, threads=2)
     settings = TuneSettings(**{"budget_dppl": 0.02, "min_top1": 0.9, "check_every": 3, **kw})
     runner = reusing_runner(model)
-    result = search(runner, passages(), ladder, codec, settings, progress=False)
+    result = search(runner, passages(), ladder, codec, settings, progress=False, previous=previous)
     return result, ladder, runner
 
 
@@ -154,6 +154,13 @@ def test_search_is_deterministic(llama):
     assert [c["dppl"] for r in a.rounds for c in r["candidates"]] == [
         c["dppl"] for r in b.rounds for c in r["candidates"]
     ]
+    # step 1 taken from the record of the first search: same result, nothing re-measured there
+    c, _, _ = run_search(
+        llama, previous=json.loads(json.dumps({"base": a.base, "sensitivity": a.sensitivity}))
+    )
+    assert c.state == a.state and c.sensitivity == a.sensitivity
+    with pytest.raises(ValueError, match="other"):
+        run_search(llama, previous={"base": a.base, "sensitivity": a.sensitivity[1:]})
 
 
 def test_zero_budget_keeps_everything_exact(llama):
@@ -161,6 +168,16 @@ def test_zero_budget_keeps_everything_exact(llama):
     assert set(result.state.values()) == {0}
     policy = state_policy(result.state, ladder, 3)
     assert policy.active(3) == []
+
+
+def test_one_sided_budget_allows_only_lower_perplexity_at_zero(llama):
+    two, _, _ = run_search(llama, budget_dppl=0.0, min_top1=0.9)
+    one, _, _ = run_search(llama, budget_dppl=0.0, min_top1=0.9, two_sided=False)
+    assert set(two.state.values()) == {0}
+    assert one.search["dppl"] <= 0.0 and one.search["top1"] >= 0.9
+    for rd in one.rounds:
+        for c in rd["candidates"]:
+            assert c["passes"] == (c["dppl"] <= 0.0 and c["top1"] >= 0.9)
 
 
 def test_unlimited_budget_goes_to_the_bottom_of_the_ladder(llama):

@@ -26,12 +26,12 @@ once per passage)
    depend on the others, so the bytes of any combination are the sum).
 2. **Greedy.** A *step* moves one (layer, stream) from rung ``r`` to the nearest lower
    rung ``r'`` that stores fewer bytes and that passes the budget on its own
-   (``|d| ≤ budget`` and ``t ≥ min_top1``; a (layer, stream) with no such rung stays
-   where it is). Its gain is ``b_r − b_r'``, its cost (``--cost``):
+   (``|d| ≤ budget``, or ``d ≤ budget`` with ``--one-sided``, and ``t ≥ min_top1``; a
+   (layer, stream) with no such rung stays where it is). Its gain is ``b_r − b_r'``, its cost (``--cost``):
 
    - ``dppl``: ``max(d_r' − d_r, κ_r' − κ_r)``, the Δppl increase, or the KL increase
      when larger (KL(ref‖alt) is the expected NLL increase under the model's own
-     distribution, a noise-free lower bound on the Δppl a step costs);
+     distribution: a steadier estimate of what a step costs than the Δppl of a few tokens);
    - ``budget`` (default): the larger of that cost divided by the budget and the top-1
      drop ``t_r − t_r'`` divided by the top-1 slack ``1 − min_top1`` (the share of the
      tightest constraint the step uses; top-1 is the binding constraint on SmolLM2);
@@ -271,8 +271,10 @@ def measure(runner, passages, variants, *, seed: int, progress: bool, desc: str)
     return [_summary(r, seed) for r in results], results
 
 
-def passes(row: Mapping[str, Any], budget: float, min_top1: float) -> bool:
-    return abs(row["dppl"]) <= budget and row["top1"] >= min_top1
+def passes(row: Mapping[str, Any], budget: float, min_top1: float, *, two_sided: bool = True) -> bool:
+    """``|Δppl| ≤ budget`` (``Δppl ≤ budget`` when one-sided) and ``top-1 ≥ min_top1``."""
+    d = abs(row["dppl"]) if two_sided else row["dppl"]
+    return d <= budget and row["top1"] >= min_top1
 
 
 # -- search ------------------------------------------------------------------------------------
@@ -285,6 +287,10 @@ class TuneSettings:
     max_rounds: int = 50
     patience: int = 3
     seed: int = 0
+    two_sided: bool = True  # False: a lower perplexity does not count against the budget
+
+    def ok(self, row: Mapping[str, Any]) -> bool:
+        return passes(row, self.budget_dppl, self.min_top1, two_sided=self.two_sided)
 
     def __post_init__(self) -> None:
         if self.cost not in COSTS:
@@ -339,7 +345,7 @@ def _step_for(table: _Table, ladder: Ladder, layer: int, stream: str, rung: int,
     for r in range(rung + 1, ladder.depth(stream)):
         there = table.get(layer, stream, r)
         gain = here["bytes"] - there["bytes"]
-        if gain <= 0 or not passes(there, st.budget_dppl, st.min_top1):
+        if gain <= 0 or not st.ok(there):
             continue
         d_inc = there["dppl"] - here["dppl"]
         kl_inc = (there["kl_mean"] or 0.0) - (here["kl_mean"] or 0.0)
@@ -391,8 +397,13 @@ def search(
     streams: Sequence[str] = STREAMS,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    previous: Mapping[str, Any] | None = None,
 ) -> TuneResult:
-    """Steps 1 and 2 of the module doc on ``passages``; returns the winning state."""
+    """Steps 1 and 2 of the module doc on ``passages``; returns the winning state.
+
+    ``previous``: the ``base`` and ``sensitivity`` of an earlier record on the same
+    passages, ladder and pairs (``--reuse-sensitivity``); step 1 is then not re-run.
+    """
     from .harness import Variant
 
     t0 = time.perf_counter()
@@ -409,24 +420,25 @@ def search(
         for r in range(1, ladder.depth(s)):
             names.append(f"{s.upper()}{la}@{r}")
             states.append({**base, (la, s): r})
-    variants = [Variant(n, codec.transform(x)) for n, x in zip(names, states, strict=True)]
-    rows, results = measure(runner, passages, variants, seed=st.seed, progress=progress, desc="sensitivity")
-    base_row = rows[0]
-    base_bytes = {p: results[0].ledger.stored[p] for p in pairs}
-    table = _Table(base_row, base_bytes)
-    sensitivity = []
-    for name, x, row, res in zip(names[1:], states[1:], rows[1:], results[1:], strict=True):
-        (la, s), r = next((p, x[p]) for p in pairs if x[p] != 0)
-        entry = {
-            **row,
-            "layer": la,
-            "stream": s,
-            "rung": r,
-            "name": name,
-            "bytes": res.ledger.stored[(la, s)],
-        }
-        table.rows[(la, s, r)] = entry
-        sensitivity.append(entry)
+    if previous is not None:
+        base_row, sensitivity, base_bytes = _reuse(previous, names[1:], pairs)
+        table = _Table(base_row, base_bytes)
+        for e in sensitivity:
+            table.rows[(e["layer"], e["stream"], e["rung"])] = e
+    else:
+        variants = [Variant(n, codec.transform(x)) for n, x in zip(names, states, strict=True)]
+        rows, results = measure(
+            runner, passages, variants, seed=st.seed, progress=progress, desc="sensitivity"
+        )
+        base_row = rows[0]
+        table = _Table(base_row, {p: results[0].ledger.stored[p] for p in pairs})
+        sensitivity = []
+        for name, x, row, res in zip(names[1:], states[1:], rows[1:], results[1:], strict=True):
+            (la, s), r = next((p, x[p]) for p in pairs if x[p] != 0)
+            entry = {**row, "layer": la, "stream": s, "rung": r, "name": name}
+            entry["bytes"] = res.ledger.stored[(la, s)]
+            table.rows[(la, s, r)] = entry
+            sensitivity.append(entry)
     say(f"sensitivity: {len(sensitivity)} variants; base Δppl {base_row['dppl']:+.4%}")
 
     # 2. greedy
@@ -436,7 +448,7 @@ def search(
     rounds: list[dict[str, Any]] = []
     idle = 0
     stop = "no step left"
-    if not passes(base_row, st.budget_dppl, st.min_top1):
+    if not st.ok(base_row):
         stop = "the base (rung 0 everywhere) does not pass the budget"
     else:
         for round_no in range(st.max_rounds + 1):
@@ -460,7 +472,7 @@ def search(
             brows, _ = measure(
                 runner, passages, variants, seed=st.seed, progress=progress, desc=f"round {round_no}"
             )
-            ok = [passes(r, st.budget_dppl, st.min_top1) for r in brows]
+            ok = [st.ok(r) for r in brows]
             keep = max((i + 1 for i, good in enumerate(ok) if good), default=0)
             entries = []
             for i, ((step, x), row) in enumerate(zip(batch, brows, strict=True)):
@@ -504,6 +516,22 @@ def search(
         encodes=codec.encodes,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _reuse(previous: Mapping[str, Any], names: Sequence[str], pairs):
+    """``(base_row, sensitivity, base_bytes)`` from an earlier record (see :func:`search`)."""
+    sens = [dict(e) for e in previous["sensitivity"]]
+    if [e["name"] for e in sens] != list(names):
+        raise ValueError("the reused sensitivity was measured on other (layer, stream, rung) variants")
+    base_row = dict(previous["base"])
+    base_bytes = {}
+    for e in sens:  # bytes of the pair at rung 0 = base total - (this variant's total - its pair's bytes)
+        base_bytes.setdefault(
+            (e["layer"], e["stream"]), base_row["bytes_stored"] - (e["bytes_stored"] - e["bytes"])
+        )
+    if set(base_bytes) != set(pairs):
+        raise ValueError("the reused sensitivity covers other (layer, stream) pairs")
+    return base_row, sens, base_bytes
 
 
 # -- the winner as a policy --------------------------------------------------------------------
@@ -644,12 +672,23 @@ def register(sub) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--budget-dppl", type=float, default=0.01, help="|Δppl| budget (default 0.01 = 1%%)")
     g.add_argument("--min-top1", type=float, default=0.95, help="top-1 floor (default 0.95)")
+    g.add_argument(
+        "--one-sided",
+        action="store_true",
+        help="budget on Δppl only from above (a lower perplexity does not count; default: |Δppl|)",
+    )
     g.add_argument("--ladder", default=None, help="ladder JSON (default: exact -> 4 -> 3 -> 2 bits)")
     g.add_argument("--cost", default="budget", choices=COSTS, help="cost of a step (module doc)")
     g.add_argument("--check-every", type=int, default=8, help="steps per re-measurement (default 8)")
     g.add_argument("--max-rounds", type=int, default=50, help="re-measurement rounds at most (default 50)")
     g.add_argument("--patience", type=int, default=3, help="stop after this many rounds keeping nothing")
     g.add_argument("--layers", default=None, help="layers the search may touch (default all; others exact)")
+    g.add_argument(
+        "--reuse-sensitivity",
+        default=None,
+        metavar="TUNE_JSON",
+        help="take step 1 from an earlier tune.json (same model, passages, ladder, layers; checked)",
+    )
     g.add_argument("--streams", default="kv", choices=["k", "v", "kv"], help="streams the search may touch")
     g.add_argument("--post-rope-k", action="store_true", help="compress K after RoPE (comparison only)")
     g.add_argument("--sigma-q", default=None, help="sigma_q.safetensors for rungs with metric=inner_product")
@@ -689,6 +728,7 @@ def cmd_tune(args) -> int:
         max_rounds=args.max_rounds,
         patience=args.patience,
         seed=args.seed,
+        two_sided=not args.one_sided,
     )
     ladder = Ladder.load(args.ladder)
     compare = [c for c in (args.compare or "").split(",") if c]
@@ -724,8 +764,32 @@ def cmd_tune(args) -> int:
         sys.stderr.write(f"[tune] {msg}\n")
         sys.stderr.flush()
 
+    previous = None
+    if args.reuse_sensitivity:
+        previous = json.loads(Path(args.reuse_sensitivity).read_text())
+        same = {
+            "model": previous["model"]["path"] == info.path and previous["dtype"] == args.dtype,
+            "passages": previous["passages_provenance"]["search"]
+            == json.loads(json.dumps([p.provenance() for p in search_p])),
+            "ladder": previous["ladder"] == json.loads(json.dumps(ladder.to_dict())),
+            "k_position": previous["policy"]["k_position"] == k_position,
+            "seed": previous["settings"]["seed"] == args.seed,
+        }
+        if not all(same.values()):
+            raise SystemExit(
+                f"--reuse-sensitivity {args.reuse_sensitivity}: differs in {[k for k, v in same.items() if not v]}"
+            )
     result = search(
-        runner, search_p, ladder, codec, settings, layers=layers, streams=streams, progress=progress, log=log
+        runner,
+        search_p,
+        ladder,
+        codec,
+        settings,
+        layers=layers,
+        streams=streams,
+        progress=progress,
+        log=log,
+        previous=previous,
     )
 
     name = args.name or args.save_preset or f"tuned-dppl{args.budget_dppl:g}"
@@ -801,6 +865,7 @@ def cmd_tune(args) -> int:
         },
         "base": result.base,
         "sensitivity": result.sensitivity,
+        "sensitivity_from": args.reuse_sensitivity,
         "rounds": result.rounds,
         "stop_reason": result.stop_reason,
         "rungs": result.rungs(),
@@ -848,7 +913,7 @@ def tune_markdown(r: Mapping[str, Any]) -> str:
         "",
         f"command: `{r['command']}`",
         "",
-        f"Budget |Δppl| ≤ {st['budget_dppl']:g}, top-1 ≥ {st['min_top1']:g}; cost `{st['cost']}`, "
+        f"Budget {'|Δppl|' if st.get('two_sided', True) else 'Δppl'} ≤ {st['budget_dppl']:g}, top-1 ≥ {st['min_top1']:g}; cost `{st['cost']}`, "
         f"re-measured every {st['check_every']} steps. Search: {nsearch} passages x (ctx {r['ctx']} + "
         f"{r['n_eval']} evaluated), validation (held out): {nval} passages x (ctx {r['ctx']} + "
         f"{r.get('val_n_eval', r['n_eval'])}), from {r['corpus']['name']} "
