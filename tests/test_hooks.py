@@ -311,3 +311,18 @@ def test_residuals_identity_zero_lossy_positive(model):
     rows, ledger = codec_residuals(runner, [passage()], codec_transform(lossy), progress=False)
     assert rows[0]["k_rel_error"] is None and rows[0]["k_ratio"] == 1.0
     assert all(0.0 < r[f"{s}_rel_error"] < 1.0 for r in rows[1:] for s in ("k", "v"))
+
+
+def test_sink_tokens_stay_exact_and_are_counted_at_bf16():
+    x = torch.randn(40, 2, 16)
+    plain = PolicyCodec(lossy_policy(), 4)
+    sink = PolicyCodec(lossy_policy(sink_tokens=3), 4)
+    out, nbytes = sink.roundtrip(1, "k", x)
+    assert torch.equal(out[:3], x[:3]) and not torch.equal(out[3:], x[3:])
+    rest, rest_bytes = plain.roundtrip(1, "k", x[3:].contiguous())
+    assert torch.equal(out[3:], rest) and nbytes == rest_bytes + 3 * 2 * 16 * 2
+    short, short_bytes = sink.roundtrip(1, "k", x[:2])
+    assert short is x[:2] or (torch.equal(short, x[:2]) and short_bytes is None)
+    assert Policy.from_dict(lossy_policy(sink_tokens=3).to_dict()).sink_tokens == 3
+    with pytest.raises(ValueError, match="sink_tokens"):
+        lossy_policy(sink_tokens=-1)

@@ -435,6 +435,11 @@ class KakeyaCache(Cache):
         if k_position not in (None, "pre_rope", "post_rope"):
             raise ValueError(f"k_position must be None, 'pre_rope' or 'post_rope', got {k_position!r}")
         self.policy = _as_policy(policy)
+        if self.policy.sink_tokens:
+            raise ValueError(
+                "KakeyaCache does not implement the policy field sink_tokens yet (it encodes chunks "
+                "at arbitrary offsets); use a policy without it"
+            )
         if self.policy.sigma_q is not None:
             raise ValueError(
                 "KakeyaCache does not load Σ_q pre-conditioners yet (policy names a sigma_q file)"

@@ -102,9 +102,12 @@ class Policy:
     k_position: str = "pre_rope"
     sigma_q: str | None = None
     description: str = ""
+    sink_tokens: int = 0  # leading positions of each sequence kept exact (attention sinks)
 
     def __post_init__(self) -> None:
         self.streams = parse_streams(self.streams)
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
         if self.k_position not in K_POSITIONS:
             raise ValueError(f"k_position must be one of {K_POSITIONS}, got {self.k_position!r}")
         self.overrides = {int(layer): dict(per) for layer, per in self.overrides.items()}
@@ -123,7 +126,7 @@ class Policy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, name: str | None = None) -> Policy:
         known = {"name", "description", "k", "v", "exact_layers", "overrides", "layers", "streams"}
-        known |= {"k_position", "sigma_q"}
+        known |= {"k_position", "sigma_q", "sink_tokens"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown policy fields {sorted(unknown)}; expected some of {sorted(known)}")
@@ -138,6 +141,7 @@ class Policy:
             streams=tuple(d.get("streams", STREAMS)),
             k_position=d.get("k_position", "pre_rope"),
             sigma_q=d.get("sigma_q"),
+            sink_tokens=d.get("sink_tokens", 0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +156,7 @@ class Policy:
             "streams": list(self.streams),
             "k_position": self.k_position,
             "sigma_q": self.sigma_q,
+            "sink_tokens": self.sink_tokens,
         }
 
     def with_changes(
@@ -367,7 +372,15 @@ class PolicyCodec:
             kwargs["preconditioner"] = self.sigma_q.factors[layer]
         if self.threads is not None:
             kwargs["threads"] = self.threads
-        return self._roundtrip(x.contiguous(), cfg, **kwargs)
+        sink = min(self.policy.sink_tokens, x.shape[0])
+        if sink == 0:
+            return self._roundtrip(x.contiguous(), cfg, **kwargs)
+        if sink == x.shape[0]:
+            return x, None
+        import torch
+
+        rest, nbytes = self._roundtrip(x[sink:].contiguous(), cfg, **kwargs)
+        return torch.cat([x[:sink], rest.to(x.dtype)]), nbytes + x[:sink].numel() * BF16_BYTES
 
 
 class Ledger:
