@@ -85,6 +85,13 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
         "v": dict(_SHARED_4BIT),
         "overrides": {str(layer): {"k": None} for layer in range(12, 30)},
     },
+    "k4v4-sink1": {
+        "description": "K and V 4-bit on every layer, the first position (attention sink) exact; "
+        "one basis per head over the prefix, outliers beyond 3 sigma stored exactly (reports/sinks)",
+        "k": dict(_SHARED_4BIT),
+        "v": dict(_SHARED_4BIT),
+        "sink_tokens": 1,
+    },
 }
 
 
