@@ -42,12 +42,34 @@ def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0):
     cfg = tiny_config(arch)
     cfg._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # random init gives near-uniform attention; make K/V larger so the codec matters
+    _scale_qkv(model)
+    return model.eval()
+
+
+def _scale_qkv(model) -> None:
+    """Random init gives near-uniform attention; make Q/K/V larger so the codec matters."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("k_proj.weight", "q_proj.weight", "v_proj.weight")):
                 p.mul_(4.0)
-    return model.eval()
+
+
+def save_tiny_llama(folder, **overrides) -> None:
+    """A tiny random Llama (``TINY`` with ``overrides``, seed 0) and a word-level tokenizer
+    over ``t0`` … ``t255``, saved as an HF folder for the CLI and vLLM."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**TINY, **overrides}, architectures=["LlamaForCausalLM"])
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _scale_qkv(model)
+    model.save_pretrained(folder)
+    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(TINY["vocab_size"])}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2"
+    ).save_pretrained(folder)
 
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_llama
 from kakeya_py import peers as P
 
 SHAPE = (256, 2, 64)
@@ -220,25 +221,12 @@ REQUIRED = (
 ).split()
 
 
-def _save_tiny_llama(folder) -> None:
-    from conftest import tiny_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tiny_model("llama").save_pretrained(folder)
-    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(256)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2"
-    ).save_pretrained(folder)
-
-
 def test_sweep_end_to_end_on_a_tiny_model(tmp_path, capsys):
     import kakeya_py
     from kakeya_py.cli import main
 
     folder = tmp_path / "tiny"
-    _save_tiny_llama(folder)
+    save_tiny_llama(folder)
     rng = np.random.default_rng(0)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"t{i}" for i in rng.integers(3, 256, size=400)) + "\n")
@@ -308,32 +296,9 @@ def test_sweep_under_vllm_matches_hf_bytes_and_identity(tmp_path):
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"vllm is not importable ({type(exc).__name__}); run scripts/install_vllm_cpu.sh")
     from kakeya_py.cli import main
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     folder = tmp_path / "tiny32"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=192,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        architectures=["LlamaForCausalLM"],
-    )
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("k_proj.weight", "q_proj.weight", "v_proj.weight")):
-                p.mul_(4.0)
-    model.save_pretrained(folder)
-    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(256)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2"
-    ).save_pretrained(folder)
+    save_tiny_llama(folder, hidden_size=128, intermediate_size=192)  # head_dim 32
     text = tmp_path / "text.txt"
     rng = np.random.default_rng(0)
     text.write_text(" ".join(f"t{i}" for i in rng.integers(3, 256, size=300)) + "\n")

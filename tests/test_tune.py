@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import random_ids, tiny_model
+from conftest import random_ids, save_tiny_llama, tiny_model
 from kakeya_py.corpus import Passage
 from kakeya_py.harness import HFRunner, Variant, codec_transform
 from kakeya_py.policy import Policy, PolicyCodec, load_policy
@@ -244,18 +244,6 @@ def test_split_passages_are_disjoint_and_seeded():
 
 
 # -- command -------------------------------------------------------------------------------------
-def _save_tiny_llama(folder) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tiny_model("llama").save_pretrained(folder)
-    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(256)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2"
-    ).save_pretrained(folder)
-
-
 @pytest.mark.slow
 def test_tune_command_writes_a_policy_that_eval_runs(tmp_path, monkeypatch, capsys):
     import kakeya_py.policy as P
@@ -263,7 +251,7 @@ def test_tune_command_writes_a_policy_that_eval_runs(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(P, "PRESETS_DIR", tmp_path / "presets")
     folder = tmp_path / "tiny"
-    _save_tiny_llama(folder)
+    save_tiny_llama(folder)
     text = tmp_path / "text.txt"
     rng = np.random.default_rng(0)
     text.write_text(" ".join(f"t{i}" for i in rng.integers(3, 256, size=1200)) + "\n")

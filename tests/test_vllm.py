@@ -30,6 +30,7 @@ except Exception as exc:  # noqa: BLE001
 if _VLLM_ERROR:
     pytest.skip(_VLLM_ERROR, allow_module_level=True)
 
+from conftest import save_tiny_llama  # noqa: E402
 from kakeya_py.integrations.vllm_engine import VLLMEngine, lumped_kl, topk_from_logits  # noqa: E402
 from kakeya_py.policy import Policy, PolicyCodec, load_policy  # noqa: E402
 
@@ -37,38 +38,10 @@ CTX, N_EVAL = 48, 16
 LEN = CTX + N_EVAL + 1
 
 
-def _save_tiny_llama(folder) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=192,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        architectures=["LlamaForCausalLM"],
-    )
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # random init gives near-uniform attention; make the codec matter
-        for name, p in model.named_parameters():
-            if name.endswith(("k_proj.weight", "q_proj.weight", "v_proj.weight")):
-                p.mul_(4.0)
-    model.save_pretrained(folder)
-    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(256)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2"
-    ).save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llama_vllm")
-    _save_tiny_llama(folder)
+    save_tiny_llama(folder, hidden_size=128, intermediate_size=192)  # head_dim 32, vLLM CPU minimum
     return str(folder)
 
 
