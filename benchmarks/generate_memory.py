@@ -298,7 +298,8 @@ def main(argv=None) -> int:
         if "kakeya" in r:
             k = r["kakeya"]
             print(
-                f"# {r['cache']}: encoded {k['encoded_bytes']} + window {k['window_bytes']} + exact layers "
+                f"# {r['cache']}: encoded {k['encoded_bytes']} + sink {k.get('sink_bytes', 0)} "
+                f"+ window {k['window_bytes']} + exact layers "
                 f"{k['exact_bytes']} + rope table {k['rope_table_bytes']} + kept decoded {k['decoded_bytes']} "
                 f"= {k['total_bytes']} B vs DynamicCache {k['dynamic_cache_bytes']} B (ratio {k['ratio']:.2f}); "
                 f"transient decode peak {k['transient_peak_bytes']} B (one layer, freed each step)"

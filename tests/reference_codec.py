@@ -1,4 +1,4 @@
-"""Pure-numpy reference implementation of the kakeya codec and byte format, versions 1 and 2.
+"""Pure-numpy reference implementation of the kakeya codec and byte format, versions 1 to 3.
 
 This module implements ``docs/codec.md`` literally, with numpy and the standard library
 only. It is the test oracle for the Rust crate and the "numpy reference" of the
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"KAKEYA"
-VERSION = 2  # newest version written and read
+VERSION = 3  # newest version written and read
 MIN_VERSION = 1  # oldest version read
 MAX_TABLE_BITS = 8
 LIBRARY = "kakeya-reference"
@@ -65,6 +65,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "power_iters": 2,
     "identity": False,
     "allocation": "uniform",
+    "basis": "pca",
 }
 
 _NP_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
@@ -118,6 +119,15 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         raise bad("metric", "'mse' or 'inner_product'")
     if c["allocation"] not in ("uniform", "variance"):
         raise bad("allocation", "'uniform' or 'variance'")
+    if c["basis"] not in ("pca", "none"):
+        raise bad("basis", "'pca' or 'none'")
+    if c["basis"] == "none" and (
+        c["rank"] is not None
+        or c["rank_cap"] is not None
+        or float(c["variance_ratio"]) < 1
+        or c["allocation"] == "variance"
+    ):
+        raise bad("basis", "'pca' when rank, rank_cap, variance_ratio < 1 or allocation 'variance' is set")
     if c["skeleton_dtype"] not in ("f16", "f32"):
         raise bad("skeleton_dtype", "'f16' or 'f32'")
     if not _is_int(c["seed"]) or not 0 <= c["seed"] <= U64_MASK:
@@ -156,11 +166,14 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         "power_iters": int(c["power_iters"]),
         "identity": bool(c["identity"]),
         "allocation": c["allocation"],
+        "basis": c["basis"],
     }
 
 
 def version_for(config: dict[str, Any]) -> int:
     """The format version an encoding is written with: the lowest that can express it."""
+    if config["basis"] == "none":
+        return 3
     return 2 if config["allocation"] == "variance" else 1
 
 
@@ -561,13 +574,16 @@ def fit_skeleton(
     rows: np.ndarray, config: dict[str, Any], head: int, index: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and basis of `rows` (f32 [n, D]): returns `μ̂` (f32 [D]) and `Û` (f32 [D, r]),
-    both holding skeleton-dtype values. `index` is the block index (2^64−1 when shared)."""
+    both holding skeleton-dtype values. `index` is the block index (2^64−1 when shared).
+    Basis "none": `Û = I` (stored as no values)."""
     rows = np.asarray(rows, dtype=np.float32)
     n, d = rows.shape
     sk = config["skeleton_dtype"]
     # The mean of zero rows is 0 (not reached by encode: T = 0 has no skeleton records).
     mu = rows.astype(np.float64).mean(axis=0) if n else np.zeros(d)
     mu_hat = _round_to(mu, sk)
+    if config["basis"] == "none":
+        return mu_hat, np.eye(d, dtype=np.float32)
     a = rows.astype(np.float64) - mu_hat.astype(np.float64)
     tau = float(np.sum(a * a))
     if config["pca"] == "exact":
@@ -666,13 +682,11 @@ class _Block:
     s: np.ndarray  # f64 scales before rounding
 
 
-def _skeleton_bytes(mu: np.ndarray, basis: np.ndarray, sk: str) -> bytes:
+def _skeleton_bytes(mu: np.ndarray, basis: np.ndarray, sk: str, store_basis: bool = True) -> bytes:
+    """Rank, mean, then the basis values unless `store_basis` is False (basis "none")."""
     dt = _NP_DTYPES[sk]
-    return (
-        struct.pack("<H", basis.shape[1])
-        + mu.astype(dt).tobytes()
-        + np.ascontiguousarray(basis.T).astype(dt).tobytes()
-    )
+    values = np.ascontiguousarray(basis.T).astype(dt).tobytes() if store_basis else b""
+    return struct.pack("<H", basis.shape[1]) + mu.astype(dt).tobytes() + values
 
 
 def _check_preconditioner(l_mat: Any, h: int, d: int, sk: str) -> np.ndarray:
@@ -773,7 +787,8 @@ def encode(
     cents = centroid_table(cfg)
     bits = cfg["bits"]
     t_out = cfg["outlier_threshold"]
-    shared_recs = [_skeleton_bytes(mu, basis, sk) for mu, basis in shared]
+    store_basis = cfg["basis"] == "pca"
+    shared_recs = [_skeleton_bytes(mu, basis, sk, store_basis) for mu, basis in shared]
     block_recs: list[list[bytes]] = []
     for row in blocks:
         recs = []
@@ -782,7 +797,7 @@ def encode(
             z = np.zeros_like(b.y)
             np.divide(b.y, s_hat[:, None], out=z, where=s_hat[:, None] != 0)
             codes = quantize(z, cents)
-            parts = [] if cfg["share_basis"] else [_skeleton_bytes(b.mu, b.basis, sk)]
+            parts = [] if cfg["share_basis"] else [_skeleton_bytes(b.mu, b.basis, sk, store_basis)]
             if b.y.shape[1]:  # rank 0: the record is the skeleton alone
                 parts.append(s_hat.astype(_NP_DTYPES[scale_dtype]).tobytes())
                 parts.append(pack_codes(codes, bits))
@@ -917,8 +932,9 @@ def _assemble_body(pre: bytes, shared_recs: list[bytes], block_recs: list[list[b
 
 def _serialize(header: dict[str, Any], body: bytes) -> bytes:
     version = version_for(header["config"])
-    if header["config"]["allocation"] == "uniform":  # version 1 has no such field
-        header = {**header, "config": {k: v for k, v in header["config"].items() if k != "allocation"}}
+    defaults = {"allocation": "uniform", "basis": "pca"}  # version 1 has no such fields
+    config = {k: v for k, v in header["config"].items() if k not in defaults or defaults[k] != v}
+    header = {**header, "config": config}
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head = MAGIC + struct.pack("<HI", version, len(hjson)) + hjson
     out = head + body
@@ -992,15 +1008,23 @@ class _Reader:
         return np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype)
 
 
-def _parse_skeleton(rd: _Reader, d: int, sk: str, alloc: tuple[int, str] | None = None) -> SkeletonRecord:
-    """`alloc = (bits, scale_dtype)` reads the allocation that follows (allocation "variance")."""
+def _parse_skeleton(
+    rd: _Reader, d: int, sk: str, alloc: tuple[int, str] | None = None, basis: str = "pca"
+) -> SkeletonRecord:
+    """`alloc = (bits, scale_dtype)` reads the allocation that follows (allocation "variance");
+    basis "none" stores no basis values (`Û = I`, rank D)."""
     start = rd.pos
     (r,) = struct.unpack("<H", rd.take(2, "rank"))
     if r > d:
         raise ValueError(f"skeleton rank {r} exceeds head dim {d}")
+    if basis == "none" and r != d:
+        raise ValueError(f"basis 'none' needs rank {d}, the skeleton says {r}")
     dt = _NP_DTYPES[sk]
     mean = rd.array(d, dt, "mean").astype(np.float32)
-    basis_t = rd.array(r * d, dt, "basis").astype(np.float32).reshape(r, d)
+    if basis == "none":
+        basis_t = np.eye(d, dtype=np.float32)
+    else:
+        basis_t = rd.array(r * d, dt, "basis").astype(np.float32).reshape(r, d)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(basis_t))):
         raise ValueError("skeleton record holds non-finite values")
     rec = SkeletonRecord(r, mean, basis_t, b"")
@@ -1063,14 +1087,16 @@ def _parse(data: bytes) -> Parsed:
             raise ValueError(f"header lacks the field {key!r}")
     if not isinstance(header["config"], dict):
         raise ValueError("header field 'config' must be an object")
-    # SPEC CHOICE: every field is required except `allocation` (absent: "uniform").
-    missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]) - {"allocation"})
+    # SPEC CHOICE: every field is required except `allocation` (absent: "uniform") and
+    # `basis` (absent: "pca").
+    missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]) - {"allocation", "basis"})
     if missing:
         raise ValueError(f"header config lacks the fields {missing}")
     cfg = make_config({k: header["config"][k] for k in DEFAULT_CONFIG if k in header["config"]})
     if version < version_for(cfg):
         raise ValueError(
-            f"allocation {cfg['allocation']!r} needs format version {version_for(cfg)}, got {version}"
+            f"allocation {cfg['allocation']!r} with basis {cfg['basis']!r} needs format version "
+            f"{version_for(cfg)}, got {version}"
         )
     shape = header["shape"]
     if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) for v in shape)):
@@ -1130,7 +1156,9 @@ def _parse(data: bytes) -> Parsed:
     variance = cfg["allocation"] == "variance"
     alloc = (bits, header["scale_dtype"]) if variance else None
     for h, off in enumerate(parsed.shared_offsets):
-        parsed.shared.append(_parse_skeleton(reader_at(off, f"skeleton record of head {h}"), d, sk, alloc))
+        parsed.shared.append(
+            _parse_skeleton(reader_at(off, f"skeleton record of head {h}"), d, sk, alloc, cfg["basis"])
+        )
 
     sc_dt = _NP_DTYPES[header["scale_dtype"]]
     outliers_on = cfg["outlier_threshold"] is not None
@@ -1140,7 +1168,7 @@ def _parse(data: bytes) -> Parsed:
             what = f"block record (head {h}, block {i})"
             br = reader_at(off, what)
             n = min(bsz, t - i * bsz)
-            skel = None if cfg["share_basis"] else _parse_skeleton(br, d, sk, alloc)
+            skel = None if cfg["share_basis"] else _parse_skeleton(br, d, sk, alloc, cfg["basis"])
             owner = parsed.shared[h] if skel is None else skel
             r = owner.rank
             if variance:  # r codes per row, none at all when no component has bits

@@ -257,6 +257,146 @@ def test_hooks_removed_on_close_and_validation():
     assert "KakeyaCache(policy='k4v4'" in repr(cache)
 
 
+def _sink_policy(sink: int, codec=LOSSY_ALL) -> Policy:
+    return Policy.from_dict({"k": codec, "v": codec, "sink_tokens": sink}, name=f"sink{sink}")
+
+
+def _record_updates(cache: KakeyaCache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values each layer's last ``update`` handed to attention."""
+    seen = {}
+    for layer in cache.layers:
+
+        def update(*args, _inner=layer.update, _idx=layer.layer_idx, **kwargs):
+            seen[_idx] = _inner(*args, **kwargs)
+            return seen[_idx]
+
+        layer.update = update
+    return seen
+
+
+def test_sink_positions_reach_attention_exact():
+    """After a flush, attention gets DynamicCache's prefill K/V for the sink, decoded
+    (different) ones for the encoded positions after it; without a sink, position 0 differs."""
+    N, L, R = 3, 30, 4
+    model = tiny_model("llama")
+    ids = random_ids(L, batch=2)
+    dyn = DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=dyn)
+    for sink in (N, 0):
+        cache = KakeyaCache(_sink_policy(sink), model, residual_length=R, block_tokens=8)
+        seen = _record_updates(cache)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+            model(torch.tensor([[5], [6]]), past_key_values=cache)
+        for layer, ref in zip(cache.layers, dyn.layers, strict=True):
+            for s, got, want in (
+                (layer.k, seen[layer.layer_idx][0], ref.keys),
+                (layer.v, seen[layer.layer_idx][1], ref.values),
+            ):
+                assert got.shape[-2] == L + 1
+                assert s.sink_tokens == sink and [c.start for c in s.chunks] == [sink]
+                assert s.encoded_tokens == L - sink - R
+                assert torch.equal(got[..., :sink, :], want[..., :sink, :])
+                if sink == 0:
+                    assert not torch.equal(got[..., :1, :], want[..., :1, :])
+                assert not torch.equal(got[..., sink : L - R, :], want[..., sink : L - R, :])
+                assert torch.equal(got[..., L - R : L, :], want[..., L - R :, :])  # the window
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sink_bytes_counted_as_stored(dtype):
+    """The sink is held in the model dtype: 2 bytes per value in bf16 (the harness's count)."""
+    N, L = 2, 26
+    model = tiny_model("llama").to(dtype)
+    ids = random_ids(L, batch=2)
+    cache = KakeyaCache(_sink_policy(N), model, residual_length=4, block_tokens=8)
+    dyn = DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=dyn)
+    nb = cache.nbytes()
+    cfg = model.config
+    per_value = 2 if dtype == torch.bfloat16 else 4
+    per_stream = 2 * cfg.num_key_value_heads * N * (cfg.hidden_size // cfg.num_attention_heads) * per_value
+    for row in nb["per_layer"]:
+        for s in ("k", "v"):
+            assert (row[s]["sink_tokens"], row[s]["sink_bytes"]) == (N, per_stream)
+    assert nb["sink_bytes"] == 2 * cfg.num_hidden_layers * per_stream
+    parts = (
+        "encoded_bytes",
+        "sink_bytes",
+        "window_bytes",
+        "exact_bytes",
+        "decoded_bytes",
+        "rope_table_bytes",
+    )
+    assert nb["total_bytes"] == sum(nb[k] for k in parts)
+    assert nb["dynamic_cache_bytes"] == sum(
+        (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size() for layer in dyn.layers
+    )
+
+
+def test_sink_preset_generates_batch2():
+    model = tiny_model("llama")
+    cache = KakeyaCache("k4v4-sink1", model, residual_length=2, block_tokens=4)
+    assert cache.sink_tokens == 1
+    assert _gen(model, random_ids(20, batch=2), cache, n=6).shape == (2, 26)
+    for layer in cache.layers:
+        for s in (layer.k, layer.v):
+            assert s.sink_tokens == 1 and s.chunks and s.chunks[0].start == 1
+    nb = cache.nbytes()
+    assert nb["encoded_bytes"] > 0 and nb["sink_bytes"] > 0
+
+
+def test_prompt_shorter_than_sink():
+    """A 3-token prompt with a 5-token sink: the sink fills over the first decode steps,
+    everything stays exact until the window first reaches R + B, then chunks start at 5."""
+    N, R, B = 5, 2, 3
+    model = tiny_model("llama")
+    ids = random_ids(3, batch=2)
+    ref = _gen(model, ids, DynamicCache(), n=10)
+    cache = KakeyaCache(_sink_policy(N), model, residual_length=R, block_tokens=B)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    assert [(s.sink_tokens, s.window_tokens) for s in (cache.layers[0].k, cache.layers[0].v)] == [(3, 0)] * 2
+    nb = cache.nbytes()
+    assert nb["sink_bytes"] > 0 and nb["window_bytes"] == nb["encoded_bytes"] == 0
+    assert nb["dynamic_cache_bytes"] == nb["sink_bytes"]
+
+    cache = KakeyaCache(_sink_policy(N), model, residual_length=R, block_tokens=B)
+    out = _gen(model, ids, cache, n=10)
+    # the first encoding happens once N + R + B = 10 tokens are cached: the tokens
+    # generated from exact caches only are the same
+    assert torch.equal(out[:, :10], ref[:, :10])
+    for layer in cache.layers:
+        for s in (layer.k, layer.v):
+            assert s.sink_tokens == N and s.chunks[0].start == N
+            assert s.sink_tokens + s.encoded_tokens + s.window_tokens == 12
+
+    cache.crop(3)  # below the sink: it is cut, then refills
+    assert all(layer.k.sink_tokens == 3 and not layer.k.chunks for layer in cache.layers)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), past_key_values=cache)
+    assert all((layer.v.sink_tokens, layer.v.window_tokens) == (N, 1) for layer in cache.layers)
+
+
+def test_identity_with_sink_matches_dynamic_cache():
+    """Identity codec plus a sink is exact: greedy and beam search (which reorders the
+    sinks with the rows) reproduce DynamicCache bit for bit."""
+    model = tiny_model("qwen2")
+    ids = random_ids(20, batch=2)
+    policy = _sink_policy(3, codec={"identity": True})
+    ref = _gen(model, ids, DynamicCache(), n=10)
+    assert torch.equal(
+        _gen(model, ids, KakeyaCache(policy, model, residual_length=2, block_tokens=3), n=10), ref
+    )
+    ref = _gen(model, ids[:1], DynamicCache(), n=8, num_beams=2)
+    cache = KakeyaCache(policy, model, residual_length=2, block_tokens=3)
+    assert torch.equal(_gen(model, ids[:1], cache, n=8, num_beams=2), ref)
+    assert cache.layers[0].k.sink_tokens == 3 and cache.layers[0].k.chunks
+
+
 @pytest.mark.slow
 def test_real_model_generation():
     from kakeya_py.models import load_model

@@ -74,7 +74,9 @@ def test_invalid_config_names_the_field(kwargs, field):
 
 def test_allocation_field():
     c = kp.CodecConfig()
-    assert c.allocation == "uniform" and repr(c).endswith("identity=False, allocation='uniform')")
+    assert c.allocation == "uniform" and repr(c).endswith(
+        "identity=False, allocation='uniform', basis='pca')"
+    )
     assert "allocation" not in c.to_json()  # the version-1 header form
     assert c.to_dict()["allocation"] == "uniform"
     v = kp.CodecConfig(bits=2, allocation="variance", share_basis=True)
@@ -100,6 +102,27 @@ def test_allocation_field():
             4096,
             3.0,
         )
+
+
+def test_basis_field():
+    c = kp.CodecConfig(bits=4, basis="none", share_basis=True)
+    assert c.basis == "none" and "basis='none'" in repr(c)
+    assert c.to_dict()["basis"] == "none" and '"basis":"none"' in c.to_json()
+    assert kp.CodecConfig().to_dict()["basis"] == "pca" and '"basis"' not in kp.CodecConfig().to_json()
+    assert kp.CodecConfig.from_dict(c.to_dict()) == c == kp.CodecConfig.from_json(c.to_json())
+    assert pickle.loads(pickle.dumps(c)) == c
+    for bad in ({"basis": "svd"}, {"basis": "none", "rank": 8}, {"basis": "none", "variance_ratio": 0.9}):
+        with pytest.raises(kp.ConfigError, match="basis"):
+            kp.CodecConfig(**bad)
+    x = gaussian((512, 3, 64), seed=11)
+    pca = kp.CodecConfig(bits=4, share_basis=True, block_size=4096, outlier_threshold=3.0)
+    none = kp.CodecConfig.from_dict({**pca.to_dict(), "basis": "none"})
+    enc_pca, enc_none = kp.encode(x, pca), kp.encode(x, none)
+    assert enc_none.to_bytes()[6:8] == b"\x03\x00"  # format version 3
+    # The three 64 x 64 f16 bases are the whole difference (up to a few outlier pairs).
+    assert abs((enc_pca.nbytes - enc_none.nbytes) - 3 * 64 * 64 * 2) < 200
+    assert enc_none.ratio > enc_pca.ratio
+    assert relative_error(x, kp.decode(enc_none)) < 1.1 * relative_error(x, kp.decode(enc_pca))
 
 
 def test_policy_passes_allocation_through():
@@ -364,6 +387,8 @@ REFERENCE_CASES = [
     {"bits": 1, "allocation": "variance", "variance_ratio": 0.9, "skeleton_dtype": "f32"},
     {"bits": 3, "allocation": "variance", "pca": "randomized", "rank": 16, "block_size": 256},
     {"bits": 4, "allocation": "variance", "rank_cap": 20, "metric": "inner_product", "share_basis": True},
+    {"bits": 4, "basis": "none", "share_basis": True, "block_size": 128, "outlier_threshold": 3.0},
+    {"bits": 2, "basis": "none", "block_size": 100, "metric": "inner_product"},
 ]
 
 
@@ -393,6 +418,8 @@ def test_reference_bytes_decode_in_rust():
         {"share_basis": True},
         {"allocation": "variance", "outlier_threshold": 2.5},
         {"allocation": "variance", "share_basis": True, "block_size": 64},
+        {"basis": "none", "outlier_threshold": 2.5},
+        {"basis": "none", "share_basis": True, "block_size": 64},
     ):
         data = ref.encode(x, kp.CodecConfig(**overrides).to_dict())
         np.testing.assert_allclose(kp.decode(data), ref.decode(data), rtol=1e-5, atol=1e-5)

@@ -540,8 +540,8 @@ def test_header_and_layout():
     ]
     assert header["shape"] == [70, 2, 8] and header["dtype"] == "f32"
     assert header["library"] == "kakeya-reference" and header["blocks_per_head"] == 3
-    # Version 1 (allocation "uniform"): the header config has every field but `allocation`.
-    v1_defaults = {k: v for k, v in rc.DEFAULT_CONFIG.items() if k != "allocation"}
+    # Version 1 (allocation "uniform", basis "pca"): every config field but those two.
+    v1_defaults = {k: v for k, v in rc.DEFAULT_CONFIG.items() if k not in ("allocation", "basis")}
     assert header["config"] == {**v1_defaults, "bits": 2, "block_size": 32, "outlier_threshold": 2.5}
     assert b'"rank":null' in raw
     assert struct.unpack_from("<I", data, len(data) - 4)[0] == zlib.crc32(data[:-4])
@@ -588,7 +588,7 @@ def corrupt_variants(data):
     yield "bad magic, crc fixed", refresh_crc(b"XAKEYA" + data[6:])
     yield "bad crc", data[:-1] + bytes([data[-1] ^ 1])
     yield "flipped body byte", data[:40] + bytes([data[40] ^ 0x10]) + data[41:]
-    yield "unknown version", refresh_crc(data[:6] + struct.pack("<H", 3) + data[8:])
+    yield "unknown version", refresh_crc(data[:6] + struct.pack("<H", 4) + data[8:])
     yield "version 0", refresh_crc(data[:6] + struct.pack("<H", 0) + data[8:])
     yield "header length too long", refresh_crc(data[:8] + struct.pack("<I", len(data)) + data[12:])
     yield "not json", refresh_crc(data[:12] + b"{" * hlen + data[12 + hlen :])
@@ -620,7 +620,7 @@ def test_corrupt_bytes_raise_value_error():
             rc.decode(bad)
         assert name  # for the failure message
     with pytest.raises(ValueError, match="version"):
-        rc.decode(refresh_crc(data[:6] + struct.pack("<H", 3) + data[8:]))
+        rc.decode(refresh_crc(data[:6] + struct.pack("<H", 4) + data[8:]))
     with pytest.raises(ValueError, match="magic"):
         rc.decode(b"KAKEYB" + data[6:])
     with pytest.raises(ValueError, match="checksum"):
@@ -794,9 +794,35 @@ def test_variance_layout_and_version():
     # Version 1 cannot carry allocation "variance"; versions 0 and 3 are unknown.
     with pytest.raises(ValueError, match="version"):
         rc.parse(refresh_crc(data[:6] + struct.pack("<H", 1) + data[8:]))
-    for v in (0, 3):
+    for v in (0, 4):
         with pytest.raises(ValueError, match="unknown format version"):
             rc.parse(refresh_crc(data[:6] + struct.pack("<H", v) + data[8:]))
+
+
+def test_basis_none_layout_and_version():
+    x = gaussian((70, 2, 8), seed=20)
+    data = rc.encode(x, {"bits": 2, "block_size": 32, "basis": "none"})
+    assert struct.unpack_from("<H", data, 6)[0] == 3
+    hlen = struct.unpack_from("<I", data, 8)[0]
+    assert data[12 : 12 + hlen].endswith(
+        b',"identity":false,"basis":"none"},"scale_dtype":"f16",'
+        b'"preconditioner":false,"blocks_per_head":3,"library":"kakeya-reference"}'
+    )
+    ps = rc.parse(data)
+    secs = rc.body_sections(data)
+    for h in range(2):
+        for i, blk in enumerate(ps.blocks[h]):
+            assert blk.skeleton.rank == 8  # every coordinate, mean only
+            np.testing.assert_array_equal(blk.skeleton.basis_t, np.eye(8, dtype=np.float32))
+            assert len(secs[f"block/{h}/{i}/skeleton"]) == 2 + 8 * 2
+    pca = rc.decode(rc.encode(x, {"bits": 2, "block_size": 32}))
+    none = rc.decode(data)
+    assert rel_mse(none, x) <= 1.25 * rel_mse(pca, x)  # 32 x 8 blocks: noisy
+    for v in (1, 2):  # older versions cannot carry basis "none"
+        with pytest.raises(ValueError, match="version"):
+            rc.parse(refresh_crc(data[:6] + struct.pack("<H", v) + data[8:]))
+    with pytest.raises(ValueError, match="basis"):
+        rc.make_config(basis="none", rank=4)
 
 
 def test_variance_literal_block_encoding():

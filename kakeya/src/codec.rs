@@ -5,7 +5,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 
 use crate::allocation::allocate;
 use crate::bitpack;
-use crate::config::{Allocation, CodecConfig, Metric, SkeletonDtype};
+use crate::config::{Allocation, Basis, CodecConfig, Metric, SkeletonDtype};
 use crate::error::{CodecError, Result};
 use crate::format::{self, Header, Reader, ScaleDtype, Writer, MAGIC};
 use crate::hadamard;
@@ -295,20 +295,30 @@ fn write_skeleton(w: &mut Writer, sk: &Skeleton, dtype: SkeletonDtype) {
     w.skeleton_values(&sk.basis_t, dtype);
 }
 
-fn read_skeleton(r: &mut Reader<'_>, dim: usize, dtype: SkeletonDtype) -> Result<Skeleton> {
+fn read_skeleton(r: &mut Reader<'_>, dim: usize, config: &CodecConfig) -> Result<Skeleton> {
+    let dtype = config.skeleton_dtype;
     let rank = usize::from(r.u16("skeleton rank")?);
     if rank > dim {
         return Err(CodecError::Corrupt(format!(
             "skeleton rank {rank} exceeds head_dim {dim}"
         )));
     }
+    let stored_rank = match config.basis {
+        Basis::Pca => rank,
+        Basis::None if rank == dim => 0,
+        Basis::None => {
+            return Err(CodecError::Corrupt(format!(
+                "basis \"none\" needs rank {dim}, the skeleton says {rank}"
+            )))
+        }
+    };
     let mean = format::read_floats(
         r.take_array(dim, dtype.size(), "skeleton mean")?,
         dtype.size(),
         "mean",
     )?;
     let basis_t = format::read_floats(
-        r.take_array(rank * dim, dtype.size(), "skeleton basis")?,
+        r.take_array(stored_rank * dim, dtype.size(), "skeleton basis")?,
         dtype.size(),
         "basis",
     )?;
@@ -806,7 +816,7 @@ impl Encoded {
             if n_shared > 0 {
                 check_start(shared_offsets[h], expected, "shared skeleton record")?;
                 let mut rr = Reader::new(&body[expected..], body_start + expected);
-                let sk = read_skeleton(&mut rr, dim, sk_dtype)?;
+                let sk = read_skeleton(&mut rr, dim, config)?;
                 if config.allocation == Allocation::Variance {
                     enc.shared_alloc.push(read_allocation(
                         &mut rr,
@@ -864,7 +874,7 @@ impl Encoded {
         let mut r = Reader::new(bytes, base);
         let own_skeleton = match shared {
             Some(_) => None,
-            None => Some(read_skeleton(&mut r, dim, config.skeleton_dtype)?),
+            None => Some(read_skeleton(&mut r, dim, config)?),
         };
         let own_alloc = match (&own_skeleton, variance) {
             (Some(sk), true) => Some(read_allocation(&mut r, sk.rank, config.bits, scale_dtype)?),

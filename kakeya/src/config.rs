@@ -77,6 +77,25 @@ impl Allocation {
     }
 }
 
+/// Whether a block's skeleton has a PCA basis or only its mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// Mean plus an orthonormal PCA basis (format versions 1 and 2).
+    #[default]
+    Pca,
+    /// Mean only, every coordinate kept: at full rank a PCA basis followed by the random
+    /// rotation is just another rotation, so its `D × D` values buy little (format version 3).
+    None,
+}
+
+impl Basis {
+    /// Whether this is the default (PCA), omitted from the JSON form.
+    pub fn is_pca(&self) -> bool {
+        *self == Self::Pca
+    }
+}
+
 /// Every parameter of the codec (docs/codec.md, "Configuration").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -115,6 +134,9 @@ pub struct CodecConfig {
     /// uniform encodings keep the version-1 header byte for byte.
     #[serde(skip_serializing_if = "Allocation::is_uniform")]
     pub allocation: Allocation,
+    /// PCA basis or mean only. Omitted from the JSON form when PCA.
+    #[serde(skip_serializing_if = "Basis::is_pca")]
+    pub basis: Basis,
 }
 
 impl Default for CodecConfig {
@@ -136,6 +158,7 @@ impl Default for CodecConfig {
             power_iters: 2,
             identity: false,
             allocation: Allocation::Uniform,
+            basis: Basis::Pca,
         }
     }
 }
@@ -203,6 +226,25 @@ impl CodecConfig {
             }
             validate_centroids(table, self.bits)?;
         }
+        if self.basis == Basis::None {
+            let reduced = if self.rank.is_some() {
+                Some("rank")
+            } else if self.rank_cap.is_some() {
+                Some("rank_cap")
+            } else if self.variance_ratio < 1.0 {
+                Some("variance_ratio < 1")
+            } else if self.allocation == Allocation::Variance {
+                Some("allocation=\"variance\"")
+            } else {
+                None
+            };
+            if let Some(what) = reduced {
+                return Err(invalid(
+                    "basis",
+                    format!("basis=\"none\" keeps every coordinate; {what} needs basis=\"pca\""),
+                ));
+            }
+        }
         if self.oversampling > MAX_HEAD_DIM {
             return Err(invalid(
                 "oversampling",
@@ -226,7 +268,7 @@ impl CodecConfig {
         Ok(config)
     }
 
-    /// JSON form of the config (`allocation` omitted when uniform).
+    /// JSON form of the config (`allocation` omitted when uniform, `basis` when PCA).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a config always serialises")
     }
@@ -248,6 +290,13 @@ mod tests {
         };
         assert!(v.to_json().ends_with(r#","allocation":"variance"}"#));
         assert_eq!(CodecConfig::from_json(&v.to_json()).unwrap(), v);
+        assert!(!c.to_json().contains(r#""basis""#));
+        let m = CodecConfig {
+            basis: Basis::None,
+            ..Default::default()
+        };
+        assert!(m.to_json().ends_with(r#","basis":"none"}"#));
+        assert_eq!(CodecConfig::from_json(&m.to_json()).unwrap(), m);
     }
 
     #[test]
@@ -313,6 +362,30 @@ mod tests {
                 "centroids",
                 CodecConfig {
                     centroids: Some(vec![-1.0, -0.3, 0.3, 1.0, 1.5, 2.0, 2.5, 3.0]),
+                    allocation: Allocation::Variance,
+                    ..Default::default()
+                },
+            ),
+            (
+                "basis",
+                CodecConfig {
+                    basis: Basis::None,
+                    rank: Some(8),
+                    ..Default::default()
+                },
+            ),
+            (
+                "basis",
+                CodecConfig {
+                    basis: Basis::None,
+                    variance_ratio: 0.9,
+                    ..Default::default()
+                },
+            ),
+            (
+                "basis",
+                CodecConfig {
+                    basis: Basis::None,
                     allocation: Allocation::Variance,
                     ..Default::default()
                 },

@@ -2,24 +2,26 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Allocation, CodecConfig, SkeletonDtype};
+use crate::config::{Allocation, Basis, CodecConfig, SkeletonDtype};
 use crate::error::{CodecError, Result};
 use crate::tensor::DType;
 
 /// First bytes of every encoding.
 pub const MAGIC: &[u8; 6] = b"KAKEYA";
 /// The newest format version this library writes and reads. An encoding is written with
-/// the lowest version that can express it: 1 for `allocation = "uniform"` (byte for byte
-/// the version-1 format), 2 for `allocation = "variance"`.
-pub const FORMAT_VERSION: u16 = 2;
+/// the lowest version that can express it: 1 for `allocation = "uniform"` with a PCA basis
+/// (byte for byte the version-1 format), 2 for `allocation = "variance"`, 3 for
+/// `basis = "none"` (skeletons without basis values).
+pub const FORMAT_VERSION: u16 = 3;
 /// The oldest format version this library reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 
 /// The version an encoding with `config` is written with.
 pub fn version_for(config: &CodecConfig) -> u16 {
-    match config.allocation {
-        Allocation::Uniform => 1,
-        Allocation::Variance => 2,
+    match (config.allocation, config.basis) {
+        (_, Basis::None) => 3,
+        (Allocation::Variance, Basis::Pca) => 2,
+        (Allocation::Uniform, Basis::Pca) => 1,
     }
 }
 /// Largest header accepted when reading.
@@ -250,8 +252,9 @@ pub fn split(bytes: &[u8]) -> Result<(Header, &[u8], usize)> {
     header.version = version;
     if version < version_for(&header.config) {
         return Err(CodecError::Corrupt(format!(
-            "allocation {:?} needs format version {}, the bytes say {version}",
+            "allocation {:?} with basis {:?} needs format version {}, the bytes say {version}",
             header.config.allocation,
+            header.config.basis,
             version_for(&header.config)
         )));
     }

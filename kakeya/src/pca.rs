@@ -3,7 +3,7 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par, Side};
 
-use crate::config::{CodecConfig, PcaMethod, SkeletonDtype};
+use crate::config::{Basis, CodecConfig, PcaMethod, SkeletonDtype};
 use crate::error::{CodecError, Result};
 use crate::rng::{SplitMix64, DOMAIN_SKETCH};
 
@@ -17,8 +17,15 @@ pub struct Skeleton {
     pub rank: usize,
     /// Mean, `D` values.
     pub mean: Vec<f32>,
-    /// Basis transposed: `r` rows of `D` values.
+    /// Basis transposed: `r` rows of `D` values; empty for `basis = "none"` (the identity,
+    /// `r = D`).
     pub basis_t: Vec<f32>,
+}
+
+impl Skeleton {
+    fn is_identity(&self) -> bool {
+        self.rank > 0 && self.basis_t.is_empty()
+    }
 }
 
 /// Components found by a PCA, strongest first.
@@ -40,6 +47,13 @@ pub fn fit(
     let n = rows.len() / dim;
     let dtype = config.skeleton_dtype;
     let mean = rounded_mean(rows, dim, dtype);
+    if config.basis == Basis::None {
+        return Ok(Skeleton {
+            rank: dim,
+            mean,
+            basis_t: Vec::new(),
+        });
+    }
     let mut centered32 = rows.to_vec();
     for row in centered32.chunks_exact_mut(dim) {
         row.iter_mut().zip(&mean).for_each(|(v, m)| *v -= m);
@@ -195,6 +209,9 @@ pub fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
             *v -= m;
         }
     }
+    if skeleton.is_identity() {
+        return centered;
+    }
     let mut coef = vec![0.0f32; n * r];
     if r > 0 && n > 0 {
         let x = MatRef::from_row_major_slice(&centered, n, dim);
@@ -209,6 +226,15 @@ pub fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
 pub fn reconstruct(coef: &[f32], n: usize, skeleton: &Skeleton) -> Vec<f32> {
     let dim = skeleton.mean.len();
     let r = skeleton.rank;
+    if skeleton.is_identity() {
+        let mut out = coef.to_vec();
+        for row in out.chunks_exact_mut(dim) {
+            row.iter_mut()
+                .zip(&skeleton.mean)
+                .for_each(|(v, m)| *v += m);
+        }
+        return out;
+    }
     let mut out: Vec<f32> = Vec::with_capacity(n * dim);
     for _ in 0..n {
         out.extend_from_slice(&skeleton.mean);

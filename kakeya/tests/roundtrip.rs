@@ -4,8 +4,8 @@
 use kakeya::lloyd_max::{gaussian_lloyd_max, gaussian_mse};
 use kakeya::rng::SplitMix64;
 use kakeya::{
-    encode, Allocation, CodecConfig, CodecError, DType, Elements, Encoded, Metric, OwnedElements,
-    PcaMethod, TensorView,
+    encode, Allocation, Basis, CodecConfig, CodecError, DType, Elements, Encoded, Metric,
+    OwnedElements, PcaMethod, TensorView,
 };
 use proptest::prelude::*;
 
@@ -462,7 +462,7 @@ fn format_versions_follow_the_allocation() {
     };
     let variance = encode(view, &config, None, None).unwrap();
     assert_eq!(&variance.as_bytes()[6..8], &[2, 0]);
-    assert_eq!(kakeya::FORMAT_VERSION, 2);
+    assert_eq!(kakeya::FORMAT_VERSION, 3);
     assert!(variance
         .header_json()
         .contains(r#""allocation":"variance""#));
@@ -480,14 +480,96 @@ fn format_versions_follow_the_allocation() {
         .unwrap()
         .decode(None);
     assert_eq!(y.unwrap(), uniform.decode(None).unwrap());
-    for bad in [0u8, 3] {
+    for bad in [0u8, 4] {
         let mut unknown = variance.as_bytes().to_vec();
         unknown[6] = bad;
         assert!(matches!(
             Encoded::from_bytes(with_fixed_crc(unknown)),
-            Err(CodecError::UnsupportedVersion { found, supported: 2 }) if found == u16::from(bad)
+            Err(CodecError::UnsupportedVersion { found, supported: 3 }) if found == u16::from(bad)
         ));
     }
+    // basis "none" is version 3; an older version cannot hold it.
+    let config = CodecConfig {
+        basis: Basis::None,
+        ..Default::default()
+    };
+    let mean_only = encode(view, &config, None, None).unwrap();
+    assert_eq!(&mean_only.as_bytes()[6..8], &[3, 0]);
+    assert!(mean_only.header_json().contains(r#""basis":"none""#));
+    for older in [1u8, 2] {
+        let mut relabelled = mean_only.as_bytes().to_vec();
+        relabelled[6] = older;
+        assert!(matches!(
+            Encoded::from_bytes(with_fixed_crc(relabelled)),
+            Err(CodecError::Corrupt(_))
+        ));
+    }
+}
+
+#[test]
+fn basis_none_drops_exactly_the_basis_values() {
+    // Same codes as a full-rank PCA encoding, minus D·D skeleton values per skeleton, and
+    // the same error bound (full rank: the basis is only a rotation before the Hadamard one).
+    let shape = [300, 3, 32];
+    let x = gaussian(shape.iter().product(), 24);
+    for share_basis in [false, true] {
+        for bits in [2u8, 4] {
+            let pca = CodecConfig {
+                bits,
+                block_size: 128,
+                share_basis,
+                outlier_threshold: Some(3.0),
+                ..Default::default()
+            };
+            let none = CodecConfig {
+                basis: Basis::None,
+                ..pca.clone()
+            };
+            let (y_pca, enc_pca) = roundtrip(&x, shape, &pca, None);
+            let (y_none, enc_none) = roundtrip(&x, shape, &none, None);
+            let skeletons = if share_basis { 3 } else { 3 * 3 };
+            let header_growth = r#","basis":"none""#.len() as isize;
+            let saved = enc_pca.nbytes() as isize - enc_none.nbytes() as isize + header_growth;
+            let basis_bytes = (skeletons * 32 * 32 * 2) as isize;
+            // The two rotations differ, so the outlier counts (4 bytes a pair) may differ a little.
+            assert!(
+                (saved - basis_bytes).abs() <= 4 * 40,
+                "share {share_basis} bits {bits}: saved {saved} vs {basis_bytes}"
+            );
+            let (r_pca, r_none) = (
+                relative_error(&x, &y_pca, shape, None),
+                relative_error(&x, &y_none, shape, None),
+            );
+            assert!(r_none <= 1.3 * lloyd_mse(bits), "bits {bits}: {r_none}");
+            assert!(
+                r_none <= 1.1 * r_pca,
+                "bits {bits}: none {r_none} vs pca {r_pca}"
+            );
+            assert!(Encoded::from_bytes(enc_none.as_bytes().to_vec())
+                .unwrap()
+                .block_ranks()
+                .iter()
+                .all(|&r| r == 32));
+        }
+    }
+    // A basis-none skeleton whose rank is not D is refused.
+    let config = CodecConfig {
+        basis: Basis::None,
+        ..Default::default()
+    };
+    let enc = encode(
+        TensorView::new(Elements::F32(&x[..10 * 32]), [10, 1, 32]).unwrap(),
+        &config,
+        None,
+        None,
+    )
+    .unwrap();
+    let mut bytes = enc.as_bytes().to_vec();
+    let rank_at = bytes.len() - 4 - (10 * 2 + 32 * 2 + 2 + 10 * 32 * 3 / 8);
+    assert_eq!(&bytes[rank_at..rank_at + 2], &[32, 0]);
+    bytes[rank_at] = 31;
+    let err = Encoded::from_bytes(with_fixed_crc(bytes)).unwrap_err();
+    assert!(err.to_string().contains("rank 32"), "{err}");
 }
 
 #[test]
@@ -546,6 +628,7 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
         any::<bool>(),
         0.5f64..=1.0,
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -557,6 +640,7 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
                 f32_skeleton,
                 variance_ratio,
                 variance,
+                no_basis,
             )| CodecConfig {
                 bits,
                 block_size,
@@ -567,14 +651,16 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
                 },
                 share_basis,
                 outlier_threshold,
-                variance_ratio,
+                // basis "none" keeps every coordinate with a uniform allocation
+                variance_ratio: if no_basis { 1.0 } else { variance_ratio },
+                basis: if no_basis { Basis::None } else { Basis::Pca },
                 skeleton_dtype: if f32_skeleton {
                     kakeya::SkeletonDtype::F32
                 } else {
                     kakeya::SkeletonDtype::F16
                 },
                 seed: u64::from(bits) * 31 + block_size as u64,
-                allocation: if variance {
+                allocation: if variance && !no_basis {
                     Allocation::Variance
                 } else {
                     Allocation::Uniform
@@ -622,7 +708,7 @@ proptest! {
     /// Full-rank Gaussian data at a realistic head dim: every bit width within 1.3× (+
     /// rounding slack) of the Lloyd–Max MSE, for both metrics and with outliers on or off.
     #[test]
-    fn error_bound_full_rank(bits in 1u8..=4, inner in any::<bool>(), share_basis in any::<bool>(), outliers in any::<bool>(), seed in any::<u64>()) {
+    fn error_bound_full_rank(bits in 1u8..=4, inner in any::<bool>(), share_basis in any::<bool>(), outliers in any::<bool>(), no_basis in any::<bool>(), seed in any::<u64>()) {
         let shape = [256, 2, 64];
         let x = gaussian(shape.iter().product(), seed);
         let l = random_lower(2, 64, seed ^ 3);
@@ -632,6 +718,7 @@ proptest! {
             metric: if inner { Metric::InnerProduct } else { Metric::Mse },
             outlier_threshold: outliers.then_some(3.0),
             skeleton_dtype: kakeya::SkeletonDtype::F32,
+            basis: if no_basis { Basis::None } else { Basis::Pca },
             ..Default::default()
         };
         let (y, _) = roundtrip(&x, shape, &config, l);
@@ -671,7 +758,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
         prop_assert!(Encoded::from_bytes(bytes.clone()).is_err());
-        for version in [1u8, 2] {
+        for version in [1u8, 2, 3] {
             let mut framed = b"KAKEYA".to_vec();
             framed.extend_from_slice(&[version, 0]);
             framed.extend_from_slice(&bytes);

@@ -1,8 +1,10 @@
 """A compressed KV cache for generation with HF transformers: :class:`KakeyaCache`.
 
 ``model.generate(..., past_key_values=KakeyaCache("recommended", model))`` keeps the
-cache in three parts per layer and stream (K, V):
+cache in these parts per layer and stream (K, V):
 
+- **sink**: the first ``sink_tokens`` positions (a policy field; attention sinks), stored
+  as given and never encoded;
 - **encoded chunks**: older tokens, encoded with the codec (one :class:`kakeya_py.Encoded`
   per batch element and chunk, i.e. bytes);
 - **exact window**: the most recent tokens, stored as given (like KIVI's residual);
@@ -14,7 +16,9 @@ exact window of a stream reaches ``R + B`` tokens, everything but its last ``R``
 is encoded as one chunk. After a prefill of ``L >= R + B`` tokens this gives one chunk
 of ``L - R`` tokens (one skeleton amortised over the prompt); during decoding, one chunk
 of ``B`` tokens every ``B`` steps. The window always holds ``min(L, R) .. R + B - 1``
-tokens. Tokens passed to the current ``update`` call are always attended exactly;
+tokens. With ``sink_tokens = N`` the first ``N`` positions go to the sink instead, so
+the window and chunks start at position ``N`` (``L`` above counts the tokens after the
+sink). Tokens passed to the current ``update`` call are always attended exactly;
 tokens from earlier calls that were encoded are attended as decoded.
 
 **Decode policy.** Attention needs every past key and value at each step. Each step
@@ -165,12 +169,17 @@ class _Chunk:
 
 @dataclass
 class _Stream:
-    """One layer's K or V: encoded chunks, then an exact window."""
+    """One layer's K or V: an exact sink, encoded chunks, then an exact window."""
 
     config: CodecConfig | None
     rope: bool  # encode pre-RoPE (K only)
+    sink: torch.Tensor | None = None  # [b, h, n, d], exact, the first positions
     chunks: list[_Chunk] = field(default_factory=list)
     window: torch.Tensor | None = None  # [b, h, n, d], exact
+
+    @property
+    def sink_tokens(self) -> int:
+        return 0 if self.sink is None else self.sink.shape[-2]
 
     @property
     def encoded_tokens(self) -> int:
@@ -226,8 +235,7 @@ class KakeyaLayer(CacheLayerMixin):
         values = self._materialize(self.v, value_states)
         self.cumulative_length += n
         for stream, new in ((self.k, key_states), (self.v, value_states)):
-            stream.window = new if stream.window is None else torch.cat([stream.window, new], dim=-2)
-            self._maybe_flush(stream)
+            self._append(stream, new)
         # keys/values mirror the exact windows (read by generic transformers code paths)
         self.keys, self.values = self.k.window, self.v.window
         return keys, values
@@ -243,6 +251,7 @@ class KakeyaLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         for s in (self.k, self.v):
+            s.sink = None
             s.chunks.clear()
             s.window = None
         self.keys = self.values = None
@@ -253,7 +262,7 @@ class KakeyaLayer(CacheLayerMixin):
         """Drop tokens from the end (negative: that many; positive: keep that many, legacy).
 
         Chunks reaching into the removed range are decoded back into the window (their
-        tokens stay as decoded, i.e. lossy).
+        tokens stay as decoded, i.e. lossy); a sink longer than what is kept is cut.
         """
         length = self.cumulative_length
         keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
@@ -265,8 +274,10 @@ class KakeyaLayer(CacheLayerMixin):
                 chunk = s.chunks.pop()
                 dec = self._decoded(s, chunk)
                 s.window = dec if s.window is None else torch.cat([dec, s.window], dim=-2)
+            if s.sink is not None:
+                s.sink = s.sink[..., :keep, :]
             if s.window is not None:
-                s.window = s.window[..., : keep - s.encoded_tokens, :]
+                s.window = s.window[..., : max(keep - s.sink_tokens - s.encoded_tokens, 0), :]
         self.cumulative_length = keep
         self.keys, self.values = self.k.window, self.v.window
 
@@ -281,6 +292,8 @@ class KakeyaLayer(CacheLayerMixin):
             idx = [i for i, keep in enumerate(idx) if keep]
         index = torch.tensor(idx, dtype=torch.long)
         for s in (self.k, self.v):
+            if s.sink is not None:
+                s.sink = s.sink.index_select(0, index.to(s.sink.device))
             for c in s.chunks:
                 c.encodings = [c.encodings[i] for i in idx]
                 if c.decoded is not None:
@@ -297,8 +310,9 @@ class KakeyaLayer(CacheLayerMixin):
 
     def batch_size_now(self) -> int:
         s = self.k
-        if s.window is not None:
-            return s.window.shape[0]
+        for exact in (s.window, s.sink):
+            if exact is not None:
+                return exact.shape[0]
         return len(s.chunks[0].encodings) if s.chunks else 0
 
     def offload(self):  # nothing offloadable beyond the window; keep it where it is
@@ -309,18 +323,26 @@ class KakeyaLayer(CacheLayerMixin):
 
     # -- internals ---------------------------------------------------------------------
     def _materialize(self, s: _Stream, new: torch.Tensor) -> torch.Tensor:
-        parts = [self._decoded(s, c) for c in s.chunks]
-        if s.window is not None:
-            parts.append(s.window)
+        decoded = [self._decoded(s, c) for c in s.chunks]
+        parts = [p for p in (s.sink, *decoded, s.window) if p is not None]
         if not parts:
             return new
         parts.append(new)
         out = torch.cat(parts, dim=-2)
         transient = sum(
-            p.numel() * p.element_size() for c, p in zip(s.chunks, parts, strict=False) if c.decoded is None
+            p.numel() * p.element_size() for c, p in zip(s.chunks, decoded, strict=True) if c.decoded is None
         )
         self._cache._note_transient(self.layer_idx, s is self.k, transient)
         return out
+
+    def _append(self, s: _Stream, new: torch.Tensor) -> None:
+        room = self._cache.sink_tokens - s.sink_tokens if s.config is not None else 0
+        if room > 0:
+            # clone: a view would keep the whole prefill tensor alive
+            head, new = new[..., :room, :].clone(), new[..., room:, :]
+            s.sink = head if s.sink is None else torch.cat([s.sink, head], dim=-2)
+        s.window = new if s.window is None else torch.cat([s.window, new], dim=-2)
+        self._maybe_flush(s)
 
     def _decoded(self, s: _Stream, chunk: _Chunk) -> torch.Tensor:
         if chunk.decoded is not None:
@@ -343,7 +365,7 @@ class KakeyaLayer(CacheLayerMixin):
         if n < cache.residual_length + cache.block_tokens:
             return
         cut = n - cache.residual_length
-        start = s.encoded_tokens
+        start = s.sink_tokens + s.encoded_tokens
         old, s.window = s.window[..., :cut, :], s.window[..., cut:, :].clone()
         if s.rope:
             cos, sin = cache._rope.slice(start, start + cut, old.shape[0])
@@ -398,7 +420,8 @@ class KakeyaCache(Cache):
     Args:
         policy: a :class:`~kakeya_py.policy.Policy`, a policy preset or JSON file name
             (``"recommended"``, ``"identity"``, ...), a :class:`CodecConfig` (both streams,
-            every layer) or a dict of either.
+            every layer) or a dict of either. Its ``sink_tokens`` first positions of each
+            sequence stay exact in every compressed stream and are never encoded.
         model: the transformers causal LM the cache serves (layer count, RoPE capture).
         residual_length: ``R``, tokens always kept exact at the end of each stream.
         block_tokens: ``B``, encode when the window reaches ``R + B`` tokens.
@@ -435,16 +458,12 @@ class KakeyaCache(Cache):
         if k_position not in (None, "pre_rope", "post_rope"):
             raise ValueError(f"k_position must be None, 'pre_rope' or 'post_rope', got {k_position!r}")
         self.policy = _as_policy(policy)
-        if self.policy.sink_tokens:
-            raise ValueError(
-                "KakeyaCache does not implement the policy field sink_tokens yet (it encodes chunks "
-                "at arbitrary offsets); use a policy without it"
-            )
         if self.policy.sigma_q is not None:
             raise ValueError(
                 "KakeyaCache does not load Σ_q pre-conditioners yet (policy names a sigma_q file)"
             )
         self.residual_length = int(residual_length)
+        self.sink_tokens = self.policy.sink_tokens
         self.block_tokens = int(block_tokens)
         self.decoded_budget_bytes = decoded_budget_bytes
         self.threads = threads
@@ -480,8 +499,9 @@ class KakeyaCache(Cache):
     def __repr__(self) -> str:
         return (
             f"KakeyaCache(policy={self.policy.name!r}, layers={self.num_layers}, "
-            f"residual_length={self.residual_length}, block_tokens={self.block_tokens}, "
-            f"decoded_budget_bytes={self.decoded_budget_bytes}, tokens={self.get_seq_length()})"
+            f"sink_tokens={self.sink_tokens}, residual_length={self.residual_length}, "
+            f"block_tokens={self.block_tokens}, decoded_budget_bytes={self.decoded_budget_bytes}, "
+            f"tokens={self.get_seq_length()})"
         )
 
     def close(self) -> None:
@@ -563,6 +583,7 @@ class KakeyaCache(Cache):
 
         Returns:
             ``encoded_bytes`` (codec output, headers and skeletons included),
+            ``sink_bytes`` (the exact first ``sink_tokens`` positions of compressed streams),
             ``window_bytes`` (exact recent tokens of compressed streams), ``exact_bytes``
             (streams the policy keeps exact), ``rope_table_bytes``, ``decoded_bytes`` (decoded
             chunks kept by the budget), ``total_bytes`` (their sum), ``transient_peak_bytes``
@@ -570,56 +591,59 @@ class KakeyaCache(Cache):
             total), ``dynamic_cache_bytes``, ``ratio`` (dynamic / total), ``tokens``,
             ``encoded_tokens``, and ``per_layer``.
         """
-        out = dict.fromkeys(
-            ("encoded_bytes", "window_bytes", "exact_bytes", "decoded_bytes", "dynamic_cache_bytes"), 0
-        )
+        kinds = ("encoded_bytes", "sink_bytes", "window_bytes", "exact_bytes", "decoded_bytes")
+        out = dict.fromkeys((*kinds, "dynamic_cache_bytes"), 0)
         per_layer = []
         for layer in self.layers:
             row = {"layer": layer.layer_idx}
             for name, s in (("k", layer.k), ("v", layer.v)):
                 enc = sum(c.nbytes for c in s.chunks)
+                sink = 0 if s.sink is None else s.sink.numel() * s.sink.element_size()
                 win = 0 if s.window is None else s.window.numel() * s.window.element_size()
                 dec = sum(
                     c.decoded.numel() * c.decoded.element_size() for c in s.chunks if c.decoded is not None
                 )
-                dyn = 0
-                if s.window is not None and s.window.shape[-2] > 0:
-                    dyn = win // s.window.shape[-2] * layer.cumulative_length
-                elif s.chunks:
-                    b = len(s.chunks[0].encodings)
-                    t, h, d = s.chunks[0].encodings[0].shape
-                    dyn = (
-                        b
-                        * h
-                        * d
-                        * layer.cumulative_length
-                        * torch.empty((), dtype=layer.dtype).element_size()
-                    )
+                dyn = _dynamic_bytes(layer, s)
                 out["encoded_bytes"] += enc
+                out["sink_bytes"] += sink
                 out["window_bytes" if s.config is not None else "exact_bytes"] += win
                 out["decoded_bytes"] += dec
                 out["dynamic_cache_bytes"] += dyn
                 row[name] = {
                     "encoded_bytes": enc,
+                    "sink_bytes": sink,
                     "exact_bytes": win,
                     "decoded_bytes": dec,
                     "dynamic_cache_bytes": dyn,
+                    "sink_tokens": s.sink_tokens,
                     "encoded_tokens": s.encoded_tokens,
                     "window_tokens": s.window_tokens,
                     "compressed": s.config is not None,
                 }
             per_layer.append(row)
         out["rope_table_bytes"] = self._rope.nbytes
-        out["total_bytes"] = sum(
-            out[k]
-            for k in ("encoded_bytes", "window_bytes", "exact_bytes", "rope_table_bytes", "decoded_bytes")
-        )
+        out["total_bytes"] = sum(out[k] for k in (*kinds, "rope_table_bytes"))
         out["transient_peak_bytes"] = self.transient_peak_bytes
         out["ratio"] = out["dynamic_cache_bytes"] / out["total_bytes"] if out["total_bytes"] else None
         out["tokens"] = self.get_seq_length()
         out["encoded_tokens"] = max((layer.k.encoded_tokens for layer in self.layers), default=0)
         out["per_layer"] = per_layer
         return out
+
+
+def _dynamic_bytes(layer: KakeyaLayer, s: _Stream) -> int:
+    """What ``DynamicCache`` holds for this stream's tokens (model dtype, no compression)."""
+    exact = s.window if s.window is not None else s.sink
+    if exact is not None:
+        b, h, _, d = exact.shape
+        size = exact.element_size()
+    elif s.chunks:
+        b = len(s.chunks[0].encodings)
+        _, h, d = s.chunks[0].encodings[0].shape
+        size = torch.empty((), dtype=layer.dtype).element_size()
+    else:
+        return 0
+    return b * h * d * layer.cumulative_length * size
 
 
 def _rope_hook(cache: KakeyaCache, layer: int):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -67,9 +68,11 @@ def build_policies(cal_dir: Path, bits_list, out_dir: Path) -> list[dict]:
             tag = {None: "mse", "pre": "sigmaq", "rope": "sigmaq_rope"}[use_sigma]
             name = f"{stream}{bits}-{tag}-{tables}"
             pd["name"] = name
-            if pd.get("sigma_q"):
-                pd["sigma_q"] = str(Path(pd["sigma_q"]).relative_to(ROOT))
             path = out_dir / f"{name}.json"
+            if pd.get("sigma_q"):  # relative to the policy file, as load_policy resolves it
+                sigma_file = Path(pd["sigma_q"]).resolve()
+                pd["sigma_q"] = os.path.relpath(sigma_file, path.parent.resolve())
+                pd["description"] = pd["description"].replace(str(sigma_file), os.path.relpath(sigma_file, ROOT))
             path.write_text(json.dumps(pd, indent=1) + "\n")
             rows.append(
                 {

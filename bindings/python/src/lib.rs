@@ -3,8 +3,8 @@
 //! The Python API proper (numpy/torch handling, presets) lives in `python/kakeya_py/`.
 
 use kakeya::{
-    encode, Allocation, CodecConfig, CodecError, DType, Elements, Encoded, Metric, OwnedElements,
-    PcaMethod, SkeletonDtype, TensorView,
+    encode, Allocation, Basis, CodecConfig, CodecError, DType, Elements, Encoded, Metric,
+    OwnedElements, PcaMethod, SkeletonDtype, TensorView,
 };
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -84,7 +84,7 @@ fn to_py_err(err: CodecError) -> PyErr {
     }
 }
 
-const FIELDS: [&str; 16] = [
+const FIELDS: [&str; 17] = [
     "bits",
     "block_size",
     "pca",
@@ -101,6 +101,7 @@ const FIELDS: [&str; 16] = [
     "power_iters",
     "identity",
     "allocation",
+    "basis",
 ];
 
 fn py_bool(v: bool) -> &'static str {
@@ -139,7 +140,7 @@ impl PyCodecConfig {
     #[new]
     #[pyo3(signature = (*, bits=3, block_size=1024, pca="exact", variance_ratio=1.0, rank=None, rank_cap=None,
         share_basis=false, outlier_threshold=None, metric="mse", centroids=None, skeleton_dtype="f16", seed=0,
-        oversampling=8, power_iters=2, identity=false, allocation="uniform"))]
+        oversampling=8, power_iters=2, identity=false, allocation="uniform", basis="pca"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         bits: i64,
@@ -158,6 +159,7 @@ impl PyCodecConfig {
         power_iters: i64,
         identity: bool,
         allocation: &str,
+        basis: &str,
     ) -> PyResult<Self> {
         let count = |field: &'static str, v: i64| -> PyResult<usize> {
             usize::try_from(v).map_err(|_| {
@@ -212,6 +214,11 @@ impl PyCodecConfig {
                     ("variance", Allocation::Variance),
                 ],
             )?,
+            basis: parse_choice(
+                "basis",
+                basis,
+                &[("pca", Basis::Pca), ("none", Basis::None)],
+            )?,
         };
         inner.validate().map_err(to_py_err)?;
         Ok(Self { inner })
@@ -230,14 +237,16 @@ impl PyCodecConfig {
         })
     }
 
-    /// The config as a JSON-friendly dict (every field, `allocation` included).
+    /// The config as a JSON-friendly dict (every field, `allocation` and `basis` included).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let loads = py.import("json")?.getattr("loads")?;
         let dict = loads
             .call1((self.inner.to_json(),))?
             .cast_into::<PyDict>()?;
-        // The JSON form omits the default allocation (version-1 headers have no such field).
+        // The JSON form omits the default allocation and basis (version-1 headers have no
+        // such fields).
         dict.set_item("allocation", self.allocation())?;
+        dict.set_item("basis", self.basis())?;
         Ok(dict)
     }
 
@@ -262,7 +271,7 @@ impl PyCodecConfig {
         format!(
             "CodecConfig(bits={}, block_size={}, pca='{}', variance_ratio={:?}, rank={}, rank_cap={}, share_basis={}, \
              outlier_threshold={}, metric='{}', centroids={}, skeleton_dtype='{}', seed={}, oversampling={}, \
-             power_iters={}, identity={}, allocation='{}')",
+             power_iters={}, identity={}, allocation='{}', basis='{}')",
             c.bits,
             c.block_size,
             self.pca(),
@@ -279,6 +288,7 @@ impl PyCodecConfig {
             c.power_iters,
             py_bool(c.identity),
             self.allocation(),
+            self.basis(),
         )
     }
 
@@ -361,6 +371,13 @@ impl PyCodecConfig {
         match self.inner.allocation {
             Allocation::Uniform => "uniform",
             Allocation::Variance => "variance",
+        }
+    }
+    #[getter]
+    fn basis(&self) -> &'static str {
+        match self.inner.basis {
+            Basis::Pca => "pca",
+            Basis::None => "none",
         }
     }
 
