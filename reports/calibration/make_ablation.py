@@ -72,7 +72,9 @@ def build_policies(cal_dir: Path, bits_list, out_dir: Path) -> list[dict]:
             if pd.get("sigma_q"):  # relative to the policy file, as load_policy resolves it
                 sigma_file = Path(pd["sigma_q"]).resolve()
                 pd["sigma_q"] = os.path.relpath(sigma_file, path.parent.resolve())
-                pd["description"] = pd["description"].replace(str(sigma_file), os.path.relpath(sigma_file, ROOT))
+                pd["description"] = pd["description"].replace(
+                    str(sigma_file), os.path.relpath(sigma_file, ROOT)
+                )
             path.write_text(json.dumps(pd, indent=1) + "\n")
             rows.append(
                 {
