@@ -330,16 +330,23 @@ fn read_skeleton(r: &mut Reader<'_>, dim: usize, config: &CodecConfig) -> Result
 }
 
 /// Pads, rotates and measures the scale of every coefficient row.
-fn rotate_rows(coef: &[f32], n: usize, rank: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+fn rotate_rows(coef: Vec<f32>, n: usize, rank: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let padded = hadamard::padded_len(rank);
     let signs = hadamard::signs(seed, padded);
-    let mut rotated = vec![0.0f32; n * padded];
+    let mut rotated = if padded == rank {
+        coef // nothing to pad: rotate in place
+    } else {
+        let mut out = vec![0.0f32; n * padded];
+        for (row, c) in out.chunks_exact_mut(padded).zip(coef.chunks_exact(rank)) {
+            row[..rank].copy_from_slice(c);
+        }
+        out
+    };
     let mut scales = vec![0.0f32; n];
     for (i, row) in rotated.chunks_exact_mut(padded.max(1)).take(n).enumerate() {
         if padded == 0 {
             break;
         }
-        row[..rank].copy_from_slice(&coef[i * rank..(i + 1) * rank]);
         hadamard::rotate(row, &signs);
         let power: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
         scales[i] = (power / padded as f64).sqrt() as f32;
@@ -414,7 +421,7 @@ pub fn encode(
         let (rotated, scales) = if variance {
             (coef, Vec::new())
         } else {
-            rotate_rows(&coef, n, rank, config.seed)
+            rotate_rows(coef, n, rank, config.seed)
         };
         Ok(RotatedBlock {
             own_skeleton: own,
@@ -558,12 +565,7 @@ fn quantize_block(
         return w.buf;
     }
     let n = block.scales.len();
-    let scales: Vec<f32> = block
-        .scales
-        .iter()
-        .map(|&s| round_scale(s, scale_dtype))
-        .collect();
-    w.scales(&scales, scale_dtype);
+    let scales = write_rounded_scales(&mut w, &block.scales, scale_dtype);
     let mut codes = vec![0u8; n * padded];
     let mut outliers: Vec<(usize, f32)> = Vec::new();
     for (i, (row, &s)) in block.rotated.chunks_exact(padded).zip(&scales).enumerate() {
@@ -586,19 +588,30 @@ fn quantize_block(
     w.buf
 }
 
+/// Rounds the scales to their storage type, writes them and returns the rounded values
+/// (the ones decode will use, so quantization divides by them).
+fn write_rounded_scales(w: &mut Writer, scales: &[f32], dtype: ScaleDtype) -> Vec<f32> {
+    let rounded: Vec<f32> = scales.iter().map(|&s| round_scale(s, dtype)).collect();
+    w.scales(&rounded, dtype);
+    rounded
+}
+
 /// Outlier segments of `S = max(1, 65536 / width)` rows: a `u32` count, then
 /// `(u16 index within the segment, f16 z)` pairs. `outliers` is sorted by index.
 fn write_outliers(w: &mut Writer, outliers: &[(usize, f32)], n: usize, width: usize) {
     let seg_rows = segment_rows(width);
     let seg_codes = seg_rows * width;
+    let mut rest = outliers;
     for seg in 0..n.div_ceil(seg_rows) {
-        let range = seg * seg_codes..(seg + 1) * seg_codes;
-        let here: Vec<&(usize, f32)> = outliers.iter().filter(|(i, _)| range.contains(i)).collect();
-        w.u32(here.len() as u32);
-        for &&(i, z) in &here {
-            w.u16((i - range.start) as u16);
+        let start = seg * seg_codes;
+        let count = rest.partition_point(|&(i, _)| i < start + seg_codes);
+        let (here, later) = rest.split_at(count);
+        w.u32(count as u32);
+        for &(i, z) in here {
+            w.u16((i - start) as u16);
             w.f16(z);
         }
+        rest = later;
     }
 }
 
@@ -621,12 +634,7 @@ fn quantize_block_variance(
         return w.buf;
     }
     let n = block.scales.len();
-    let scales: Vec<f32> = block
-        .scales
-        .iter()
-        .map(|&s| round_scale(s, scale_dtype))
-        .collect();
-    w.scales(&scales, scale_dtype);
+    let scales = write_rounded_scales(&mut w, &block.scales, scale_dtype);
     let mut codes = vec![0u8; n * rank];
     let mut outliers: Vec<(usize, f32)> = Vec::new();
     for (t, (row, &s)) in block.rotated.chunks_exact(rank).zip(&scales).enumerate() {
@@ -960,7 +968,8 @@ impl Encoded {
             .as_ref()
             .unwrap_or_else(|| &self.shared[h]);
         let padded = hadamard::padded_len(sk.rank);
-        let mut coef = vec![0.0f32; n * sk.rank];
+        let identity_basis = sk.has_identity_basis() && padded == sk.rank;
+        let mut coef = vec![0.0f32; if identity_basis { 0 } else { n * sk.rank }];
         if config.allocation == Allocation::Variance {
             let alloc = record
                 .own_alloc
@@ -979,7 +988,19 @@ impl Encoded {
             for (i, (row, &s)) in z.chunks_exact_mut(padded).zip(&record.scales).enumerate() {
                 row.iter_mut().for_each(|v| *v *= s);
                 hadamard::unrotate(row, &signs);
-                coef[i * sk.rank..(i + 1) * sk.rank].copy_from_slice(&row[..sk.rank]);
+                if identity_basis {
+                    // basis "none" at a power-of-two head dim: the row is the coefficient
+                    // vector itself, finished in place.
+                    row.iter_mut().zip(&sk.mean).for_each(|(v, m)| *v += m);
+                } else {
+                    coef[i * sk.rank..(i + 1) * sk.rank].copy_from_slice(&row[..sk.rank]);
+                }
+            }
+            if identity_basis {
+                return Ok(match &self.preconditioner {
+                    Some(l) => right_multiply(&z, sk.mean.len(), &l[h].1),
+                    None => z,
+                });
             }
         }
         let rows = pca::reconstruct(&coef, n, sk);

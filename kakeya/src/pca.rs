@@ -23,7 +23,8 @@ pub struct Skeleton {
 }
 
 impl Skeleton {
-    fn is_identity(&self) -> bool {
+    /// Whether the basis is the identity (`basis = "none"`).
+    pub fn has_identity_basis(&self) -> bool {
         self.rank > 0 && self.basis_t.is_empty()
     }
 }
@@ -209,7 +210,7 @@ pub fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
             *v -= m;
         }
     }
-    if skeleton.is_identity() {
+    if skeleton.has_identity_basis() {
         return centered;
     }
     let mut coef = vec![0.0f32; n * r];
@@ -226,7 +227,7 @@ pub fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
 pub fn reconstruct(coef: &[f32], n: usize, skeleton: &Skeleton) -> Vec<f32> {
     let dim = skeleton.mean.len();
     let r = skeleton.rank;
-    if skeleton.is_identity() {
+    if skeleton.has_identity_basis() {
         let mut out = coef.to_vec();
         for row in out.chunks_exact_mut(dim) {
             row.iter_mut()
