@@ -170,6 +170,8 @@ def test_query_collector_on_tiny_model(arch):
         {"bits": 2, "block_size": 50},
         {"bits": 4, "variance_ratio": 0.9, "rank_cap": 20},
         {"bits": 3, "metric": "inner_product"},
+        {"bits": 4, "block_size": 4096, "share_basis": True, "basis": "none"},
+        {"bits": 3, "block_size": 50, "basis": "none"},
     ],
 )
 def test_pre_quantization_matches_the_real_codec(cfg):

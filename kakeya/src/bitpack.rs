@@ -44,6 +44,37 @@ pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
     }
 }
 
+/// Unpacks `out.len()` codes of `bits` bits from `packed` and writes `table[code]` (one pass
+/// instead of codes then values). `table` must hold `2^bits` values.
+pub fn unpack_lookup(packed: &[u8], bits: u8, table: &[f32], out: &mut [f32]) {
+    let mask = (1u32 << bits) - 1;
+    if 8 % bits == 0 {
+        // 1, 2, 4 or 8 bits: whole codes per byte.
+        let per_byte = usize::from(8 / bits);
+        for (values, &byte) in out.chunks_mut(per_byte).zip(packed) {
+            let mut acc = u32::from(byte);
+            for v in values {
+                *v = table[(acc & mask) as usize];
+                acc >>= bits;
+            }
+        }
+        return;
+    }
+    let width = usize::from(bits);
+    let mut acc: u32 = 0;
+    let mut available = 0usize;
+    let mut bytes = packed.iter();
+    for v in out.iter_mut() {
+        while available < width {
+            acc |= u32::from(*bytes.next().unwrap_or(&0)) << available;
+            available += 8;
+        }
+        *v = table[(acc & mask) as usize];
+        acc >>= width;
+        available -= width;
+    }
+}
+
 /// Bytes needed for `rows` rows of codes whose widths are `widths` (one per component).
 /// `None` on overflow.
 pub fn packed_len_widths(rows: usize, widths: &[u8]) -> Option<usize> {
@@ -116,7 +147,12 @@ mod tests {
             pack(&codes, bits, &mut packed);
             let mut back = vec![0u8; codes.len()];
             unpack(&packed, bits, &mut back);
-            prop_assert_eq!(back, codes);
+            prop_assert_eq!(&back, &codes);
+            let table: Vec<f32> = (0..1u32 << bits).map(|c| c as f32 * 0.5 - 3.0).collect();
+            let mut values = vec![f32::NAN; codes.len()];
+            unpack_lookup(&packed, bits, &table, &mut values);
+            let expected: Vec<f32> = codes.iter().map(|&c| table[usize::from(c)]).collect();
+            prop_assert_eq!(values, expected);
         }
 
         #[test]

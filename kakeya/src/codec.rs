@@ -568,13 +568,22 @@ fn quantize_block(
     let scales = write_rounded_scales(&mut w, &block.scales, scale_dtype);
     let mut codes = vec![0u8; n * padded];
     let mut outliers: Vec<(usize, f32)> = Vec::new();
-    for (i, (row, &s)) in block.rotated.chunks_exact(padded).zip(&scales).enumerate() {
+    let mut z = vec![0.0f32; padded];
+    for (i, ((row, &s), row_codes)) in block
+        .rotated
+        .chunks_exact(padded)
+        .zip(&scales)
+        .zip(codes.chunks_exact_mut(padded))
+        .enumerate()
+    {
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        for (j, &y) in row.iter().enumerate() {
-            let z = y * inv;
-            codes[i * padded + j] = q.code(z);
-            if config.outlier_threshold.is_some_and(|t| z.abs() > t) {
-                outliers.push((i * padded + j, z));
+        z.iter_mut().zip(row).for_each(|(z, &y)| *z = y * inv);
+        q.codes(&z, row_codes);
+        if let Some(t) = config.outlier_threshold {
+            for (j, &zj) in z.iter().enumerate() {
+                if zj.abs() > t {
+                    outliers.push((i * padded + j, zj));
+                }
             }
         }
     }
@@ -978,9 +987,8 @@ impl Encoded {
             dequantize_variance(&record, alloc, sk.rank, &mut coef);
         } else if padded > 0 {
             let quantizer = quantizer_for(config);
-            let mut codes = vec![0u8; n * padded];
-            bitpack::unpack(record.codes, config.bits, &mut codes);
-            let mut z: Vec<f32> = codes.iter().map(|&c| quantizer.value(c)).collect();
+            let mut z = vec![0.0f32; n * padded];
+            bitpack::unpack_lookup(record.codes, config.bits, quantizer.centroids(), &mut z);
             for &(i, v) in &record.outliers {
                 z[i] = v;
             }

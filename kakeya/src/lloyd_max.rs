@@ -241,15 +241,31 @@ impl Quantizer {
     /// Code of `z`: the number of boundaries strictly below it.
     #[inline]
     pub fn code(&self, z: f32) -> u8 {
-        // Boundaries are strictly increasing, so this is `#{j : z > β_j}`. Up to 4 bits a
-        // branchless count (it vectorises) beats a binary search, whose branches mispredict
-        // on random data.
-        if self.boundaries.len() < 16 {
-            self.boundaries
-                .iter()
-                .fold(0u8, |n, &b| n + u8::from(b < z))
-        } else {
-            self.boundaries.partition_point(|&b| b < z) as u8
+        // Boundaries are strictly increasing, so this is `#{j : z > β_j}`.
+        self.boundaries.partition_point(|&b| b < z) as u8
+    }
+
+    /// [`Quantizer::code`] of every value of `z` into `out` (same length). Up to 4 bits the
+    /// count runs boundary by boundary over chunks of values, which vectorises: about 4×
+    /// faster than a search per value, whose branches mispredict on random data.
+    pub fn codes(&self, z: &[f32], out: &mut [u8]) {
+        const CHUNK: usize = 64;
+        if self.boundaries.len() > 15 {
+            out.iter_mut().zip(z).for_each(|(o, &v)| *o = self.code(v));
+            return;
+        }
+        let mut counts = [0u32; CHUNK];
+        for (o, values) in out.chunks_mut(CHUNK).zip(z.chunks(CHUNK)) {
+            let counts = &mut counts[..values.len()];
+            counts.fill(0);
+            for &b in &self.boundaries {
+                for (c, &v) in counts.iter_mut().zip(values) {
+                    *c += u32::from(b < v);
+                }
+            }
+            o.iter_mut()
+                .zip(counts.iter())
+                .for_each(|(o, &c)| *o = c as u8);
         }
     }
 
@@ -268,6 +284,31 @@ impl Quantizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_counts_the_boundaries_strictly_below() {
+        for bits in 1..=8u32 {
+            let table: Vec<f32> = gaussian_lloyd_max(1 << bits)
+                .iter()
+                .map(|&c| c as f32)
+                .collect();
+            let q = Quantizer::new(&table);
+            let mut probes: Vec<f32> = q.boundaries.clone();
+            probes.extend(q.boundaries.iter().map(|b| b.next_up()));
+            probes.extend(q.boundaries.iter().map(|b| b.next_down()));
+            probes.extend([-1e30, -5.0, 0.0, 5.0, 1e30, f32::MIN, f32::MAX]);
+            for &z in &probes {
+                let count = q.boundaries.iter().filter(|&&b| b < z).count();
+                assert_eq!(usize::from(q.code(z)), count, "bits {bits} z {z}");
+            }
+            let mut batch = vec![0u8; probes.len()];
+            q.codes(&probes, &mut batch);
+            let one_by_one: Vec<u8> = probes.iter().map(|&z| q.code(z)).collect();
+            assert_eq!(batch, one_by_one, "bits {bits}");
+        }
+        let q = Quantizer::new(&[-1.0, 0.0, 1.0]);
+        assert_eq!([-2.0, -0.5, 0.5, 2.0].map(|z| q.code(z)), [0, 0, 1, 2]);
+    }
 
     #[test]
     fn gaussian_tables_have_the_known_mse() {

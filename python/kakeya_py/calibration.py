@@ -712,6 +712,8 @@ def _skeleton(rows: np.ndarray, cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.
     n, d = rows.shape
     sk = cfg["skeleton_dtype"]
     mu_hat = _round_to(rows.astype(np.float64).mean(axis=0), sk)
+    if cfg.get("basis") == "none":  # mean only: the basis is the identity
+        return mu_hat, np.eye(d, dtype=np.float32)
     a = rows.astype(np.float64) - mu_hat.astype(np.float64)
     tau = float(np.sum(a * a))
     w, v = np.linalg.eigh(a.T @ a)
@@ -739,7 +741,8 @@ def pre_quantization(
 
     Follows ``docs/codec.md`` stages 1–3 for ``x [T, H, D]`` (float32): with
     ``metric="inner_product"`` the rows are first whitened by ``L̂`` (``preconditioner``
-    rounded to the skeleton dtype); then mean and exact-PCA basis per block (or shared),
+    rounded to the skeleton dtype); then mean and exact-PCA basis (identity for
+    ``basis="none"``) per block (or shared),
     ``c = (x − μ̂) Û``, ``y = H_P(σ ⊙ c)/√P``, ``z = y / ŝ``. Returns the ``[n, P]`` float32
     arrays head-major, block by block. Randomized PCA and identity are refused.
     """

@@ -66,12 +66,16 @@ _SHARED_4BIT = {"bits": 4, "block_size": 4096, "share_basis": True, "outlier_thr
 #: ``load_policy(NAME)`` resolves them after the built-in :data:`POLICY_PRESETS`.
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
-# Policy presets: plain dicts, turned into Policy objects by ``preset_policy``.
-# ``recommended`` was chosen by measurement on SmolLM2-135M (30 layers), snapshot mode,
-# 4 passages x (512 + 128) tokens, float32 (see docs/harness.md, "Choosing recommended"):
-# the highest measured ratio that earned ACCEPT. K is the sensitive stream; `kakeya
-# attribution --streams k --rank-by kl` ranks layers 12-23 as the most sensitive, so K is
-# compressed on layers 0-11 only, V on every layer.
+# Policy presets: plain dicts, turned into Policy objects by ``preset_policy``. Measured on
+# SmolLM2-135M (30 layers), snapshot mode, 16 passages x (1024 + 256) tokens of WikiText-2,
+# float32 (reports/basis/README.md). ``recommended`` is the highest measured ratio that
+# earned ACCEPT: mean-only skeletons (``basis="none"``: at full rank a PCA basis before the
+# random rotation is one more rotation, and its 64x64 values cost ~1 bit per coordinate of
+# a 1024-token prefix), the attention-sink position exact, K 4-bit everywhere, V 3-bit
+# except on the 7 layers where 3-bit V costs most KL (``kakeya attribution --streams v
+# --rank-by kl``, reports/basis/attribution_v3.md).
+_V4_LAYERS = (4, 5, 7, 8, 18, 20, 23)
+_MEAN_ONLY = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0, "basis": "none"}
 POLICY_PRESETS: dict[str, dict[str, Any]] = {
     "identity": {
         "description": "codec stages bypassed on every layer and stream (exact round trip)",
@@ -79,11 +83,20 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
         "v": {"identity": True},
     },
     "recommended": {
-        "description": "V 4-bit on every layer, K 4-bit on layers 0-11 (K exact from layer 12 on); "
-        "one basis per head over the prefix, outliers beyond 3 sigma stored exactly",
-        "k": dict(_SHARED_4BIT),
-        "v": dict(_SHARED_4BIT),
-        "overrides": {str(layer): {"k": None} for layer in range(12, 30)},
+        "description": "K 4-bit on every layer; V 3-bit, 4-bit on layers 4, 5, 7, 8, 18, 20, 23; "
+        "mean only per head over the prefix (no basis), outliers beyond 3 sigma stored exactly, "
+        "the first position (attention sink) exact (reports/basis)",
+        "k": {"bits": 4, **_MEAN_ONLY},
+        "v": {"bits": 3, **_MEAN_ONLY},
+        "overrides": {str(layer): {"v": {"bits": 4}} for layer in _V4_LAYERS},
+        "sink_tokens": 1,
+    },
+    "k4v4-sink1-nobasis": {
+        "description": "K and V 4-bit on every layer, mean only per head (no basis), the first "
+        "position exact, outliers beyond 3 sigma stored exactly (reports/basis)",
+        "k": {"bits": 4, **_MEAN_ONLY},
+        "v": {"bits": 4, **_MEAN_ONLY},
+        "sink_tokens": 1,
     },
     "k4v4-sink1": {
         "description": "K and V 4-bit on every layer, the first position (attention sink) exact; "
@@ -91,6 +104,14 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
         "k": dict(_SHARED_4BIT),
         "v": dict(_SHARED_4BIT),
         "sink_tokens": 1,
+    },
+    "k4early-v4": {
+        "description": "the first recommended preset (reports/eval_k4early_v4.md): V 4-bit on every "
+        "layer, K 4-bit on layers 0-11 (K exact from layer 12 on); one basis per head over the "
+        "prefix, outliers beyond 3 sigma stored exactly",
+        "k": dict(_SHARED_4BIT),
+        "v": dict(_SHARED_4BIT),
+        "overrides": {str(layer): {"k": None} for layer in range(12, 30)},
     },
 }
 
