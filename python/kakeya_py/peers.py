@@ -180,6 +180,29 @@ def asym_dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray):
     return _t(codes) * _t(scale)[..., None] + _t(zero)[..., None]
 
 
+def _asym_with_residual(grouped, residual, bits: int) -> dict[str, np.ndarray]:
+    """Stored arrays of a group-wise asymmetric quantizer plus an exact bf16 residual."""
+    q = asym_quantize(grouped, bits)
+    return {
+        "codes": pack_codes(q["codes"], bits),
+        "scale": q["scale"],
+        "zero": q["zero"],
+        "residual_bf16": _bf16_bits(residual),
+    }
+
+
+def _asym_dequantize_stored(stored, bits: int, group_shape):
+    count = int(np.prod(group_shape))
+    codes = unpack_codes(stored["codes"], bits, count).reshape(group_shape)
+    return asym_dequantize(codes, stored["scale"], stored["zero"])
+
+
+def _residual(stored):
+    import torch
+
+    return torch.from_numpy(stored["residual_bf16"]).view(torch.bfloat16).float()
+
+
 def nearest_level(values, levels):
     """Index of the nearest of the sorted ``levels [G, k]`` for ``values [G, N]`` (ties go up)."""
     import torch
@@ -343,13 +366,7 @@ class IntGroup(PeerMethod):
         n, h, d = x.shape
         g = self._g(d)
         nq = max(0, n - self.residual)
-        q = asym_quantize(x[:nq].reshape(nq, h, d // g, g), self.bits)
-        return {
-            "codes": pack_codes(q["codes"], self.bits),
-            "scale": q["scale"],
-            "zero": q["zero"],
-            "residual_bf16": _bf16_bits(x[nq:]),
-        }
+        return _asym_with_residual(x[:nq].reshape(nq, h, d // g, g), x[nq:], self.bits)
 
     def decode(self, layer, stream, stored, shape):
         import torch
@@ -357,10 +374,8 @@ class IntGroup(PeerMethod):
         n, h, d = shape
         g = self._g(d)
         nq = max(0, n - self.residual)
-        codes = unpack_codes(stored["codes"], self.bits, nq * h * d).reshape(nq, h, d // g, g)
-        head = asym_dequantize(codes, stored["scale"], stored["zero"]).reshape(nq, h, d)
-        tail = torch.from_numpy(stored["residual_bf16"]).view(torch.bfloat16).float()
-        return torch.cat([head, tail], dim=0)
+        head = _asym_dequantize_stored(stored, self.bits, (nq, h, d // g, g)).reshape(nq, h, d)
+        return torch.cat([head, _residual(stored)], dim=0)
 
 
 class KIVI(PeerMethod):
@@ -407,13 +422,7 @@ class KIVI(PeerMethod):
         else:
             g = self._vg(d)
             grouped = x[:nq].reshape(nq, h, d // g, g)
-        q = asym_quantize(grouped.contiguous(), self.bits)
-        return {
-            "codes": pack_codes(q["codes"], self.bits),
-            "scale": q["scale"],
-            "zero": q["zero"],
-            "residual_bf16": _bf16_bits(x[nq:]),
-        }
+        return _asym_with_residual(grouped.contiguous(), x[nq:], self.bits)
 
     def decode(self, layer, stream, stored, shape):
         import torch
@@ -425,11 +434,9 @@ class KIVI(PeerMethod):
         else:
             g = self._vg(d)
             gshape = (nq, h, d // g, g)
-        codes = unpack_codes(stored["codes"], self.bits, nq * h * d).reshape(gshape)
-        deq = asym_dequantize(codes, stored["scale"], stored["zero"])
+        deq = _asym_dequantize_stored(stored, self.bits, gshape)
         head = deq.permute(0, 3, 1, 2).reshape(nq, h, d) if stream == "k" else deq.reshape(nq, h, d)
-        tail = torch.from_numpy(stored["residual_bf16"]).view(torch.bfloat16).float()
-        return torch.cat([head, tail], dim=0)
+        return torch.cat([head, _residual(stored)], dim=0)
 
 
 class TurboQuant(PeerMethod):
