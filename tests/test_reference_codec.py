@@ -791,7 +791,7 @@ def test_variance_layout_and_version():
             assert len(secs[f"{k}/scales"]) == 2 * n
             assert len(secs[f"{k}/codes"]) == math.ceil(n * int(b.sum()) / 8)
             assert np.all(blk.codes[:, b == 0] == 0)
-    # Version 1 cannot carry allocation "variance"; versions 0 and 3 are unknown.
+    # Version 1 cannot carry allocation "variance"; versions 0 and 4 are unknown.
     with pytest.raises(ValueError, match="version"):
         rc.parse(refresh_crc(data[:6] + struct.pack("<H", 1) + data[8:]))
     for v in (0, 4):
