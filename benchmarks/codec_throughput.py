@@ -7,7 +7,7 @@ basis=...)``, otherwise defaults: blocks of 1024 tokens) gets its own verdict: "
 and stores a basis per block, "none" only a mean (at full rank the basis is one more
 rotation).
 
-    python benchmarks/codec_throughput.py [--json out.json] [--repeats 5] [--basis pca none]
+    python benchmarks/codec_throughput.py [--json out.json] [--repeats 10] [--basis pca none]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--reference-repeats", type=int, default=1)
     parser.add_argument("--basis", nargs="+", default=["pca", "none"], choices=["pca", "none"])
     args = parser.parse_args(argv)

@@ -7,13 +7,26 @@ pub fn packed_len(count: usize, bits: u8) -> usize {
 
 /// Packs `codes` (each `< 2^bits`) into `out`, which must be `packed_len` long and zeroed.
 pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
-    let bits = usize::from(bits);
+    let width = usize::from(bits);
+    // Eight codes fill exactly `bits` bytes: whole groups go through one u64.
+    let groups = codes.len() / 8;
+    for (group, bytes) in codes
+        .chunks_exact(8)
+        .zip(out.chunks_exact_mut(width))
+        .take(groups)
+    {
+        let word = group
+            .iter()
+            .enumerate()
+            .fold(0u64, |w, (i, &c)| w | u64::from(c) << (i * width));
+        bytes.copy_from_slice(&word.to_le_bytes()[..width]);
+    }
     let mut acc: u32 = 0;
     let mut filled = 0usize;
-    let mut pos = 0usize;
-    for &code in codes {
+    let mut pos = groups * width;
+    for &code in &codes[groups * 8..] {
         acc |= u32::from(code) << filled;
-        filled += bits;
+        filled += width;
         while filled >= 8 {
             out[pos] = acc as u8;
             pos += 1;
@@ -47,26 +60,28 @@ pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
 /// Unpacks `out.len()` codes of `bits` bits from `packed` and writes `table[code]` (one pass
 /// instead of codes then values). `table` must hold `2^bits` values.
 pub fn unpack_lookup(packed: &[u8], bits: u8, table: &[f32], out: &mut [f32]) {
-    let mask = (1u32 << bits) - 1;
-    if 8 % bits == 0 {
-        // 1, 2, 4 or 8 bits: whole codes per byte.
-        let per_byte = usize::from(8 / bits);
-        for (values, &byte) in out.chunks_mut(per_byte).zip(packed) {
-            let mut acc = u32::from(byte);
-            for v in values {
-                *v = table[(acc & mask) as usize];
-                acc >>= bits;
-            }
-        }
-        return;
-    }
+    let mask = (1u64 << bits) - 1;
     let width = usize::from(bits);
-    let mut acc: u32 = 0;
+    // Eight codes fill exactly `bits` bytes: whole groups come out of one u64.
+    let groups = (out.len() / 8).min(packed.len() / width);
+    for (values, bytes) in out
+        .chunks_exact_mut(8)
+        .zip(packed.chunks_exact(width))
+        .take(groups)
+    {
+        let mut word = [0u8; 8];
+        word[..width].copy_from_slice(bytes);
+        let word = u64::from_le_bytes(word);
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = table[((word >> (i * width)) & mask) as usize];
+        }
+    }
+    let mut acc: u64 = 0;
     let mut available = 0usize;
-    let mut bytes = packed.iter();
-    for v in out.iter_mut() {
+    let mut bytes = packed[groups * width..].iter();
+    for v in out[groups * 8..].iter_mut() {
         while available < width {
-            acc |= u32::from(*bytes.next().unwrap_or(&0)) << available;
+            acc |= u64::from(*bytes.next().unwrap_or(&0)) << available;
             available += 8;
         }
         *v = table[(acc & mask) as usize];
