@@ -10,7 +10,7 @@ use crate::error::{CodecError, Result};
 use crate::format::{self, Header, Reader, ScaleDtype, Writer, MAGIC};
 use crate::hadamard;
 use crate::lloyd_max::{gaussian_table, Quantizer, MAX_TABLE_BITS};
-use crate::parallel::map_jobs;
+use crate::parallel::{for_each_chunk_mut, map_jobs};
 use crate::pca::{self, Skeleton, SHARED_BLOCK_KEY};
 use crate::tensor::{checked_numel, DType, OwnedElements, TensorView};
 
@@ -951,7 +951,13 @@ impl Encoded {
                             )));
                         }
                     }
-                    record.outliers.push((seg * seg_rows * padded + idx, value));
+                    let at = seg * seg_rows * padded + idx;
+                    if record.outliers.last().is_some_and(|&(prev, _)| prev >= at) {
+                        return Err(CodecError::Corrupt(format!(
+                            "outlier index {at} does not follow the previous one"
+                        )));
+                    }
+                    record.outliers.push((at, value));
                 }
             }
         }
@@ -1018,15 +1024,99 @@ impl Encoded {
         })
     }
 
+    /// Whether [`Encoded::decode_rows`] applies: mean-only skeletons, uniform codes, no
+    /// pre-conditioner, `D` a power of two and whole bytes per row.
+    fn decodes_by_rows(&self) -> bool {
+        let config = &self.header.config;
+        let dim = self.header.shape[2];
+        config.basis == Basis::None
+            && config.allocation == Allocation::Uniform
+            && self.preconditioner.is_none()
+            && dim.is_power_of_two()
+            && (dim * usize::from(config.bits)) % 8 == 0
+    }
+
+    /// Decodes straight into the output, token range by token range (each one a contiguous
+    /// part of `[tokens, heads, dim]`), with no per-block buffers: the same operations in
+    /// the same order as [`Encoded::decode_block`], so the same values.
+    fn decode_rows(&self, threads: Option<usize>) -> Result<Vec<f32>> {
+        const TOKENS_PER_JOB: usize = 128;
+        let [tokens, heads, dim] = self.header.shape;
+        let config = &self.header.config;
+        let per_head = self.header.blocks_per_head;
+        let body = &self.bytes[self.body_start..self.bytes.len() - 4];
+        let records: Vec<BlockRecord<'_>> = map_jobs(threads, self.blocks.len(), |job| {
+            let (h, b) = (job / per_head, job % per_head);
+            let start = self.blocks[job].0;
+            self.parse_block(
+                &body[start..],
+                self.body_start + start,
+                self.block_len(b),
+                self.shared.get(h),
+                None,
+            )
+            .map(|(record, _)| record)
+        })
+        .into_iter()
+        .collect::<Result<_>>()?;
+        let quantizer = quantizer_for(config);
+        let signs = hadamard::signs(config.seed, dim);
+        let row_bytes = dim * usize::from(config.bits) / 8;
+        let mut out: Vec<f32> = Vec::new();
+        out.try_reserve_exact(tokens * heads * dim).map_err(|e| {
+            CodecError::Numerical(format!(
+                "cannot allocate the decoded tensor {:?}: {e}",
+                self.header.shape
+            ))
+        })?;
+        out.resize(tokens * heads * dim, 0.0);
+        let job_len = TOKENS_PER_JOB * heads * dim;
+        for_each_chunk_mut(threads, &mut out, job_len, |job, chunk| {
+            for (k, token_rows) in chunk.chunks_exact_mut(heads * dim).enumerate() {
+                let t = job * TOKENS_PER_JOB + k;
+                let (b, i) = (t / config.block_size, t % config.block_size);
+                for (h, row) in token_rows.chunks_exact_mut(dim).enumerate() {
+                    let record = &records[h * per_head + b];
+                    let sk = record
+                        .own_skeleton
+                        .as_ref()
+                        .unwrap_or_else(|| &self.shared[h]);
+                    let codes = &record.codes[i * row_bytes..(i + 1) * row_bytes];
+                    bitpack::unpack_lookup(codes, config.bits, quantizer.centroids(), row);
+                    let first = record.outliers.partition_point(|&(at, _)| at < i * dim);
+                    for &(at, v) in record.outliers[first..]
+                        .iter()
+                        .take_while(|&&(at, _)| at < (i + 1) * dim)
+                    {
+                        row[at - i * dim] = v;
+                    }
+                    let s = record.scales[i];
+                    row.iter_mut().for_each(|v| *v *= s);
+                    hadamard::unrotate(row, &signs);
+                    row.iter_mut().zip(&sk.mean).for_each(|(v, m)| *v += m);
+                }
+            }
+        });
+        Ok(out)
+    }
+
     /// Decodes to f32 `[tokens, kv_heads, head_dim]` values.
     pub fn decode(&self, threads: Option<usize>) -> Result<Vec<f32>> {
-        let [tokens, heads, dim] = self.header.shape;
         if self.header.config.identity {
             return Ok(match self.raw_identity().cast(DType::F32) {
                 OwnedElements::F32(v) => v,
                 _ => unreachable!("cast to f32 yields f32"),
             });
         }
+        if self.decodes_by_rows() {
+            return self.decode_rows(threads);
+        }
+        self.decode_blocks(threads)
+    }
+
+    /// Decodes block by block, then interleaves the blocks' rows into the output.
+    fn decode_blocks(&self, threads: Option<usize>) -> Result<Vec<f32>> {
+        let [tokens, heads, dim] = self.header.shape;
         let per_head = self.header.blocks_per_head;
         let blocks: Vec<Vec<f32>> =
             map_jobs(threads, self.blocks.len(), |job| self.decode_block(job))
@@ -1110,5 +1200,44 @@ impl Encoded {
                     .map_or(0, |b| usize::from(u16::from_le_bytes([b[0], b[1]]))),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Basis;
+    use crate::tensor::Elements;
+
+    #[test]
+    fn row_decode_equals_block_decode_bit_for_bit() {
+        let shape = [700usize, 3, 32];
+        let n: usize = shape.iter().product();
+        let mut g = vec![0.0f64; n];
+        crate::rng::SplitMix64::new(4, 5, 6, 7).fill_gaussian(&mut g);
+        // Heavy tails so outliers are stored, and a per-head offset for the mean.
+        let x: Vec<f32> = g
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (v * v * v) as f32 + (i % 96) as f32 * 0.01)
+            .collect();
+        for (bits, block_size, share_basis) in [(4u8, 256, false), (3, 128, true), (1, 700, false)]
+        {
+            let config = CodecConfig {
+                bits,
+                block_size,
+                share_basis,
+                basis: Basis::None,
+                outlier_threshold: Some(2.0),
+                ..Default::default()
+            };
+            let view = TensorView::new(Elements::F32(&x), shape).unwrap();
+            let enc = encode(view, &config, None, None).unwrap();
+            assert!(enc.decodes_by_rows());
+            let by_blocks = enc.decode_blocks(Some(1)).unwrap();
+            assert_eq!(enc.decode_rows(Some(1)).unwrap(), by_blocks);
+            assert_eq!(enc.decode_rows(Some(2)).unwrap(), by_blocks);
+            assert_eq!(enc.decode(None).unwrap(), by_blocks);
+        }
     }
 }

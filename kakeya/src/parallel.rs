@@ -31,6 +31,36 @@ fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
     Some(built)
 }
 
+/// `job(index, chunk)` for every `chunk_len` chunk of `data` (the last may be shorter), on
+/// `threads` threads. Chunks are disjoint, so the result does not depend on the thread count.
+pub fn for_each_chunk_mut<T, F>(threads: Option<usize>, data: &mut [T], chunk_len: usize, job: F)
+where
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync + Send,
+{
+    let chunk_len = chunk_len.max(1);
+    let in_order = |data: &mut [T]| {
+        data.chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| job(i, c))
+    };
+    let in_parallel = |data: &mut [T]| {
+        data.par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| job(i, c))
+    };
+    if SERIAL_ONLY.load(Ordering::Relaxed) || threads == Some(1) || data.len() <= chunk_len {
+        return in_order(data);
+    }
+    match threads {
+        None => in_parallel(data),
+        Some(t) => match pool(t) {
+            Some(p) => p.install(|| in_parallel(data)),
+            None => in_order(data),
+        },
+    }
+}
+
 /// `(0..count).map(job)` on `threads` threads (`None`: all cores), results in index order.
 pub fn map_jobs<T, F>(threads: Option<usize>, count: usize, job: F) -> Vec<T>
 where
