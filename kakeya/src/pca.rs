@@ -204,11 +204,9 @@ fn randomized_components(
 pub fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
     let n = rows.len() / dim;
     let r = skeleton.rank;
-    let mut centered = rows.to_vec();
-    for row in centered.chunks_exact_mut(dim) {
-        for (v, m) in row.iter_mut().zip(&skeleton.mean) {
-            *v -= m;
-        }
+    let mut centered = Vec::with_capacity(rows.len());
+    for row in rows.chunks_exact(dim) {
+        centered.extend(row.iter().zip(&skeleton.mean).map(|(v, m)| v - m));
     }
     if skeleton.has_identity_basis() {
         return centered;
