@@ -1205,6 +1205,8 @@ def _parse(data: bytes) -> Parsed:
                         raise ValueError(f"{what}: outlier index out of range in segment {sidx}")
                     if cnt and not np.all(np.isfinite(pairs["value"])):
                         raise ValueError(f"{what}: non-finite outlier value in segment {sidx}")
+                    if cnt > 1 and not np.all(np.diff(pairs["index"].astype(np.int64)) > 0):
+                        raise ValueError(f"{what}: outlier indices not strictly increasing in segment {sidx}")
                     if cnt and variance and np.any(owner.bits[pairs["index"].astype(np.intp) % p] == 0):
                         raise ValueError(f"{what}: outlier on a component without bits in segment {sidx}")
                     segs.append(pairs)

@@ -335,6 +335,24 @@ def test_mutated_variance_bytes_raise_only_corrupt_data(pos, xor, share_basis, t
     assert kp.decode(enc).shape == enc.shape
 
 
+@pytest.mark.parametrize("basis", ["pca", "none"])
+def test_unsorted_outliers_are_refused(basis):
+    """The row-wise decoder looks outliers up by position, so both readers demand order."""
+    x = gaussian((64, 1, 16), seed=12)
+    cfg = kp.CodecConfig(bits=2, outlier_threshold=1.0, basis=basis)
+    data = kp.encode(x, cfg).to_bytes()
+    section = ref.body_sections(data)["block/0/0/outliers"]
+    count = int.from_bytes(section[:4], "little")
+    assert count >= 2
+    at = data.index(section) + 4
+    swapped = data[:at] + data[at + 4 : at + 8] + data[at : at + 4] + data[at + 8 : -4]
+    bad = swapped + zlib.crc32(swapped).to_bytes(4, "little")
+    with pytest.raises(kp.CorruptDataError, match="outlier"):
+        kp.Encoded.from_bytes(bad)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ref.decode(bad)
+
+
 # --- determinism and threads --------------------------------------------------------------
 
 
