@@ -39,24 +39,6 @@ pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
     }
 }
 
-/// Unpacks `out.len()` codes of `bits` bits from `packed`.
-pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
-    let mask = (1u32 << bits) - 1;
-    let bits = usize::from(bits);
-    let mut acc: u32 = 0;
-    let mut available = 0usize;
-    let mut bytes = packed.iter();
-    for code in out.iter_mut() {
-        while available < bits {
-            acc |= u32::from(*bytes.next().unwrap_or(&0)) << available;
-            available += 8;
-        }
-        *code = (acc & mask) as u8;
-        acc >>= bits;
-        available -= bits;
-    }
-}
-
 /// Unpacks `out.len()` codes of `bits` bits from `packed` and writes `table[code]` (one pass
 /// instead of codes then values). `table` must hold `2^bits` values.
 pub fn unpack_lookup(packed: &[u8], bits: u8, table: &[f32], out: &mut [f32]) {
@@ -160,9 +142,10 @@ mod tests {
             let codes: Vec<u8> = raw.iter().map(|c| (u32::from(*c) & ((1u32 << bits) - 1)) as u8).collect();
             let mut packed = vec![0u8; packed_len(codes.len(), bits)];
             pack(&codes, bits, &mut packed);
-            let mut back = vec![0u8; codes.len()];
-            unpack(&packed, bits, &mut back);
-            prop_assert_eq!(&back, &codes);
+            let identity: Vec<f32> = (0..1u32 << bits).map(|c| c as f32).collect();
+            let mut back = vec![f32::NAN; codes.len()];
+            unpack_lookup(&packed, bits, &identity, &mut back);
+            prop_assert_eq!(back, codes.iter().map(|&c| f32::from(c)).collect::<Vec<_>>());
             let table: Vec<f32> = (0..1u32 << bits).map(|c| c as f32 * 0.5 - 3.0).collect();
             let mut values = vec![f32::NAN; codes.len()];
             unpack_lookup(&packed, bits, &table, &mut values);

@@ -1024,6 +1024,20 @@ impl Encoded {
         })
     }
 
+    /// The decoded tensor's buffer, zeroed; an allocation failure is an error, not an abort.
+    fn zeroed_output(&self) -> Result<Vec<f32>> {
+        let numel: usize = self.header.shape.iter().product();
+        let mut out: Vec<f32> = Vec::new();
+        out.try_reserve_exact(numel).map_err(|e| {
+            CodecError::Numerical(format!(
+                "cannot allocate the decoded tensor {:?}: {e}",
+                self.header.shape
+            ))
+        })?;
+        out.resize(numel, 0.0);
+        Ok(out)
+    }
+
     /// Whether [`Encoded::decode_rows`] applies: mean-only skeletons, uniform codes, no
     /// pre-conditioner, `D` a power of two and whole bytes per row.
     fn decodes_by_rows(&self) -> bool {
@@ -1041,7 +1055,7 @@ impl Encoded {
     /// the same order as [`Encoded::decode_block`], so the same values.
     fn decode_rows(&self, threads: Option<usize>) -> Result<Vec<f32>> {
         const TOKENS_PER_JOB: usize = 128;
-        let [tokens, heads, dim] = self.header.shape;
+        let [_, heads, dim] = self.header.shape;
         let config = &self.header.config;
         let per_head = self.header.blocks_per_head;
         let body = &self.bytes[self.body_start..self.bytes.len() - 4];
@@ -1062,14 +1076,7 @@ impl Encoded {
         let quantizer = quantizer_for(config);
         let signs = hadamard::signs(config.seed, dim);
         let row_bytes = dim * usize::from(config.bits) / 8;
-        let mut out: Vec<f32> = Vec::new();
-        out.try_reserve_exact(tokens * heads * dim).map_err(|e| {
-            CodecError::Numerical(format!(
-                "cannot allocate the decoded tensor {:?}: {e}",
-                self.header.shape
-            ))
-        })?;
-        out.resize(tokens * heads * dim, 0.0);
+        let mut out = self.zeroed_output()?;
         let job_len = TOKENS_PER_JOB * heads * dim;
         for_each_chunk_mut(threads, &mut out, job_len, |job, chunk| {
             for (k, token_rows) in chunk.chunks_exact_mut(heads * dim).enumerate() {
@@ -1116,20 +1123,13 @@ impl Encoded {
 
     /// Decodes block by block, then interleaves the blocks' rows into the output.
     fn decode_blocks(&self, threads: Option<usize>) -> Result<Vec<f32>> {
-        let [tokens, heads, dim] = self.header.shape;
+        let [_, heads, dim] = self.header.shape;
         let per_head = self.header.blocks_per_head;
         let blocks: Vec<Vec<f32>> =
             map_jobs(threads, self.blocks.len(), |job| self.decode_block(job))
                 .into_iter()
                 .collect::<Result<_>>()?;
-        let mut out: Vec<f32> = Vec::new();
-        out.try_reserve_exact(tokens * heads * dim).map_err(|e| {
-            CodecError::Numerical(format!(
-                "cannot allocate the decoded tensor {:?}: {e}",
-                self.header.shape
-            ))
-        })?;
-        out.resize(tokens * heads * dim, 0.0);
+        let mut out = self.zeroed_output()?;
         for (job, rows) in blocks.iter().enumerate() {
             let (h, b) = (job / per_head, job % per_head);
             let first = b * self.header.config.block_size;
