@@ -55,6 +55,7 @@ for step in "${steps[@]}"; do
                 echo '# Harness overhead'
                 echo
                 echo '```'
+                echo 'command: python benchmarks/harness_overhead.py --json reports/harness_overhead.json'
                 python benchmarks/harness_overhead.py --json reports/harness_overhead.json
                 echo '```'
             } > reports/harness_overhead.md ;;
