@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"KAKEYA"
-VERSION = 3  # newest version written and read
+VERSION = 4  # newest version written and read
 MIN_VERSION = 1  # oldest version read
 MAX_TABLE_BITS = 8
 LIBRARY = "kakeya-reference"
@@ -66,6 +66,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "identity": False,
     "allocation": "uniform",
     "basis": "pca",
+    "uniform_step": None,
+    "entropy_coding": False,
 }
 
 _NP_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
@@ -98,8 +100,8 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
     def bad(name: str, expected: str) -> ValueError:
         return ValueError(f"config field {name!r} must be {expected}, got {c[name]!r}")
 
-    if not _is_int(c["bits"]) or not 1 <= c["bits"] <= 4:
-        raise bad("bits", "an integer in 1..4")
+    if not _is_int(c["bits"]) or not 1 <= c["bits"] <= MAX_TABLE_BITS:
+        raise bad("bits", f"an integer in 1..{MAX_TABLE_BITS}")
     if not _is_int(c["block_size"]) or c["block_size"] < 1:
         raise bad("block_size", "an integer >= 1")
     if c["pca"] not in ("exact", "randomized"):
@@ -109,7 +111,7 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
     for name in ("rank", "rank_cap"):
         if c[name] is not None and (not _is_int(c[name]) or c[name] < 0):
             raise bad(name, "None or an integer >= 0")
-    for name in ("share_basis", "identity"):
+    for name in ("share_basis", "identity", "entropy_coding"):
         if not isinstance(c[name], (bool, np.bool_)):
             raise bad(name, "a bool")
     ot = c["outlier_threshold"]
@@ -148,6 +150,16 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         if not np.all(np.isfinite(arr)) or not np.all(np.diff(arr) > 0):
             raise bad("centroids", "finite and strictly increasing (as f32)")
         cents = [float(v) for v in arr]
+    step = c["uniform_step"]
+    if step is not None:
+        if not _is_real(step) or not float(step) > 0:
+            raise bad("uniform_step", "None or a finite number > 0")
+        if cents is not None or c["allocation"] == "variance":
+            raise bad("uniform_step", "None with centroids or allocation 'variance'")
+        if not np.all(np.diff(uniform_table(int(c["bits"]), float(step))) > 0):
+            raise bad("uniform_step", "a step giving a strictly increasing f32 table")
+    if c["entropy_coding"] and c["allocation"] == "variance":
+        raise bad("entropy_coding", "False with allocation 'variance'")
 
     return {
         "bits": int(c["bits"]),
@@ -167,11 +179,15 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         "identity": bool(c["identity"]),
         "allocation": c["allocation"],
         "basis": c["basis"],
+        "uniform_step": None if step is None else float(step),
+        "entropy_coding": bool(c["entropy_coding"]),
     }
 
 
 def version_for(config: dict[str, Any]) -> int:
     """The format version an encoding is written with: the lowest that can express it."""
+    if config["entropy_coding"] or config["uniform_step"] is not None:
+        return 4
     if config["basis"] == "none":
         return 3
     return 2 if config["allocation"] == "variance" else 1
@@ -390,10 +406,19 @@ def component_allocation(coef: np.ndarray, bits: int) -> tuple[np.ndarray, np.nd
 
 
 def centroid_table(config: dict[str, Any]) -> np.ndarray:
-    """The f32 centroid table an encoding uses: the caller's or the Gaussian one."""
+    """The f32 centroid table an encoding uses: the caller's, the uniform or the Gaussian one."""
     if config["centroids"] is not None:
         return np.asarray(config["centroids"], dtype=np.float64).astype(np.float32)
+    if config["uniform_step"] is not None:
+        return uniform_table(config["bits"], config["uniform_step"])
     return lloyd_max_gaussian(config["bits"])[0].astype(np.float32)
+
+
+def uniform_table(bits: int, step: float) -> np.ndarray:
+    """`c_i = (i − (2^bits − 1)/2)·step` in f64 (step as f32), rounded to f32 once."""
+    levels = 1 << bits
+    step64 = float(np.float32(step))
+    return ((np.arange(levels, dtype=np.float64) - (levels - 1) / 2) * step64).astype(np.float32)
 
 
 def boundaries(centroids: np.ndarray) -> np.ndarray:
@@ -669,6 +694,106 @@ def segment_rows(p: int) -> int:
     return max(1, 65536 // max(p, 1))
 
 
+# --------------------------------------------------------------------------- entropy
+
+PROB_BITS = 14
+PROB_TOTAL = 1 << PROB_BITS
+RANS_LOW = 1 << 23
+CODES_PACKED, CODES_RANS = 0, 1
+
+
+def frequency_table(codes: np.ndarray, alphabet: int) -> tuple[int, list[int]]:
+    """`(first, f)`: counts scaled to 2^14 by floor (1 for any symbol present), the
+    difference given to or taken one by one from the largest frequency (lowest symbol first)."""
+    counts = np.bincount(np.asarray(codes, np.int64).reshape(-1), minlength=alphabet)
+    present = np.flatnonzero(counts)
+    first, last = (int(present[0]), int(present[-1])) if present.size else (0, 0)
+    total = max(int(counts.sum()), 1)
+    freq = [0 if c == 0 else max(1, c * PROB_TOTAL // total) for c in map(int, counts[first : last + 1])]
+    diff = PROB_TOTAL - sum(freq)
+    if diff > 0:
+        freq[freq.index(max(freq))] += diff
+    for _ in range(-diff):
+        freq[freq.index(max(freq))] -= 1
+    return first, freq
+
+
+def rans_encode(codes: np.ndarray, first: int, freq: list[int]) -> bytes:
+    cum = np.concatenate([[0], np.cumsum(freq)]).tolist()
+    out = bytearray()
+    x = RANS_LOW
+    for s in reversed(np.asarray(codes, np.int64).reshape(-1).tolist()):
+        f, c = freq[s - first], cum[s - first]
+        x_max = ((RANS_LOW >> PROB_BITS) << 8) * f
+        while x >= x_max:
+            out.append(x & 0xFF)
+            x >>= 8
+        x = (x // f << PROB_BITS) + x % f + c
+    out += struct.pack("<I", x)
+    out.reverse()
+    return bytes(out)
+
+
+def rans_decode(stream: bytes, first: int, freq: list[int], count: int) -> np.ndarray:
+    if len(stream) < 4:
+        raise ValueError("entropy-coded codes: stream shorter than its 4-byte state")
+    cum = np.concatenate([[0], np.cumsum(freq)]).astype(np.int64)
+    slot_symbol = np.repeat(np.arange(len(freq)), freq).tolist()
+    cum_l = cum.tolist()
+    (x,) = struct.unpack(">I", stream[:4])
+    pos = 4
+    out = np.empty(count, dtype=np.uint8)
+    for k in range(count):
+        slot = x & (PROB_TOTAL - 1)
+        i = slot_symbol[slot]
+        out[k] = first + i
+        x = freq[i] * (x >> PROB_BITS) + slot - cum_l[i]
+        while x < RANS_LOW:
+            if pos >= len(stream):
+                raise ValueError("entropy-coded codes: stream ends before its symbols")
+            x = (x << 8) | stream[pos]
+            pos += 1
+    if x != RANS_LOW or pos != len(stream):
+        raise ValueError("entropy-coded codes: stream does not end where its symbols do")
+    return out
+
+
+def _code_section(codes: np.ndarray, bits: int, entropy_coding: bool) -> bytes:
+    """Packed codes; with entropy coding a mode byte and the shorter of packed and rANS."""
+    packed = pack_codes(codes, bits)
+    if not entropy_coding:
+        return packed
+    first, freq = frequency_table(codes, 1 << bits)
+    stream = rans_encode(codes, first, freq)
+    table = struct.pack("<BH", first, len(freq)) + struct.pack(f"<{len(freq)}H", *freq)
+    if len(table) + 4 + len(stream) < len(packed):
+        return bytes([CODES_RANS]) + table + struct.pack("<I", len(stream)) + stream
+    return bytes([CODES_PACKED]) + packed
+
+
+def _read_code_section(br: "_Reader", count: int, bits: int, entropy_coding: bool) -> tuple[np.ndarray, int]:
+    """The codes (uint8, `count`) and the section's length in bytes."""
+    start = br.pos
+    packed_len = -(-count * bits // 8)
+    mode = CODES_PACKED
+    if entropy_coding:
+        (mode,) = br.take(1, "code mode")
+    if mode == CODES_PACKED:
+        codes = unpack_codes(br.take(packed_len, "codes"), count, bits)
+    elif mode == CODES_RANS:
+        first, n_sym = struct.unpack("<BH", br.take(3, "frequency table"))
+        if n_sym == 0 or first + n_sym > 1 << bits:
+            raise ValueError(f"frequency table of symbols {first}..{first + n_sym} outside 2^{bits}")
+        freq = [int(f) for f in br.array(n_sym, np.dtype("<u2"), "frequency table")]
+        if sum(freq) != PROB_TOTAL:
+            raise ValueError(f"frequencies sum to {sum(freq)}, expected {PROB_TOTAL}")
+        (length,) = struct.unpack("<I", br.take(4, "code stream length"))
+        codes = rans_decode(br.take(length, "code stream"), first, freq, count)
+    else:
+        raise ValueError(f"code mode {mode}, expected {CODES_PACKED} (packed) or {CODES_RANS} (rANS)")
+    return codes, br.pos - start
+
+
 # ---------------------------------------------------------------------------- encoder
 
 
@@ -800,7 +925,7 @@ def encode(
             parts = [] if cfg["share_basis"] else [_skeleton_bytes(b.mu, b.basis, sk, store_basis)]
             if b.y.shape[1]:  # rank 0: the record is the skeleton alone
                 parts.append(s_hat.astype(_NP_DTYPES[scale_dtype]).tobytes())
-                parts.append(pack_codes(codes, bits))
+                parts.append(_code_section(codes, bits, cfg["entropy_coding"]))
                 if t_out is not None:
                     parts.append(_outlier_bytes(z, t_out))
             recs.append(b"".join(parts))
@@ -932,7 +1057,8 @@ def _assemble_body(pre: bytes, shared_recs: list[bytes], block_recs: list[list[b
 
 def _serialize(header: dict[str, Any], body: bytes) -> bytes:
     version = version_for(header["config"])
-    defaults = {"allocation": "uniform", "basis": "pca"}  # version 1 has no such fields
+    # version 1 has no such fields
+    defaults = {"allocation": "uniform", "basis": "pca", "uniform_step": None, "entropy_coding": False}
     config = {k: v for k, v in header["config"].items() if k not in defaults or defaults[k] != v}
     header = {**header, "config": config}
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -971,7 +1097,7 @@ class BlockRecord:
     codes: np.ndarray  # uint8 [n, P]
     outliers: list[np.ndarray] | None  # per segment, structured (index u16, value f16)
     raw: bytes
-    code_bytes: int = 0  # length of the packed codes
+    code_bytes: int = 0  # length of the code section
 
 
 @dataclass
@@ -1087,15 +1213,18 @@ def _parse(data: bytes) -> Parsed:
             raise ValueError(f"header lacks the field {key!r}")
     if not isinstance(header["config"], dict):
         raise ValueError("header field 'config' must be an object")
-    # SPEC CHOICE: every field is required except `allocation` (absent: "uniform") and
-    # `basis` (absent: "pca").
-    missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]) - {"allocation", "basis"})
+    # SPEC CHOICE: every field is required except those newer than version 1: `allocation`
+    # (absent: "uniform"), `basis` (absent: "pca"), `uniform_step` (absent: None) and
+    # `entropy_coding` (absent: false).
+    optional = {"allocation", "basis", "uniform_step", "entropy_coding"}
+    missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]) - optional)
     if missing:
         raise ValueError(f"header config lacks the fields {missing}")
     cfg = make_config({k: header["config"][k] for k in DEFAULT_CONFIG if k in header["config"]})
     if version < version_for(cfg):
         raise ValueError(
-            f"allocation {cfg['allocation']!r} with basis {cfg['basis']!r} needs format version "
+            f"allocation {cfg['allocation']!r}, basis {cfg['basis']!r}, uniform_step "
+            f"{cfg['uniform_step']!r} and entropy_coding {cfg['entropy_coding']} need format version "
             f"{version_for(cfg)}, got {version}"
         )
     shape = header["shape"]
@@ -1177,7 +1306,6 @@ def _parse(data: bytes) -> Parsed:
                 code_bytes = -(-n * int(widths.astype(np.int64).sum()) // 8)
             else:
                 p = next_pow2(r)
-                code_bytes = -(-n * p * bits // 8)
             if p == 0:  # rank 0 (or no bits): the record is the skeleton alone
                 empty = np.zeros((n, 0), dtype=np.uint8)
                 segs0 = [] if outliers_on else None
@@ -1188,11 +1316,11 @@ def _parse(data: bytes) -> Parsed:
             scales = br.array(n, sc_dt, "scales").astype(np.float32)
             if not np.all(np.isfinite(scales)) or np.any(scales < 0):
                 raise ValueError(f"{what} holds negative or non-finite scales")
-            raw_codes = br.take(code_bytes, "codes")
             if variance:
-                codes = unpack_widths(raw_codes, n, owner.bits)
+                codes = unpack_widths(br.take(code_bytes, "codes"), n, owner.bits)
             else:
-                codes = unpack_codes(raw_codes, n * p, bits).reshape(n, p)
+                flat, code_bytes = _read_code_section(br, n * p, bits, cfg["entropy_coding"])
+                codes = flat.reshape(n, p)
             segs = None
             if outliers_on:
                 segs = []

@@ -53,8 +53,12 @@ def test_config_defaults_repr_and_dict_roundtrip():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"bits": 5}, "bits"),
+        ({"bits": 9}, "bits"),
         ({"bits": 0}, "bits"),
+        ({"uniform_step": 0.0}, "uniform_step"),
+        ({"uniform_step": float("nan")}, "uniform_step"),
+        ({"bits": 1, "uniform_step": 0.5, "centroids": [-0.5, 0.5]}, "uniform_step"),
+        ({"entropy_coding": True, "allocation": "variance"}, "entropy_coding"),
         ({"block_size": 0}, "block_size"),
         ({"pca": "svd"}, "pca"),
         ({"variance_ratio": 1.5}, "variance_ratio"),
@@ -75,7 +79,7 @@ def test_invalid_config_names_the_field(kwargs, field):
 def test_allocation_field():
     c = kp.CodecConfig()
     assert c.allocation == "uniform" and repr(c).endswith(
-        "identity=False, allocation='uniform', basis='pca')"
+        "identity=False, allocation='uniform', basis='pca', uniform_step=None, entropy_coding=False)"
     )
     assert "allocation" not in c.to_json()  # the version-1 header form
     assert c.to_dict()["allocation"] == "uniform"
@@ -123,6 +127,33 @@ def test_basis_field():
     assert abs((enc_pca.nbytes - enc_none.nbytes) - 3 * 64 * 64 * 2) < 200
     assert enc_none.ratio > enc_pca.ratio
     assert relative_error(x, kp.decode(enc_none)) < 1.1 * relative_error(x, kp.decode(enc_pca))
+
+
+def test_uniform_step_and_entropy_coding_fields():
+    c = kp.CodecConfig(bits=5, uniform_step=0.25, entropy_coding=True, basis="none", share_basis=True)
+    assert c.uniform_step == 0.25 and c.entropy_coding and "uniform_step=0.25, entropy_coding=True" in repr(c)
+    assert c.to_json().endswith('"uniform_step":0.25,"entropy_coding":true}')
+    assert kp.CodecConfig().to_dict()["uniform_step"] is None and not kp.CodecConfig().to_dict()["entropy_coding"]
+    assert '"entropy_coding"' not in kp.CodecConfig().to_json()
+    assert kp.CodecConfig.from_dict(c.to_dict()) == c == kp.CodecConfig.from_json(c.to_json())
+    assert pickle.loads(pickle.dumps(c)) == c
+    x = gaussian((1024, 3, 64), seed=12)
+    packed = kp.CodecConfig(bits=4, basis="none", share_basis=True, block_size=4096, outlier_threshold=3.0)
+    coded = kp.CodecConfig.from_dict({**packed.to_dict(), "entropy_coding": True})
+    enc_packed, enc_coded = kp.encode(x, packed), kp.encode(x, coded)
+    assert enc_coded.to_bytes()[6:8] == b"\x04\x00"  # format version 4
+    # Lossless: the same values back, in fewer bytes (4-bit Gaussian codes carry ~3.76 bits).
+    np.testing.assert_array_equal(kp.decode(enc_coded), kp.decode(enc_packed))
+    assert enc_coded.ratio > 1.04 * enc_packed.ratio
+    # The uniform table at the step of equal MSE costs fewer bytes still (Gish-Pierce).
+    uniform = kp.CodecConfig.from_dict(
+        {**coded.to_dict(), "bits": 5, "uniform_step": 0.3376, "outlier_threshold": 4.5}
+    )
+    enc_uniform = kp.encode(x, uniform)
+    assert enc_uniform.ratio > 1.02 * enc_coded.ratio
+    err_lm, err_uniform = relative_error(x, kp.decode(enc_packed)), relative_error(x, kp.decode(enc_uniform))
+    assert err_uniform == pytest.approx(err_lm, rel=0.15)
+    assert err_uniform == pytest.approx(0.3376**2 / 12, rel=0.1)
 
 
 def test_policy_passes_allocation_through():
@@ -307,7 +338,7 @@ def test_corrupt_bytes_raise():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=300), st.sampled_from([b"\x01\x00", b"\x02\x00"]))
+@given(st.binary(max_size=300), st.sampled_from([b"\x01\x00", b"\x02\x00", b"\x03\x00", b"\x04\x00"]))
 def test_arbitrary_bytes_only_raise_corrupt_data(data, version):
     with pytest.raises(kp.CorruptDataError):
         kp.Encoded.from_bytes(b"KAKEYA" + version + data)
@@ -333,6 +364,33 @@ def test_mutated_variance_bytes_raise_only_corrupt_data(pos, xor, share_basis, t
     except kp.CorruptDataError:
         return
     assert kp.decode(enc).shape == enc.shape
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 255), st.booleans(), st.booleans())
+def test_mutated_entropy_coded_bytes_raise_only_corrupt_data(pos, xor, uniform, truncate):
+    # A rANS stream is checked when it is decoded: damage is refused there at the latest.
+    x = gaussian((200, 2, 16), seed=13)
+    cfg = kp.CodecConfig(
+        bits=5 if uniform else 3,
+        uniform_step=0.4 if uniform else None,
+        entropy_coding=True,
+        block_size=128,
+        outlier_threshold=3.0,
+    )
+    buf = bytearray(kp.encode(x, cfg).to_bytes())
+    at = pos % (len(buf) - 4)
+    if truncate:
+        del buf[at:-4]
+    else:
+        buf[at] ^= xor
+    body = bytes(buf[:-4])
+    try:
+        enc = kp.Encoded.from_bytes(body + zlib.crc32(body).to_bytes(4, "little"))
+        y = kp.decode(enc)
+    except kp.CorruptDataError:
+        return
+    assert y.shape == enc.shape and np.all(np.isfinite(y))
 
 
 @pytest.mark.parametrize("basis", ["pca", "none"])
@@ -407,6 +465,10 @@ REFERENCE_CASES = [
     {"bits": 4, "allocation": "variance", "rank_cap": 20, "metric": "inner_product", "share_basis": True},
     {"bits": 4, "basis": "none", "share_basis": True, "block_size": 128, "outlier_threshold": 3.0},
     {"bits": 2, "basis": "none", "block_size": 100, "metric": "inner_product"},
+    {"bits": 4, "entropy_coding": True, "outlier_threshold": 3.0},
+    {"bits": 5, "uniform_step": 0.3, "entropy_coding": True, "basis": "none", "share_basis": True},
+    {"bits": 3, "uniform_step": 0.7, "block_size": 100, "metric": "inner_product"},
+    {"bits": 6, "entropy_coding": True, "block_size": 7, "basis": "none"},
 ]
 
 
@@ -438,6 +500,8 @@ def test_reference_bytes_decode_in_rust():
         {"allocation": "variance", "share_basis": True, "block_size": 64},
         {"basis": "none", "outlier_threshold": 2.5},
         {"basis": "none", "share_basis": True, "block_size": 64},
+        {"bits": 4, "entropy_coding": True, "outlier_threshold": 2.5},
+        {"bits": 5, "uniform_step": 0.4, "entropy_coding": True, "basis": "none", "block_size": 64},
     ):
         data = ref.encode(x, kp.CodecConfig(**overrides).to_dict())
         np.testing.assert_allclose(kp.decode(data), ref.decode(data), rtol=1e-5, atol=1e-5)

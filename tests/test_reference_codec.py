@@ -540,8 +540,9 @@ def test_header_and_layout():
     ]
     assert header["shape"] == [70, 2, 8] and header["dtype"] == "f32"
     assert header["library"] == "kakeya-reference" and header["blocks_per_head"] == 3
-    # Version 1 (allocation "uniform", basis "pca"): every config field but those two.
-    v1_defaults = {k: v for k, v in rc.DEFAULT_CONFIG.items() if k not in ("allocation", "basis")}
+    # Version 1: every config field but the four newer ones.
+    newer = ("allocation", "basis", "uniform_step", "entropy_coding")
+    v1_defaults = {k: v for k, v in rc.DEFAULT_CONFIG.items() if k not in newer}
     assert header["config"] == {**v1_defaults, "bits": 2, "block_size": 32, "outlier_threshold": 2.5}
     assert b'"rank":null' in raw
     assert struct.unpack_from("<I", data, len(data) - 4)[0] == zlib.crc32(data[:-4])
@@ -588,7 +589,7 @@ def corrupt_variants(data):
     yield "bad magic, crc fixed", refresh_crc(b"XAKEYA" + data[6:])
     yield "bad crc", data[:-1] + bytes([data[-1] ^ 1])
     yield "flipped body byte", data[:40] + bytes([data[40] ^ 0x10]) + data[41:]
-    yield "unknown version", refresh_crc(data[:6] + struct.pack("<H", 4) + data[8:])
+    yield "unknown version", refresh_crc(data[:6] + struct.pack("<H", 5) + data[8:])
     yield "version 0", refresh_crc(data[:6] + struct.pack("<H", 0) + data[8:])
     yield "header length too long", refresh_crc(data[:8] + struct.pack("<I", len(data)) + data[12:])
     yield "not json", refresh_crc(data[:12] + b"{" * hlen + data[12 + hlen :])
@@ -620,7 +621,7 @@ def test_corrupt_bytes_raise_value_error():
             rc.decode(bad)
         assert name  # for the failure message
     with pytest.raises(ValueError, match="version"):
-        rc.decode(refresh_crc(data[:6] + struct.pack("<H", 4) + data[8:]))
+        rc.decode(refresh_crc(data[:6] + struct.pack("<H", 5) + data[8:]))
     with pytest.raises(ValueError, match="magic"):
         rc.decode(b"KAKEYB" + data[6:])
     with pytest.raises(ValueError, match="checksum"):
@@ -648,7 +649,7 @@ def test_mutated_bytes_never_raise_other_errors():
     "cfg",
     [
         {"bits": 0},
-        {"bits": 5},
+        {"bits": 9},
         {"block_size": 0},
         {"pca": "svd"},
         {"variance_ratio": 0},
@@ -794,7 +795,7 @@ def test_variance_layout_and_version():
     # Version 1 cannot carry allocation "variance"; versions 0 and 4 are unknown.
     with pytest.raises(ValueError, match="version"):
         rc.parse(refresh_crc(data[:6] + struct.pack("<H", 1) + data[8:]))
-    for v in (0, 4):
+    for v in (0, 5):
         with pytest.raises(ValueError, match="unknown format version"):
             rc.parse(refresh_crc(data[:6] + struct.pack("<H", v) + data[8:]))
 
@@ -910,3 +911,91 @@ def test_variance_corrupt_and_mutated_bytes():
                 rc.decode(refresh_crc(bytes(buf)))
             except ValueError:
                 pass
+
+
+# ------------------------------------------------------------------- entropy coding
+
+
+def test_frequency_table_rule():
+    first, freq = rc.frequency_table(np.array([2, 2, 2, 5], np.uint8), 8)
+    # counts 3 and 1 of 4 (symbols 3, 4 absent): floor(3/4·2^14), floor(1/4·2^14), exact
+    assert (first, freq) == (2, [12288, 0, 0, 4096])
+    first, freq = rc.frequency_table(np.array([0] * 99_998 + [1, 7], np.uint8), 8)
+    assert first == 0 and freq[1] == 1 and freq[7] == 1 and sum(freq) == 1 << 14
+    # Rounding rare symbols up overshoots; the excess comes off the largest frequency.
+    codes = np.concatenate([np.arange(128), np.repeat(np.arange(128, 256), 1000)]).astype(np.uint8)
+    first, freq = rc.frequency_table(codes, 256)
+    assert first == 0 and sum(freq) == 1 << 14 and min(freq) >= 1
+
+
+def test_rans_literal_stream():
+    # p(0) = 3/4, p(1) = 1/4: coding [0, 1] from x = 2^23 by the spec's formulas.
+    first, freq = rc.frequency_table(np.array([0, 0, 0, 1], np.uint8), 2)
+    assert freq == [12288, 4096]
+    x = 1 << 23
+    x = (x // 4096 << 14) + x % 4096 + 12288  # symbol 1 first (codes run last to first)
+    x = (x // 12288 << 14) + x % 12288 + 0  # then symbol 0
+    stream = rc.rans_encode(np.array([0, 1], np.uint8), first, freq)
+    assert stream == struct.pack(">I", x)
+    np.testing.assert_array_equal(rc.rans_decode(stream, first, freq, 2), [0, 1])
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_rans_roundtrip_and_rate(bits):
+    rng = np.random.default_rng(bits)
+    p = np.exp(-0.5 * ((np.arange(1 << bits) - (1 << bits) / 2) / max(1, (1 << bits) / 6)) ** 2)
+    codes = rng.choice(1 << bits, size=5000, p=p / p.sum()).astype(np.uint8)
+    first, freq = rc.frequency_table(codes, 1 << bits)
+    stream = rc.rans_encode(codes, first, freq)
+    np.testing.assert_array_equal(rc.rans_decode(stream, first, freq, codes.size), codes)
+    counts = np.bincount(codes, minlength=1 << bits) / codes.size
+    entropy = -sum(q * math.log2(q) for q in counts if q > 0)
+    assert 8 * len(stream) <= codes.size * entropy * 1.01 + 64
+    for damaged in (stream[:-1], stream + b"\0", bytes([stream[0] ^ 0x40]) + stream[1:]):
+        with pytest.raises(ValueError, match="entropy-coded"):
+            rc.rans_decode(damaged, first, freq, codes.size)
+
+
+def test_entropy_coding_layout_and_version():
+    x = gaussian((300, 2, 16), seed=21)
+    packed = rc.encode(x, {"bits": 4, "block_size": 128, "outlier_threshold": 3.0})
+    data = rc.encode(x, {"bits": 4, "block_size": 128, "outlier_threshold": 3.0, "entropy_coding": True})
+    assert struct.unpack_from("<H", data, 6)[0] == 4
+    hlen = struct.unpack_from("<I", data, 8)[0]
+    assert b',"basis"' not in data[12 : 12 + hlen]
+    assert b',"allocation":"uniform","basis":"pca"' not in data[12 : 12 + hlen]
+    assert b'"identity":false,"entropy_coding":true},' in data[12 : 12 + hlen]
+    np.testing.assert_array_equal(rc.decode(data), rc.decode(packed))
+    assert len(data) < len(packed)
+    secs, secs_packed = rc.body_sections(data), rc.body_sections(packed)
+    for h in range(2):
+        for i in range(3):
+            codes, packed_codes = secs[f"block/{h}/{i}/codes"], secs_packed[f"block/{h}/{i}/codes"]
+            if i < 2:  # 128 x 16 codes: the stream is shorter
+                assert codes[0] == rc.CODES_RANS and len(codes) < len(packed_codes)
+            else:  # 44 x 16: the table costs more than it saves, so the codes stay packed
+                assert codes == bytes([rc.CODES_PACKED]) + packed_codes
+            assert secs[f"block/{h}/{i}/outliers"] == secs_packed[f"block/{h}/{i}/outliers"]
+    # A block too small for a table and a stream stays packed, behind mode byte 0.
+    tiny = rc.encode(x[:2], {"bits": 4, "entropy_coding": True})
+    for h in range(2):
+        assert rc.body_sections(tiny)[f"block/{h}/0/codes"][0] == rc.CODES_PACKED
+    np.testing.assert_array_equal(rc.decode(tiny), rc.decode(rc.encode(x[:2], {"bits": 4})))
+    for v in (1, 2, 3):  # older versions cannot carry entropy coding
+        with pytest.raises(ValueError, match="version"):
+            rc.parse(refresh_crc(data[:6] + struct.pack("<H", v) + data[8:]))
+    for bad in ({"entropy_coding": True, "allocation": "variance"}, {"entropy_coding": 1}):
+        with pytest.raises(ValueError, match="entropy_coding"):
+            rc.make_config(bad)
+
+
+def test_uniform_table_and_error():
+    np.testing.assert_array_equal(rc.uniform_table(2, 0.5), np.array([-0.75, -0.25, 0.25, 0.75], np.float32))
+    x = gaussian((2048, 1, 64), seed=22)
+    cfg = {"bits": 5, "uniform_step": 0.25, "basis": "none", "share_basis": True, "block_size": 4096}
+    data = rc.encode(x, cfg)
+    assert struct.unpack_from("<H", data, 6)[0] == 4
+    assert rel_mse(rc.decode(data), x) == pytest.approx(0.25**2 / 12, rel=0.1)
+    for bad in ({"uniform_step": 0.0}, {"uniform_step": 0.5, "bits": 1, "centroids": [-1.0, 1.0]}):
+        with pytest.raises(ValueError, match="uniform_step"):
+            rc.make_config(bad)

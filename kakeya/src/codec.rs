@@ -6,10 +6,11 @@ use faer::{Accum, MatMut, MatRef, Par};
 use crate::allocation::allocate;
 use crate::bitpack;
 use crate::config::{Allocation, Basis, CodecConfig, Metric, SkeletonDtype};
+use crate::entropy::{self, FrequencyTable};
 use crate::error::{CodecError, Result};
 use crate::format::{self, Header, Reader, ScaleDtype, Writer, MAGIC};
 use crate::hadamard;
-use crate::lloyd_max::{gaussian_table, Quantizer, MAX_TABLE_BITS};
+use crate::lloyd_max::{gaussian_table, uniform_table, Quantizer, MAX_TABLE_BITS};
 use crate::parallel::{for_each_chunk_mut, map_jobs};
 use crate::pca::{self, Skeleton, SHARED_BLOCK_KEY};
 use crate::tensor::{checked_numel, DType, OwnedElements, TensorView};
@@ -55,9 +56,67 @@ struct BlockRecord<'a> {
     own_skeleton: Option<Skeleton>,
     own_alloc: Option<BitAllocation>,
     scales: Vec<f32>,
-    codes: &'a [u8],
+    codes: Codes<'a>,
     /// `(row · P + coordinate, value)` pairs.
     outliers: Vec<(usize, f32)>,
+}
+
+/// A block's code section.
+enum Codes<'a> {
+    /// Bit-packed codes.
+    Packed(&'a [u8]),
+    /// A rANS stream and its frequency table.
+    Entropy {
+        table: FrequencyTable,
+        stream: &'a [u8],
+    },
+    /// Codes already decoded from a rANS stream, one per byte.
+    Symbols(Vec<u8>),
+}
+
+/// Code-section mode bytes of format version 4 with `entropy_coding`.
+const CODES_PACKED: u8 = 0;
+const CODES_RANS: u8 = 1;
+
+impl Codes<'_> {
+    /// Codes `[first, first + out.len())` looked up in `values` (the quantizer's table).
+    /// Packed codes start on a byte (`first · bits` a multiple of 8); a rANS stream is read
+    /// whole (`first == 0`).
+    fn lookup(&self, bits: u8, values: &[f32], first: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Self::Packed(bytes) => {
+                let from = first * usize::from(bits) / 8;
+                bitpack::unpack_lookup(&bytes[from..], bits, values, out);
+            }
+            Self::Entropy { table, stream } => {
+                let mut symbols = vec![0u8; out.len()];
+                entropy::decode(stream, table, &mut symbols)?;
+                lookup_symbols(&symbols, values, out);
+            }
+            Self::Symbols(symbols) => {
+                lookup_symbols(&symbols[first..first + out.len()], values, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// This section with any rANS stream decoded into `count` symbols.
+    fn decoded(self, count: usize) -> Result<Self> {
+        Ok(match self {
+            Self::Entropy { table, stream } => {
+                let mut symbols = vec![0u8; count];
+                entropy::decode(stream, &table, &mut symbols)?;
+                Self::Symbols(symbols)
+            }
+            other => other,
+        })
+    }
+}
+
+fn lookup_symbols(symbols: &[u8], values: &[f32], out: &mut [f32]) {
+    out.iter_mut()
+        .zip(symbols)
+        .for_each(|(o, &c)| *o = values[usize::from(c)]);
 }
 
 /// Stage-one result of a block: skeleton, rotated coefficients (uniform) or plain
@@ -71,9 +130,10 @@ struct RotatedBlock {
 }
 
 fn quantizer_for(config: &CodecConfig) -> Quantizer {
-    match &config.centroids {
-        Some(table) => Quantizer::new(table),
-        None => Quantizer::new(gaussian_table(config.bits)),
+    match (&config.centroids, config.uniform_step) {
+        (Some(table), _) => Quantizer::new(table),
+        (None, Some(step)) => Quantizer::new(&uniform_table(config.bits, step)),
+        (None, None) => Quantizer::new(gaussian_table(config.bits)),
     }
 }
 
@@ -587,14 +647,32 @@ fn quantize_block(
             }
         }
     }
-    let start = w.buf.len();
-    w.buf
-        .resize(start + bitpack::packed_len(codes.len(), config.bits), 0);
-    bitpack::pack(&codes, config.bits, &mut w.buf[start..]);
+    write_codes(&mut w, &codes, config);
     if config.outlier_threshold.is_some() {
         write_outliers(&mut w, &outliers, n, padded);
     }
     w.buf
+}
+
+/// The code section: bit-packed, or with `entropy_coding` a mode byte and then whichever of
+/// the packed codes and the rANS stream (frequency table, `u32` length, stream) is shorter.
+fn write_codes(w: &mut Writer, codes: &[u8], config: &CodecConfig) {
+    let packed_len = bitpack::packed_len(codes.len(), config.bits);
+    if config.entropy_coding {
+        let table = FrequencyTable::fit(codes, 1 << config.bits);
+        let stream = entropy::encode(codes, &table);
+        if table.serialized_len() + 4 + stream.len() < packed_len {
+            w.buf.push(CODES_RANS);
+            table.write(w);
+            w.u32(stream.len() as u32);
+            w.buf.extend_from_slice(&stream);
+            return;
+        }
+        w.buf.push(CODES_PACKED);
+    }
+    let start = w.buf.len();
+    w.buf.resize(start + packed_len, 0);
+    bitpack::pack(codes, config.bits, &mut w.buf[start..]);
 }
 
 /// Rounds the scales to their storage type, writes them and returns the rounded values
@@ -700,7 +778,9 @@ fn dequantize_variance(
     }
     let quantizers = width_quantizers();
     let mut codes = vec![0u8; coef.len()];
-    bitpack::unpack_widths(record.codes, &alloc.bits, &mut codes);
+    if let Codes::Packed(packed) = record.codes {
+        bitpack::unpack_widths(packed, &alloc.bits, &mut codes);
+    }
     let mut z: Vec<f32> = codes
         .iter()
         .enumerate()
@@ -915,7 +995,7 @@ impl Encoded {
             own_skeleton,
             own_alloc,
             scales: Vec::new(),
-            codes: &[],
+            codes: Codes::Packed(&[]),
             outliers: Vec::new(),
         };
         if width == 0 {
@@ -927,7 +1007,26 @@ impl Encoded {
         if let Some(bad) = record.scales.iter().find(|&&s| s < 0.0) {
             return Err(CodecError::Corrupt(format!("negative scale {bad}")));
         }
-        record.codes = r.take(code_bytes, "codes")?;
+        record.codes = if !config.entropy_coding {
+            Codes::Packed(r.take(code_bytes, "codes")?)
+        } else {
+            match r.take(1, "code mode")?[0] {
+                CODES_PACKED => Codes::Packed(r.take(code_bytes, "codes")?),
+                CODES_RANS => {
+                    let table = FrequencyTable::read(&mut r, 1 << config.bits)?;
+                    let len = r.u32("code stream length")? as usize;
+                    Codes::Entropy {
+                        table,
+                        stream: r.take(len, "code stream")?,
+                    }
+                }
+                mode => {
+                    return Err(CodecError::Corrupt(format!(
+                        "code mode {mode}, expected {CODES_PACKED} (packed) or {CODES_RANS} (rANS)"
+                    )))
+                }
+            }
+        };
         if config.outlier_threshold.is_some() {
             let padded = width;
             let seg_rows = segment_rows(padded);
@@ -994,7 +1093,9 @@ impl Encoded {
         } else if padded > 0 {
             let quantizer = quantizer_for(config);
             let mut z = vec![0.0f32; n * padded];
-            bitpack::unpack_lookup(record.codes, config.bits, quantizer.centroids(), &mut z);
+            record
+                .codes
+                .lookup(config.bits, quantizer.centroids(), 0, &mut z)?;
             for &(i, v) in &record.outliers {
                 z[i] = v;
             }
@@ -1069,13 +1170,18 @@ impl Encoded {
                 self.shared.get(h),
                 None,
             )
-            .map(|(record, _)| record)
+            .and_then(|(record, _)| {
+                let count = record.scales.len() * dim;
+                Ok(BlockRecord {
+                    codes: record.codes.decoded(count)?,
+                    ..record
+                })
+            })
         })
         .into_iter()
         .collect::<Result<_>>()?;
         let quantizer = quantizer_for(config);
         let signs = hadamard::signs(config.seed, dim);
-        let row_bytes = dim * usize::from(config.bits) / 8;
         let mut out = self.zeroed_output()?;
         let job_len = TOKENS_PER_JOB * heads * dim;
         for_each_chunk_mut(threads, &mut out, job_len, |job, chunk| {
@@ -1088,8 +1194,10 @@ impl Encoded {
                         .own_skeleton
                         .as_ref()
                         .unwrap_or_else(|| &self.shared[h]);
-                    let codes = &record.codes[i * row_bytes..(i + 1) * row_bytes];
-                    bitpack::unpack_lookup(codes, config.bits, quantizer.centroids(), row);
+                    record
+                        .codes
+                        .lookup(config.bits, quantizer.centroids(), i * dim, row)
+                        .expect("rANS streams were decoded above");
                     let first = record.outliers.partition_point(|&(at, _)| at < i * dim);
                     for &(at, v) in record.outliers[first..]
                         .iter()

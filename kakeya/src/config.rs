@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Result};
-use crate::lloyd_max::validate_centroids;
+use crate::lloyd_max::{uniform_table, validate_centroids, MAX_TABLE_BITS};
 
 /// Largest supported head dimension.
 pub const MAX_HEAD_DIM: usize = 4096;
@@ -100,7 +100,7 @@ impl Basis {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CodecConfig {
-    /// Bits per quantized coordinate, 1..=4.
+    /// Bits per quantized coordinate, 1..=8 (the alphabet of the codes is `2^bits`).
     pub bits: u8,
     /// Tokens per block.
     pub block_size: usize,
@@ -137,6 +137,15 @@ pub struct CodecConfig {
     /// PCA basis or mean only. Omitted from the JSON form when PCA.
     #[serde(skip_serializing_if = "Basis::is_pca")]
     pub basis: Basis,
+    /// Uniform quantizer: `2^bits` levels `(i − (2^bits − 1)/2)·step` in units of the
+    /// per-vector scale, instead of the Lloyd–Max table. With entropy coding its rate follows
+    /// `step`, not `bits`. Omitted from the JSON form when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uniform_step: Option<f32>,
+    /// Code indices entropy-coded (rANS, one frequency table per block) instead of bit-packed.
+    /// Lossless: the decoded values are the same. Omitted from the JSON form when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub entropy_coding: bool,
 }
 
 impl Default for CodecConfig {
@@ -159,6 +168,8 @@ impl Default for CodecConfig {
             identity: false,
             allocation: Allocation::Uniform,
             basis: Basis::Pca,
+            uniform_step: None,
+            entropy_coding: false,
         }
     }
 }
@@ -174,8 +185,11 @@ impl CodecConfig {
 
     /// Checks every field; the first bad one is named in the error.
     pub fn validate(&self) -> Result<()> {
-        if !(1..=4).contains(&self.bits) {
-            return Err(invalid("bits", format!("must be 1..=4, got {}", self.bits)));
+        if !(1..=MAX_TABLE_BITS).contains(&self.bits) {
+            return Err(invalid(
+                "bits",
+                format!("must be 1..={MAX_TABLE_BITS}, got {}", self.bits),
+            ));
         }
         if self.block_size == 0 || self.block_size > MAX_BLOCK_SIZE {
             return Err(invalid(
@@ -225,6 +239,30 @@ impl CodecConfig {
                 ));
             }
             validate_centroids(table, self.bits)?;
+        }
+        if let Some(step) = self.uniform_step {
+            if !(step.is_finite() && step > 0.0) {
+                return Err(invalid(
+                    "uniform_step",
+                    format!("must be a finite number > 0 (or None), got {step}"),
+                ));
+            }
+            validate_centroids(&uniform_table(self.bits, step), self.bits).map_err(|e| {
+                invalid("uniform_step", format!("{step} gives no usable table: {e}"))
+            })?;
+            if self.centroids.is_some() || self.allocation == Allocation::Variance {
+                return Err(invalid(
+                    "uniform_step",
+                    "the uniform quantizer replaces the Lloyd–Max table of allocation=\"uniform\"; \
+                     it cannot be combined with centroids or allocation=\"variance\"",
+                ));
+            }
+        }
+        if self.entropy_coding && self.allocation == Allocation::Variance {
+            return Err(invalid(
+                "entropy_coding",
+                "applies to allocation=\"uniform\" only",
+            ));
         }
         if self.basis == Basis::None {
             let reduced = if self.rank.is_some() {
@@ -297,6 +335,17 @@ mod tests {
         };
         assert!(m.to_json().ends_with(r#","basis":"none"}"#));
         assert_eq!(CodecConfig::from_json(&m.to_json()).unwrap(), m);
+        assert!(!c.to_json().contains("uniform_step") && !c.to_json().contains("entropy"));
+        let e = CodecConfig {
+            bits: 5,
+            uniform_step: Some(0.25),
+            entropy_coding: true,
+            ..Default::default()
+        };
+        assert!(e
+            .to_json()
+            .ends_with(r#","uniform_step":0.25,"entropy_coding":true}"#));
+        assert_eq!(CodecConfig::from_json(&e.to_json()).unwrap(), e);
     }
 
     #[test]
@@ -305,7 +354,7 @@ mod tests {
             (
                 "bits",
                 CodecConfig {
-                    bits: 5,
+                    bits: 9,
                     ..Default::default()
                 },
             ),
@@ -386,6 +435,29 @@ mod tests {
                 "basis",
                 CodecConfig {
                     basis: Basis::None,
+                    allocation: Allocation::Variance,
+                    ..Default::default()
+                },
+            ),
+            (
+                "uniform_step",
+                CodecConfig {
+                    uniform_step: Some(0.0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "uniform_step",
+                CodecConfig {
+                    uniform_step: Some(0.5),
+                    centroids: Some(vec![-1.0, -0.3, 0.3, 1.0, 1.5, 2.0, 2.5, 3.0]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "entropy_coding",
+                CodecConfig {
+                    entropy_coding: true,
                     allocation: Allocation::Variance,
                     ..Default::default()
                 },

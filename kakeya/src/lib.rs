@@ -23,6 +23,7 @@ pub mod allocation;
 pub mod bitpack;
 mod codec;
 pub mod config;
+pub mod entropy;
 mod error;
 pub mod format;
 pub mod hadamard;

@@ -194,6 +194,16 @@ pub fn gaussian_distortion(bits: u8) -> f64 {
     }
 }
 
+/// The uniform table of `bits`: `2^bits` levels `(i − (2^bits − 1)/2)·step`, each computed
+/// in f64 and rounded to f32 once.
+pub fn uniform_table(bits: u8, step: f32) -> Vec<f32> {
+    let levels = 1usize << bits;
+    let middle = (levels - 1) as f64 / 2.0;
+    (0..levels)
+        .map(|i| ((i as f64 - middle) * f64::from(step)) as f32)
+        .collect()
+}
+
 /// Checks a caller's centroid table for `bits`.
 pub fn validate_centroids(centroids: &[f32], bits: u8) -> Result<()> {
     let levels = 1usize << bits;

@@ -462,7 +462,7 @@ fn format_versions_follow_the_allocation() {
     };
     let variance = encode(view, &config, None, None).unwrap();
     assert_eq!(&variance.as_bytes()[6..8], &[2, 0]);
-    assert_eq!(kakeya::FORMAT_VERSION, 3);
+    assert_eq!(kakeya::FORMAT_VERSION, 4);
     assert!(variance
         .header_json()
         .contains(r#""allocation":"variance""#));
@@ -480,12 +480,12 @@ fn format_versions_follow_the_allocation() {
         .unwrap()
         .decode(None);
     assert_eq!(y.unwrap(), uniform.decode(None).unwrap());
-    for bad in [0u8, 4] {
+    for bad in [0u8, 5] {
         let mut unknown = variance.as_bytes().to_vec();
         unknown[6] = bad;
         assert!(matches!(
             Encoded::from_bytes(with_fixed_crc(unknown)),
-            Err(CodecError::UnsupportedVersion { found, supported: 3 }) if found == u16::from(bad)
+            Err(CodecError::UnsupportedVersion { found, supported: 4 }) if found == u16::from(bad)
         ));
     }
     // basis "none" is version 3; an older version cannot hold it.
@@ -503,6 +503,114 @@ fn format_versions_follow_the_allocation() {
             Encoded::from_bytes(with_fixed_crc(relabelled)),
             Err(CodecError::Corrupt(_))
         ));
+    }
+    // uniform_step and entropy_coding are version 4; no older version holds them.
+    for config in [
+        CodecConfig {
+            uniform_step: Some(0.5),
+            ..Default::default()
+        },
+        CodecConfig {
+            entropy_coding: true,
+            ..Default::default()
+        },
+    ] {
+        let newest = encode(view, &config, None, None).unwrap();
+        assert_eq!(&newest.as_bytes()[6..8], &[4, 0]);
+        for older in [1u8, 2, 3] {
+            let mut relabelled = newest.as_bytes().to_vec();
+            relabelled[6] = older;
+            assert!(matches!(
+                Encoded::from_bytes(with_fixed_crc(relabelled)),
+                Err(CodecError::Corrupt(_))
+            ));
+        }
+    }
+}
+
+#[test]
+fn entropy_coding_is_lossless_and_smaller() {
+    let shape = [700, 3, 64];
+    let x = gaussian(shape.iter().product(), 31);
+    for bits in 1..=8u8 {
+        for (basis, share_basis) in [(Basis::None, true), (Basis::Pca, false)] {
+            let packed = CodecConfig {
+                bits,
+                block_size: 256,
+                basis,
+                share_basis,
+                outlier_threshold: Some(3.5),
+                ..Default::default()
+            };
+            let coded = CodecConfig {
+                entropy_coding: true,
+                ..packed.clone()
+            };
+            let (y_packed, enc_packed) = roundtrip(&x, shape, &packed, None);
+            let (y_coded, enc_coded) = roundtrip(&x, shape, &coded, None);
+            assert_eq!(y_packed, y_coded, "bits {bits} {basis:?}");
+            // Gaussian Lloyd–Max codes carry less than `bits` bits of entropy (1 bit: none to gain).
+            if bits > 1 {
+                assert!(
+                    enc_coded.nbytes() < enc_packed.nbytes(),
+                    "bits {bits}: {} ≥ {}",
+                    enc_coded.nbytes(),
+                    enc_packed.nbytes()
+                );
+            }
+            assert!(enc_coded.nbytes() <= enc_packed.nbytes() + 3 * 3 + 64);
+        }
+    }
+}
+
+#[test]
+fn uniform_step_error_follows_the_step() {
+    // High-resolution uniform quantization: MSE ≈ step²/12 where no level is clipped, and
+    // with entropy coding the rate follows the step: ≈ h(N(0,1)) − log2(step) bits.
+    let shape = [1024, 2, 64];
+    let x = gaussian(shape.iter().product(), 32);
+    for (bits, step) in [(5u8, 0.3f32), (4, 0.6), (6, 0.1)] {
+        let config = CodecConfig {
+            bits,
+            block_size: 512,
+            basis: Basis::None,
+            share_basis: true,
+            outlier_threshold: Some(4.5),
+            uniform_step: Some(step),
+            entropy_coding: true,
+            ..Default::default()
+        };
+        let (y, enc) = roundtrip(&x, shape, &config, None);
+        let rel = relative_error(&x, &y, shape, None);
+        let expected = f64::from(step * step) / 12.0;
+        assert!(
+            (0.8 * expected..1.3 * expected).contains(&rel),
+            "step {step}: relative MSE {rel:.5}, step²/12 = {expected:.5}"
+        );
+        let bits_per_value = 8.0 * enc.nbytes() as f64 / x.len() as f64;
+        let rate = 0.5 * (2.0 * std::f64::consts::PI * std::f64::consts::E).log2()
+            - f64::from(step).log2();
+        // + scales (16 bits per 64 values), outliers and headers.
+        assert!(
+            bits_per_value < rate + 0.45,
+            "step {step}: {bits_per_value:.3} bits per value, entropy {rate:.3}"
+        );
+    }
+}
+
+#[test]
+fn wide_lloyd_max_tables_bound_error() {
+    let shape = [512, 2, 64];
+    let x = gaussian(shape.iter().product(), 33);
+    for bits in 5..=8u8 {
+        let config = CodecConfig {
+            bits,
+            block_size: 256,
+            ..Default::default()
+        };
+        let (y, _) = roundtrip(&x, shape, &config, None);
+        let rel = relative_error(&x, &y, shape, None);
+        assert!(rel <= 1.3 * lloyd_mse(bits), "bits {bits}: {rel}");
     }
 }
 
@@ -629,6 +737,8 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
         0.5f64..=1.0,
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
+        proptest::option::of(0.05f32..1.5),
     )
         .prop_map(
             |(
@@ -641,31 +751,39 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
                 variance_ratio,
                 variance,
                 no_basis,
-            )| CodecConfig {
-                bits,
-                block_size,
-                pca: if randomized {
-                    PcaMethod::Randomized
-                } else {
-                    PcaMethod::Exact
-                },
-                share_basis,
-                outlier_threshold,
-                // basis "none" keeps every coordinate with a uniform allocation
-                variance_ratio: if no_basis { 1.0 } else { variance_ratio },
-                basis: if no_basis { Basis::None } else { Basis::Pca },
-                skeleton_dtype: if f32_skeleton {
-                    kakeya::SkeletonDtype::F32
-                } else {
-                    kakeya::SkeletonDtype::F16
-                },
-                seed: u64::from(bits) * 31 + block_size as u64,
-                allocation: if variance && !no_basis {
-                    Allocation::Variance
-                } else {
-                    Allocation::Uniform
-                },
-                ..Default::default()
+                entropy_coding,
+                uniform_step,
+            )| {
+                let variance = variance && !no_basis;
+                CodecConfig {
+                    bits,
+                    block_size,
+                    pca: if randomized {
+                        PcaMethod::Randomized
+                    } else {
+                        PcaMethod::Exact
+                    },
+                    share_basis,
+                    outlier_threshold,
+                    // basis "none" keeps every coordinate with a uniform allocation
+                    variance_ratio: if no_basis { 1.0 } else { variance_ratio },
+                    basis: if no_basis { Basis::None } else { Basis::Pca },
+                    skeleton_dtype: if f32_skeleton {
+                        kakeya::SkeletonDtype::F32
+                    } else {
+                        kakeya::SkeletonDtype::F16
+                    },
+                    seed: u64::from(bits) * 31 + block_size as u64,
+                    allocation: if variance {
+                        Allocation::Variance
+                    } else {
+                        Allocation::Uniform
+                    },
+                    // the uniform table and entropy coding belong to the uniform allocation
+                    entropy_coding: entropy_coding && !variance,
+                    uniform_step: uniform_step.filter(|_| !variance),
+                    ..Default::default()
+                }
             },
         )
 }
@@ -758,7 +876,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
         prop_assert!(Encoded::from_bytes(bytes.clone()).is_err());
-        for version in [1u8, 2, 3] {
+        for version in [1u8, 2, 3, 4] {
             let mut framed = b"KAKEYA".to_vec();
             framed.extend_from_slice(&[version, 0]);
             framed.extend_from_slice(&bytes);

@@ -84,7 +84,7 @@ fn to_py_err(err: CodecError) -> PyErr {
     }
 }
 
-const FIELDS: [&str; 17] = [
+const FIELDS: [&str; 19] = [
     "bits",
     "block_size",
     "pca",
@@ -102,6 +102,8 @@ const FIELDS: [&str; 17] = [
     "identity",
     "allocation",
     "basis",
+    "uniform_step",
+    "entropy_coding",
 ];
 
 fn py_bool(v: bool) -> &'static str {
@@ -140,7 +142,8 @@ impl PyCodecConfig {
     #[new]
     #[pyo3(signature = (*, bits=3, block_size=1024, pca="exact", variance_ratio=1.0, rank=None, rank_cap=None,
         share_basis=false, outlier_threshold=None, metric="mse", centroids=None, skeleton_dtype="f16", seed=0,
-        oversampling=8, power_iters=2, identity=false, allocation="uniform", basis="pca"))]
+        oversampling=8, power_iters=2, identity=false, allocation="uniform", basis="pca", uniform_step=None,
+        entropy_coding=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         bits: i64,
@@ -160,6 +163,8 @@ impl PyCodecConfig {
         identity: bool,
         allocation: &str,
         basis: &str,
+        uniform_step: Option<f32>,
+        entropy_coding: bool,
     ) -> PyResult<Self> {
         let count = |field: &'static str, v: i64| -> PyResult<usize> {
             usize::try_from(v).map_err(|_| {
@@ -171,7 +176,7 @@ impl PyCodecConfig {
         let inner = CodecConfig {
             bits: u8::try_from(bits).map_err(|_| {
                 ConfigError::new_err(format!(
-                    "invalid config field `bits`: must be 1..=4, got {bits}"
+                    "invalid config field `bits`: must be 1..=8, got {bits}"
                 ))
             })?,
             block_size: count("block_size", block_size)?,
@@ -219,6 +224,8 @@ impl PyCodecConfig {
                 basis,
                 &[("pca", Basis::Pca), ("none", Basis::None)],
             )?,
+            uniform_step,
+            entropy_coding,
         };
         inner.validate().map_err(to_py_err)?;
         Ok(Self { inner })
@@ -237,16 +244,19 @@ impl PyCodecConfig {
         })
     }
 
-    /// The config as a JSON-friendly dict (every field, `allocation` and `basis` included).
+    /// The config as a JSON-friendly dict (every field, the ones the JSON form omits included).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let loads = py.import("json")?.getattr("loads")?;
         let dict = loads
             .call1((self.inner.to_json(),))?
             .cast_into::<PyDict>()?;
-        // The JSON form omits the default allocation and basis (version-1 headers have no
-        // such fields).
+        // The JSON form omits the defaults of the fields newer than version 1.
         dict.set_item("allocation", self.allocation())?;
         dict.set_item("basis", self.basis())?;
+        if self.inner.uniform_step.is_none() {
+            dict.set_item("uniform_step", py.None())?;
+        }
+        dict.set_item("entropy_coding", self.inner.entropy_coding)?;
         Ok(dict)
     }
 
@@ -271,7 +281,7 @@ impl PyCodecConfig {
         format!(
             "CodecConfig(bits={}, block_size={}, pca='{}', variance_ratio={:?}, rank={}, rank_cap={}, share_basis={}, \
              outlier_threshold={}, metric='{}', centroids={}, skeleton_dtype='{}', seed={}, oversampling={}, \
-             power_iters={}, identity={}, allocation='{}', basis='{}')",
+             power_iters={}, identity={}, allocation='{}', basis='{}', uniform_step={}, entropy_coding={})",
             c.bits,
             c.block_size,
             self.pca(),
@@ -289,6 +299,8 @@ impl PyCodecConfig {
             py_bool(c.identity),
             self.allocation(),
             self.basis(),
+            opt(c.uniform_step.map(|v| format!("{v:?}"))),
+            py_bool(c.entropy_coding),
         )
     }
 
@@ -372,6 +384,14 @@ impl PyCodecConfig {
             Allocation::Uniform => "uniform",
             Allocation::Variance => "variance",
         }
+    }
+    #[getter]
+    fn uniform_step(&self) -> Option<f32> {
+        self.inner.uniform_step
+    }
+    #[getter]
+    fn entropy_coding(&self) -> bool {
+        self.inner.entropy_coding
     }
     #[getter]
     fn basis(&self) -> &'static str {

@@ -1,0 +1,269 @@
+//! Lossless entropy coding of code indices (`entropy_coding = true`, docs/codec.md "Entropy
+//! coding"): a block's symbols are coded with one byte-wise rANS stream under a static
+//! frequency table fitted to that block and stored beside it.
+
+use crate::error::{CodecError, Result};
+use crate::format::{Reader, Writer};
+
+/// Frequencies sum to `2^PROB_BITS`.
+pub const PROB_BITS: u32 = 14;
+const PROB_TOTAL: u32 = 1 << PROB_BITS;
+/// Lower bound of the normalised coder state.
+const STATE_LOW: u32 = 1 << 23;
+
+/// A block's frequency table: symbols `first .. first + freq.len()`, frequencies summing to
+/// `2^PROB_BITS`, every symbol that occurs at least 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrequencyTable {
+    first: u8,
+    freq: Vec<u32>,
+    cumulative: Vec<u32>,
+}
+
+impl FrequencyTable {
+    /// The table of `symbols` (each `< alphabet`, at least one symbol): counts scaled to
+    /// `2^PROB_BITS` by floor with 1 for any symbol that occurs, then the difference taken
+    /// from (or given to) the largest frequency, lowest symbol first on ties.
+    pub fn fit(symbols: &[u8], alphabet: usize) -> Self {
+        let mut counts = vec![0u64; alphabet];
+        for &s in symbols {
+            counts[usize::from(s)] += 1;
+        }
+        let first = counts.iter().position(|&c| c > 0).unwrap_or(0);
+        let last = counts.iter().rposition(|&c| c > 0).unwrap_or(0);
+        let total = symbols.len().max(1) as u64;
+        let mut freq: Vec<u32> = counts[first..=last]
+            .iter()
+            .map(|&c| match c {
+                0 => 0,
+                c => ((c * u64::from(PROB_TOTAL)) / total).max(1) as u32,
+            })
+            .collect();
+        let largest = |freq: &[u32]| {
+            let max = *freq.iter().max().expect("non-empty");
+            freq.iter().position(|&f| f == max).expect("present")
+        };
+        let sum: u32 = freq.iter().sum();
+        if sum < PROB_TOTAL {
+            let i = largest(&freq);
+            freq[i] += PROB_TOTAL - sum;
+        } else {
+            for _ in 0..sum - PROB_TOTAL {
+                let i = largest(&freq);
+                freq[i] -= 1;
+            }
+        }
+        Self::from_parts(first as u8, freq)
+    }
+
+    fn from_parts(first: u8, freq: Vec<u32>) -> Self {
+        let cumulative = freq
+            .iter()
+            .scan(0u32, |acc, &f| {
+                let c = *acc;
+                *acc += f;
+                Some(c)
+            })
+            .collect();
+        Self {
+            first,
+            freq,
+            cumulative,
+        }
+    }
+
+    /// Serialised: `u8 first`, `u16 count`, `count × u16` frequencies.
+    pub fn write(&self, w: &mut Writer) {
+        w.buf.push(self.first);
+        w.u16(self.freq.len() as u16);
+        for &f in &self.freq {
+            w.u16(f as u16);
+        }
+    }
+
+    /// Reads and checks a table for an alphabet of `alphabet` symbols.
+    pub fn read(r: &mut Reader<'_>, alphabet: usize) -> Result<Self> {
+        let first = r.take(1, "frequency table")?[0];
+        let count = usize::from(r.u16("frequency table")?);
+        if count == 0 || usize::from(first) + count > alphabet {
+            return Err(CodecError::Corrupt(format!(
+                "frequency table of symbols {first}..{} outside an alphabet of {alphabet}",
+                usize::from(first) + count
+            )));
+        }
+        let freq: Vec<u32> = r
+            .take_array(count, 2, "frequency table")?
+            .chunks_exact(2)
+            .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]])))
+            .collect();
+        let sum: u32 = freq.iter().sum();
+        if sum != PROB_TOTAL {
+            return Err(CodecError::Corrupt(format!(
+                "frequencies sum to {sum}, expected {PROB_TOTAL}"
+            )));
+        }
+        Ok(Self::from_parts(first, freq))
+    }
+
+    /// Bytes of [`FrequencyTable::write`].
+    pub fn serialized_len(&self) -> usize {
+        3 + 2 * self.freq.len()
+    }
+}
+
+/// rANS stream of `symbols` (every one in `table` with a nonzero frequency): 4 bytes of
+/// final state, big-endian, then the renormalisation bytes in decoding order.
+pub fn encode(symbols: &[u8], table: &FrequencyTable) -> Vec<u8> {
+    let mut out = Vec::with_capacity(symbols.len() / 2 + 8);
+    let mut x = STATE_LOW;
+    for &s in symbols.iter().rev() {
+        let i = usize::from(s - table.first);
+        let (f, c) = (table.freq[i], table.cumulative[i]);
+        let x_max = ((STATE_LOW >> PROB_BITS) << 8) * f;
+        while x >= x_max {
+            out.push(x as u8);
+            x >>= 8;
+        }
+        x = ((x / f) << PROB_BITS) + (x % f) + c;
+    }
+    out.extend_from_slice(&x.to_le_bytes());
+    out.reverse();
+    out
+}
+
+/// Decodes `out.len()` symbols from `stream`; the stream must be used exactly, ending in
+/// the encoder's initial state, so a damaged stream is an error rather than wrong symbols.
+pub fn decode(stream: &[u8], table: &FrequencyTable, out: &mut [u8]) -> Result<()> {
+    let corrupt = |why: &str| CodecError::Corrupt(format!("entropy-coded codes: {why}"));
+    let mut slot_symbol = vec![0u8; PROB_TOTAL as usize];
+    for (i, (&f, &c)) in table.freq.iter().zip(&table.cumulative).enumerate() {
+        slot_symbol[c as usize..(c + f) as usize].fill(i as u8);
+    }
+    let Some((head, mut rest)) = stream.split_first_chunk::<4>() else {
+        return Err(corrupt("stream shorter than its 4-byte state"));
+    };
+    // u64 so that a damaged state cannot overflow.
+    let mut x = u64::from(u32::from_be_bytes(*head));
+    let mask = u64::from(PROB_TOTAL - 1);
+    for o in out.iter_mut() {
+        let slot = x & mask;
+        let i = usize::from(slot_symbol[slot as usize]);
+        *o = table.first + i as u8;
+        x = u64::from(table.freq[i]) * (x >> PROB_BITS) + slot - u64::from(table.cumulative[i]);
+        while x < u64::from(STATE_LOW) {
+            let Some((&b, tail)) = rest.split_first() else {
+                return Err(corrupt("stream ends before its symbols"));
+            };
+            x = (x << 8) | u64::from(b);
+            rest = tail;
+        }
+    }
+    if x != u64::from(STATE_LOW) || !rest.is_empty() {
+        return Err(corrupt("stream does not end where its symbols do"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(symbols: &[u8], alphabet: usize) -> Vec<u8> {
+        let table = FrequencyTable::fit(symbols, alphabet);
+        let mut w = Writer::default();
+        table.write(&mut w);
+        let read = FrequencyTable::read(&mut Reader::new(&w.buf, 0), alphabet).unwrap();
+        assert_eq!(read, table);
+        let stream = encode(symbols, &table);
+        let mut out = vec![0u8; symbols.len()];
+        decode(&stream, &read, &mut out).unwrap();
+        assert_eq!(out, symbols);
+        stream
+    }
+
+    #[test]
+    fn single_symbol_costs_only_the_state() {
+        assert_eq!(roundtrip(&[5; 1000], 16).len(), 4);
+    }
+
+    #[test]
+    fn skewed_symbols_approach_their_entropy() {
+        // p = (1/2, 1/4, 1/8, 1/8): 1.75 bits per symbol.
+        let symbols: Vec<u8> = (0..8000u32)
+            .map(|i| match i % 8 {
+                0..=3 => 0,
+                4 | 5 => 1,
+                6 => 2,
+                _ => 3,
+            })
+            .collect();
+        let bits = 8.0 * roundtrip(&symbols, 4).len() as f64 / symbols.len() as f64;
+        assert!((1.75..1.76).contains(&bits), "{bits} bits per symbol");
+    }
+
+    #[test]
+    fn rare_symbols_keep_a_nonzero_frequency() {
+        let mut symbols = vec![0u8; 100_000];
+        symbols[7] = 255;
+        symbols[99] = 128;
+        roundtrip(&symbols, 256);
+        let t = FrequencyTable::fit(&symbols, 256);
+        assert_eq!(t.freq.iter().sum::<u32>(), PROB_TOTAL);
+        assert!(t.freq[255] >= 1 && t.freq[128] >= 1);
+    }
+
+    #[test]
+    fn many_rare_and_many_common_symbols_still_sum_exactly() {
+        // 128 symbols seen once next to 128 common ones: rounding up the rare ones
+        // overshoots, and the excess must come off the largest frequencies.
+        let mut symbols: Vec<u8> = (0..128u8).collect();
+        for s in 128..=255u8 {
+            symbols.extend(std::iter::repeat_n(s, 1000));
+        }
+        roundtrip(&symbols, 256);
+    }
+
+    #[test]
+    fn damaged_streams_are_errors() {
+        let symbols: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 13) as u8).collect();
+        let table = FrequencyTable::fit(&symbols, 16);
+        let stream = encode(&symbols, &table);
+        let mut out = vec![0u8; symbols.len()];
+        assert!(decode(&stream[..stream.len() - 1], &table, &mut out).is_err());
+        assert!(decode(&[], &table, &mut out).is_err());
+        let mut longer = stream.clone();
+        longer.push(0);
+        assert!(decode(&longer, &table, &mut out).is_err());
+        let mut flipped = stream;
+        flipped[0] ^= 0x40;
+        assert!(decode(&flipped, &table, &mut out).is_err());
+    }
+
+    #[test]
+    fn bad_tables_are_errors() {
+        let mut w = Writer::default();
+        FrequencyTable::fit(&[3, 4, 4], 8).write(&mut w);
+        assert!(FrequencyTable::read(&mut Reader::new(&w.buf, 0), 4).is_err());
+        let mut bad_sum = w.buf.clone();
+        bad_sum[3] ^= 1;
+        assert!(FrequencyTable::read(&mut Reader::new(&bad_sum, 0), 8).is_err());
+        assert!(FrequencyTable::read(&mut Reader::new(&w.buf[..4], 0), 8).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn any_symbols_roundtrip(bits in 1u32..=8, raw in proptest::collection::vec(any::<u8>(), 1..3000)) {
+            let alphabet = 1usize << bits;
+            let symbols: Vec<u8> = raw.iter().map(|&s| (usize::from(s) % alphabet) as u8).collect();
+            roundtrip(&symbols, alphabet);
+        }
+
+        #[test]
+        fn arbitrary_streams_never_panic(stream in proptest::collection::vec(any::<u8>(), 0..64), n in 0usize..100) {
+            let table = FrequencyTable::fit(&[0, 1, 1, 2, 3, 3, 3, 3], 4);
+            let mut out = vec![0u8; n];
+            let _ = decode(&stream, &table, &mut out);
+        }
+    }
+}
