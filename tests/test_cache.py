@@ -124,9 +124,10 @@ def test_encode_boundaries_window_and_blocks(length):
                 enc, win = enc + win - R, R
 
 
-def test_recommended_preset_runs():
+@pytest.mark.parametrize("preset", ["recommended", "uniform-ec"])
+def test_recommended_presets_run(preset):
     model = tiny_model("qwen3")
-    cache = KakeyaCache("recommended", model, residual_length=2, block_tokens=4)
+    cache = KakeyaCache(preset, model, residual_length=2, block_tokens=4)
     assert _gen(model, random_ids(20), cache, n=4).shape == (1, 24)
     assert cache.nbytes()["encoded_bytes"] > 0
 

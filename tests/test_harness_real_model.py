@@ -85,6 +85,17 @@ def test_eval_recommended_compresses_where_its_policy_says(tmp_path):
     assert r["dppl"] != 0.0 and np.isfinite(r["dppl"])
 
 
+def test_uniform_ec_stores_fewer_bytes_than_recommended(tmp_path):
+    # Same per-layer MSE budget, uniform steps and entropy-coded codes: fewer bytes on the
+    # real model's K and V, and a quality cost of the same size.
+    rec = run_cli(tmp_path, "rec", "eval", "--config", "recommended")
+    ec = run_cli(tmp_path, "ec", "eval", "--config", "uniform-ec")
+    assert ec["ratio_measured"] > 1.05 * rec["ratio_measured"]
+    for s in ("k", "v"):
+        assert ec["cache"][f"ratio_{s}"] > rec["cache"][f"ratio_{s}"]
+    assert abs(ec["kl_mean"] - rec["kl_mean"]) < 0.5 * rec["kl_mean"] + 1e-3
+
+
 def test_in_forward_mode_and_post_rope(tmp_path):
     r = run_cli(
         tmp_path, "inf", "eval", "--mode", "in-forward", "--post-rope-k", "--streams", "k", "--layers", "3-5"

@@ -76,6 +76,13 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 # --rank-by kl``, reports/basis/attribution_v3.md).
 _V4_LAYERS = (4, 5, 7, 8, 18, 20, 23)
 _MEAN_ONLY = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0, "basis": "none"}
+# ``uniform-ec``: the same per-layer budget, each Lloyd-Max table replaced by the uniform step of
+# equal Gaussian MSE (step^2/12 = 0.009497 at 4 bits, 0.03454 at 3 bits) and the codes
+# entropy-coded: a uniform quantizer needs ~0.25 bit less than entropy-coded Lloyd-Max codes
+# at equal MSE (docs/codec.md). The tables reach +-4.8 sigma, so outliers start at 4.5.
+LLOYD_MAX_4BIT_STEP = 0.3376
+LLOYD_MAX_3BIT_STEP = 0.6438
+_ENTROPY_CODED = {**_MEAN_ONLY, "outlier_threshold": 4.5, "entropy_coding": True}
 POLICY_PRESETS: dict[str, dict[str, Any]] = {
     "identity": {
         "description": "codec stages bypassed on every layer and stream (exact round trip)",
@@ -89,6 +96,17 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
         "k": {"bits": 4, **_MEAN_ONLY},
         "v": {"bits": 3, **_MEAN_ONLY},
         "overrides": {str(layer): {"v": {"bits": 4}} for layer in _V4_LAYERS},
+        "sink_tokens": 1,
+    },
+    "uniform-ec": {
+        "description": "recommended's budget as uniform-quantizer steps of equal MSE, codes entropy-coded "
+        "(rANS): K step 0.3376 (5-bit alphabet); V step 0.6438 (4-bit), 0.3376 on layers 4, 5, 7, 8, 18, "
+        "20, 23; outliers beyond 4.5 sigma exact, the first position exact (reports/entropy)",
+        "k": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP, **_ENTROPY_CODED},
+        "v": {"bits": 4, "uniform_step": LLOYD_MAX_3BIT_STEP, **_ENTROPY_CODED},
+        "overrides": {
+            str(layer): {"v": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP}} for layer in _V4_LAYERS
+        },
         "sink_tokens": 1,
     },
     "k4v4-sink1-nobasis": {
