@@ -68,6 +68,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "basis": "pca",
     "uniform_step": None,
     "entropy_coding": False,
+    "scale_granularity": "vector",
 }
 
 _NP_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
@@ -160,6 +161,10 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
             raise bad("uniform_step", "a step giving a strictly increasing f32 table")
     if c["entropy_coding"] and c["allocation"] == "variance":
         raise bad("entropy_coding", "False with allocation 'variance'")
+    if c["scale_granularity"] not in ("vector", "block"):
+        raise bad("scale_granularity", "'vector' or 'block'")
+    if c["scale_granularity"] == "block" and c["allocation"] == "variance":
+        raise bad("scale_granularity", "'vector' with allocation 'variance'")
 
     return {
         "bits": int(c["bits"]),
@@ -181,12 +186,13 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         "basis": c["basis"],
         "uniform_step": None if step is None else float(step),
         "entropy_coding": bool(c["entropy_coding"]),
+        "scale_granularity": c["scale_granularity"],
     }
 
 
 def version_for(config: dict[str, Any]) -> int:
     """The format version an encoding is written with: the lowest that can express it."""
-    if config["entropy_coding"] or config["uniform_step"] is not None:
+    if config["entropy_coding"] or config["uniform_step"] is not None or config["scale_granularity"] == "block":
         return 4
     if config["basis"] == "none":
         return 3
@@ -897,6 +903,12 @@ def encode(
             y = rotate(c, seed)
             y64 = y.astype(np.float64)
             s = np.sqrt(np.mean(y64 * y64, axis=1)) if y.shape[1] else np.zeros(rows.shape[0])
+            if cfg["scale_granularity"] == "block" and y.shape[1]:
+                # SPEC CHOICE: the row powers summed in row order, in f64.
+                power = 0.0
+                for row_power in np.sum(y64 * y64, axis=1).tolist():
+                    power += row_power
+                s = np.full(rows.shape[0], math.sqrt(power / y.size))
             row.append(_Block(h, i, mu, basis, y, s))
         blocks.append(row)
 
@@ -924,7 +936,8 @@ def encode(
             codes = quantize(z, cents)
             parts = [] if cfg["share_basis"] else [_skeleton_bytes(b.mu, b.basis, sk, store_basis)]
             if b.y.shape[1]:  # rank 0: the record is the skeleton alone
-                parts.append(s_hat.astype(_NP_DTYPES[scale_dtype]).tobytes())
+                stored = s_hat[:1] if cfg["scale_granularity"] == "block" else s_hat
+                parts.append(stored.astype(_NP_DTYPES[scale_dtype]).tobytes())
                 parts.append(_code_section(codes, bits, cfg["entropy_coding"]))
                 if t_out is not None:
                     parts.append(_outlier_bytes(z, t_out))
@@ -1058,7 +1071,13 @@ def _assemble_body(pre: bytes, shared_recs: list[bytes], block_recs: list[list[b
 def _serialize(header: dict[str, Any], body: bytes) -> bytes:
     version = version_for(header["config"])
     # version 1 has no such fields
-    defaults = {"allocation": "uniform", "basis": "pca", "uniform_step": None, "entropy_coding": False}
+    defaults = {
+        "allocation": "uniform",
+        "basis": "pca",
+        "uniform_step": None,
+        "entropy_coding": False,
+        "scale_granularity": "vector",
+    }
     config = {k: v for k, v in header["config"].items() if k not in defaults or defaults[k] != v}
     header = {**header, "config": config}
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -1214,9 +1233,9 @@ def _parse(data: bytes) -> Parsed:
     if not isinstance(header["config"], dict):
         raise ValueError("header field 'config' must be an object")
     # SPEC CHOICE: every field is required except those newer than version 1: `allocation`
-    # (absent: "uniform"), `basis` (absent: "pca"), `uniform_step` (absent: None) and
-    # `entropy_coding` (absent: false).
-    optional = {"allocation", "basis", "uniform_step", "entropy_coding"}
+    # (absent: "uniform"), `basis` (absent: "pca"), `uniform_step` (absent: None),
+    # `entropy_coding` (absent: false) and `scale_granularity` (absent: "vector").
+    optional = {"allocation", "basis", "uniform_step", "entropy_coding", "scale_granularity"}
     missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]) - optional)
     if missing:
         raise ValueError(f"header config lacks the fields {missing}")
@@ -1313,7 +1332,9 @@ def _parse(data: bytes) -> Parsed:
                     BlockRecord(h, i, n, p, skel, np.zeros(n, np.float32), empty, segs0, body[off : br.pos])
                 )
                 continue
-            scales = br.array(n, sc_dt, "scales").astype(np.float32)
+            block_scale = cfg["scale_granularity"] == "block" and not variance
+            scales = br.array(1 if block_scale else n, sc_dt, "scales").astype(np.float32)
+            scales = np.repeat(scales, n) if block_scale else scales
             if not np.all(np.isfinite(scales)) or np.any(scales < 0):
                 raise ValueError(f"{what} holds negative or non-finite scales")
             if variance:
@@ -1365,8 +1386,9 @@ def body_sections(data: bytes) -> dict[str, bytes]:
                 out[key + "/skeleton"] = b.skeleton.raw
                 pos = len(b.skeleton.raw)
             ncodes = b.code_bytes if b.padded else 0
-            out[key + "/scales"] = b.raw[pos : pos + b.rows * sc_size]
-            pos += b.rows * sc_size
+            stored = 1 if ps.config["scale_granularity"] == "block" else b.rows
+            out[key + "/scales"] = b.raw[pos : pos + stored * sc_size]
+            pos += stored * sc_size
             out[key + "/codes"] = b.raw[pos : pos + ncodes]
             out[key + "/outliers"] = b.raw[pos + ncodes :]
     return out

@@ -540,8 +540,8 @@ def test_header_and_layout():
     ]
     assert header["shape"] == [70, 2, 8] and header["dtype"] == "f32"
     assert header["library"] == "kakeya-reference" and header["blocks_per_head"] == 3
-    # Version 1: every config field but the four newer ones.
-    newer = ("allocation", "basis", "uniform_step", "entropy_coding")
+    # Version 1: every config field but the newer ones.
+    newer = ("allocation", "basis", "uniform_step", "entropy_coding", "scale_granularity")
     v1_defaults = {k: v for k, v in rc.DEFAULT_CONFIG.items() if k not in newer}
     assert header["config"] == {**v1_defaults, "bits": 2, "block_size": 32, "outlier_threshold": 2.5}
     assert b'"rank":null' in raw
@@ -999,3 +999,29 @@ def test_uniform_table_and_error():
     for bad in ({"uniform_step": 0.0}, {"uniform_step": 0.5, "bits": 1, "centroids": [-1.0, 1.0]}):
         with pytest.raises(ValueError, match="uniform_step"):
             rc.make_config(bad)
+
+
+def test_block_scale_layout_and_error():
+    rng = np.random.default_rng(23)
+    x = gaussian((300, 2, 16), seed=23) * rng.uniform(0.2, 3.0, size=(300, 1, 1)).astype(np.float32)
+    cfg = {"bits": 6, "block_size": 128, "uniform_step": 0.3, "basis": "none", "outlier_threshold": 9.0}
+    per_vector = rc.encode(x, cfg)
+    data = rc.encode(x, {**cfg, "scale_granularity": "block"})
+    assert struct.unpack_from("<H", data, 6)[0] == 4
+    hlen = struct.unpack_from("<I", data, 8)[0]
+    assert data[12 : 12 + hlen].find(b',"scale_granularity":"block"}') > 0
+    ps, secs = rc.parse(data), rc.body_sections(data)
+    for h in range(2):
+        for i, blk in enumerate(ps.blocks[h]):
+            assert len(secs[f"block/{h}/{i}/scales"]) == 2  # one f16 scale for the whole block
+            assert np.all(blk.scales == blk.scales[0])
+            rows = x[i * 128 : (i + 1) * 128, h, :].astype(np.float64)
+            y = rc.rotate(rows - blk.skeleton.mean.astype(np.float64), 0)  # basis none: rotate x − μ̂
+            rms = np.sqrt(np.mean(y.astype(np.float64) ** 2))
+            assert blk.scales[0] == pytest.approx(rms, rel=1e-3)
+    # Same total MSE as one scale per vector (each vector's relative error is step²/12).
+    assert rel_mse(rc.decode(data), x) == pytest.approx(rel_mse(rc.decode(per_vector), x), rel=0.1)
+    with pytest.raises(ValueError, match="scale_granularity"):
+        rc.make_config(scale_granularity="token")
+    with pytest.raises(ValueError, match="scale_granularity"):
+        rc.make_config(scale_granularity="block", allocation="variance")

@@ -5,7 +5,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 
 use crate::allocation::allocate;
 use crate::bitpack;
-use crate::config::{Allocation, Basis, CodecConfig, Metric, SkeletonDtype};
+use crate::config::{Allocation, Basis, CodecConfig, Metric, ScaleGranularity, SkeletonDtype};
 use crate::entropy::{self, FrequencyTable};
 use crate::error::{CodecError, Result};
 use crate::format::{self, Header, Reader, ScaleDtype, Writer, MAGIC};
@@ -390,7 +390,15 @@ fn read_skeleton(r: &mut Reader<'_>, dim: usize, config: &CodecConfig) -> Result
 }
 
 /// Pads, rotates and measures the scale of every coefficient row.
-fn rotate_rows(coef: Vec<f32>, n: usize, rank: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+/// Pads and rotates each row; returns the rows and their scales `sqrt(mean y²)`, per row
+/// or (`block_scale`) one over the whole block, repeated for every row.
+fn rotate_rows(
+    coef: Vec<f32>,
+    n: usize,
+    rank: usize,
+    seed: u64,
+    block_scale: bool,
+) -> (Vec<f32>, Vec<f32>) {
     let padded = hadamard::padded_len(rank);
     let signs = hadamard::signs(seed, padded);
     let mut rotated = if padded == rank {
@@ -403,6 +411,7 @@ fn rotate_rows(coef: Vec<f32>, n: usize, rank: usize, seed: u64) -> (Vec<f32>, V
         out
     };
     let mut scales = vec![0.0f32; n];
+    let mut block_power = 0.0f64;
     for (i, row) in rotated.chunks_exact_mut(padded.max(1)).take(n).enumerate() {
         if padded == 0 {
             break;
@@ -410,6 +419,10 @@ fn rotate_rows(coef: Vec<f32>, n: usize, rank: usize, seed: u64) -> (Vec<f32>, V
         hadamard::rotate(row, &signs);
         let power: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
         scales[i] = (power / padded as f64).sqrt() as f32;
+        block_power += power;
+    }
+    if block_scale && padded > 0 {
+        scales.fill((block_power / (n * padded) as f64).sqrt() as f32);
     }
     (rotated, scales)
 }
@@ -481,7 +494,13 @@ pub fn encode(
         let (rotated, scales) = if variance {
             (coef, Vec::new())
         } else {
-            rotate_rows(coef, n, rank, config.seed)
+            rotate_rows(
+                coef,
+                n,
+                rank,
+                config.seed,
+                config.scale_granularity == ScaleGranularity::Block,
+            )
         };
         Ok(RotatedBlock {
             own_skeleton: own,
@@ -625,7 +644,13 @@ fn quantize_block(
         return w.buf;
     }
     let n = block.scales.len();
-    let scales = write_rounded_scales(&mut w, &block.scales, scale_dtype);
+    let scales = if config.scale_granularity == ScaleGranularity::Block {
+        // n ≥ 1: a block record always has rows.
+        let s = write_rounded_scales(&mut w, &block.scales[..1], scale_dtype)[0];
+        vec![s; n]
+    } else {
+        write_rounded_scales(&mut w, &block.scales, scale_dtype)
+    };
     let mut codes = vec![0u8; n * padded];
     let mut outliers: Vec<(usize, f32)> = Vec::new();
     let mut z = vec![0.0f32; padded];
@@ -1002,8 +1027,19 @@ impl Encoded {
             return Ok((record, r.position()));
         }
         let scale_size = scale_dtype.size();
-        record.scales =
-            format::read_floats(r.take_array(n, scale_size, "scales")?, scale_size, "scales")?;
+        let stored = if config.scale_granularity == ScaleGranularity::Block {
+            1
+        } else {
+            n
+        };
+        record.scales = format::read_floats(
+            r.take_array(stored, scale_size, "scales")?,
+            scale_size,
+            "scales",
+        )?;
+        if stored < n {
+            record.scales = vec![record.scales[0]; n];
+        }
         if let Some(bad) = record.scales.iter().find(|&&s| s < 0.0) {
             return Err(CodecError::Corrupt(format!("negative scale {bad}")));
         }

@@ -96,6 +96,26 @@ impl Basis {
     }
 }
 
+/// How many vectors share one scale (allocation "uniform").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleGranularity {
+    /// One scale per vector: every vector gets the same relative error.
+    #[default]
+    Vector,
+    /// One scale per block: every vector gets the same absolute error, which is what
+    /// minimises the block's MSE; with entropy coding vectors of larger norm then take more
+    /// bits, and the `n` stored scales shrink to one (format version 4).
+    Block,
+}
+
+impl ScaleGranularity {
+    /// Whether this is the default (per vector), omitted from the JSON form.
+    pub fn is_vector(&self) -> bool {
+        *self == Self::Vector
+    }
+}
+
 /// Every parameter of the codec (docs/codec.md, "Configuration").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -146,6 +166,9 @@ pub struct CodecConfig {
     /// Lossless: the decoded values are the same. Omitted from the JSON form when false.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub entropy_coding: bool,
+    /// One scale per vector or per block. Omitted from the JSON form when per vector.
+    #[serde(skip_serializing_if = "ScaleGranularity::is_vector")]
+    pub scale_granularity: ScaleGranularity,
 }
 
 impl Default for CodecConfig {
@@ -170,6 +193,7 @@ impl Default for CodecConfig {
             basis: Basis::Pca,
             uniform_step: None,
             entropy_coding: false,
+            scale_granularity: ScaleGranularity::Vector,
         }
     }
 }
@@ -264,6 +288,14 @@ impl CodecConfig {
                 "applies to allocation=\"uniform\" only",
             ));
         }
+        if self.scale_granularity == ScaleGranularity::Block
+            && self.allocation == Allocation::Variance
+        {
+            return Err(invalid(
+                "scale_granularity",
+                "\"block\" applies to allocation=\"uniform\" only",
+            ));
+        }
         if self.basis == Basis::None {
             let reduced = if self.rank.is_some() {
                 Some("rank")
@@ -346,6 +378,12 @@ mod tests {
             .to_json()
             .ends_with(r#","uniform_step":0.25,"entropy_coding":true}"#));
         assert_eq!(CodecConfig::from_json(&e.to_json()).unwrap(), e);
+        let b = CodecConfig {
+            scale_granularity: ScaleGranularity::Block,
+            ..e
+        };
+        assert!(b.to_json().ends_with(r#","scale_granularity":"block"}"#));
+        assert_eq!(CodecConfig::from_json(&b.to_json()).unwrap(), b);
     }
 
     #[test]
@@ -458,6 +496,14 @@ mod tests {
                 "entropy_coding",
                 CodecConfig {
                     entropy_coding: true,
+                    allocation: Allocation::Variance,
+                    ..Default::default()
+                },
+            ),
+            (
+                "scale_granularity",
+                CodecConfig {
+                    scale_granularity: ScaleGranularity::Block,
                     allocation: Allocation::Variance,
                     ..Default::default()
                 },

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Allocation, Basis, CodecConfig, SkeletonDtype};
+use crate::config::{Allocation, Basis, CodecConfig, ScaleGranularity, SkeletonDtype};
 use crate::error::{CodecError, Result};
 use crate::tensor::DType;
 
@@ -11,15 +11,19 @@ pub const MAGIC: &[u8; 6] = b"KAKEYA";
 /// The newest format version this library writes and reads. An encoding is written with
 /// the lowest version that can express it: 1 for `allocation = "uniform"` with a PCA basis
 /// (byte for byte the version-1 format), 2 for `allocation = "variance"`, 3 for
-/// `basis = "none"` (skeletons without basis values), 4 for `uniform_step` or
-/// `entropy_coding` (a code-section mode byte in every block record with entropy coding).
+/// `basis = "none"` (skeletons without basis values), 4 for `uniform_step`,
+/// `entropy_coding` (a code-section mode byte in every block record) or
+/// `scale_granularity = "block"` (one scale per block record).
 pub const FORMAT_VERSION: u16 = 4;
 /// The oldest format version this library reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 
 /// The version an encoding with `config` is written with.
 pub fn version_for(config: &CodecConfig) -> u16 {
-    if config.entropy_coding || config.uniform_step.is_some() {
+    if config.entropy_coding
+        || config.uniform_step.is_some()
+        || config.scale_granularity == ScaleGranularity::Block
+    {
         return 4;
     }
     match (config.allocation, config.basis) {
@@ -256,12 +260,13 @@ pub fn split(bytes: &[u8]) -> Result<(Header, &[u8], usize)> {
     header.version = version;
     if version < version_for(&header.config) {
         return Err(CodecError::Corrupt(format!(
-            "allocation {:?}, basis {:?}, uniform_step {:?} and entropy_coding {} need format \
-             version {}, the bytes say {version}",
+            "allocation {:?}, basis {:?}, uniform_step {:?}, entropy_coding {} and \
+             scale_granularity {:?} need format version {}, the bytes say {version}",
             header.config.allocation,
             header.config.basis,
             header.config.uniform_step,
             header.config.entropy_coding,
+            header.config.scale_granularity,
             version_for(&header.config)
         )));
     }

@@ -34,7 +34,9 @@ pub mod rng;
 pub mod tensor;
 
 pub use codec::{encode, Encoded};
-pub use config::{Allocation, Basis, CodecConfig, Metric, PcaMethod, SkeletonDtype};
+pub use config::{
+    Allocation, Basis, CodecConfig, Metric, PcaMethod, ScaleGranularity, SkeletonDtype,
+};
 pub use error::{CodecError, Result};
 pub use format::{ScaleDtype, FORMAT_VERSION, MIN_FORMAT_VERSION};
 pub use parallel::disable_after_fork;

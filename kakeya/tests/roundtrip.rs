@@ -5,7 +5,7 @@ use kakeya::lloyd_max::{gaussian_lloyd_max, gaussian_mse};
 use kakeya::rng::SplitMix64;
 use kakeya::{
     encode, Allocation, Basis, CodecConfig, CodecError, DType, Elements, Encoded, Metric,
-    OwnedElements, PcaMethod, TensorView,
+    OwnedElements, PcaMethod, ScaleGranularity, TensorView,
 };
 use proptest::prelude::*;
 
@@ -599,6 +599,60 @@ fn uniform_step_error_follows_the_step() {
 }
 
 #[test]
+fn block_scale_stores_one_scale_and_spends_bits_where_the_norm_is() {
+    // Rows of very different norms: one scale per block gives every row the same absolute
+    // error (the block MSE ≈ step²/12 of the block RMS) and stores one scale instead of n.
+    let shape = [1024, 2, 64];
+    let mut x = gaussian(shape.iter().product(), 34);
+    for (t, row) in x.chunks_exact_mut(2 * 64).enumerate() {
+        let norm = 0.25 + 3.0 * ((t % 16) as f32 / 15.0);
+        row.iter_mut().for_each(|v| *v *= norm);
+    }
+    let per_vector = CodecConfig {
+        bits: 6,
+        block_size: 512,
+        basis: Basis::None,
+        share_basis: true,
+        outlier_threshold: Some(9.0),
+        uniform_step: Some(0.3),
+        entropy_coding: true,
+        ..Default::default()
+    };
+    let per_block = CodecConfig {
+        scale_granularity: ScaleGranularity::Block,
+        ..per_vector.clone()
+    };
+    let (y_vec, enc_vec) = roundtrip(&x, shape, &per_vector, None);
+    let (y_blk, enc_blk) = roundtrip(&x, shape, &per_block, None);
+    assert_eq!(&enc_blk.as_bytes()[6..8], &[4, 0]);
+    let rel_vec = relative_error(&x, &y_vec, shape, None);
+    let rel_blk = relative_error(&x, &y_blk, shape, None);
+    assert!(
+        (0.8 * 0.0075..1.2 * 0.0075).contains(&rel_blk),
+        "block scale: relative MSE {rel_blk}, step²/12 = 0.0075"
+    );
+    // The same total MSE either way (each vector's relative error is step²/12), but the
+    // block scale is cheaper by more than its saved scales: the rate of a row goes with
+    // log σ_t, whose mean is below log of the RMS (Jensen).
+    assert!(
+        (0.9..1.1).contains(&(rel_vec / rel_blk)),
+        "{rel_vec} vs {rel_blk}"
+    );
+    assert!(enc_blk.nbytes() + 2 * 2 * 2 * 511 < enc_vec.nbytes());
+    // Fixed-length codes: exactly (n − 1) f16 scales per block record fewer.
+    let packed = |granularity| CodecConfig {
+        entropy_coding: false,
+        scale_granularity: granularity,
+        outlier_threshold: None,
+        ..per_vector.clone()
+    };
+    let (_, a) = roundtrip(&x, shape, &packed(ScaleGranularity::Vector), None);
+    let (_, b) = roundtrip(&x, shape, &packed(ScaleGranularity::Block), None);
+    let header_growth = r#","scale_granularity":"block""#.len();
+    assert_eq!(a.nbytes() + header_growth - b.nbytes(), 2 * 2 * 2 * 511);
+}
+
+#[test]
 fn wide_lloyd_max_tables_bound_error() {
     let shape = [512, 2, 64];
     let x = gaussian(shape.iter().product(), 33);
@@ -739,6 +793,7 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
         any::<bool>(),
         any::<bool>(),
         proptest::option::of(0.05f32..1.5),
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -753,6 +808,7 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
                 no_basis,
                 entropy_coding,
                 uniform_step,
+                block_scale,
             )| {
                 let variance = variance && !no_basis;
                 CodecConfig {
@@ -782,6 +838,11 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
                     // the uniform table and entropy coding belong to the uniform allocation
                     entropy_coding: entropy_coding && !variance,
                     uniform_step: uniform_step.filter(|_| !variance),
+                    scale_granularity: if block_scale && !variance {
+                        ScaleGranularity::Block
+                    } else {
+                        ScaleGranularity::Vector
+                    },
                     ..Default::default()
                 }
             },

@@ -4,7 +4,7 @@
 
 use kakeya::{
     encode, Allocation, Basis, CodecConfig, CodecError, DType, Elements, Encoded, Metric,
-    OwnedElements, PcaMethod, SkeletonDtype, TensorView,
+    OwnedElements, PcaMethod, ScaleGranularity, SkeletonDtype, TensorView,
 };
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -84,7 +84,7 @@ fn to_py_err(err: CodecError) -> PyErr {
     }
 }
 
-const FIELDS: [&str; 19] = [
+const FIELDS: [&str; 20] = [
     "bits",
     "block_size",
     "pca",
@@ -104,6 +104,7 @@ const FIELDS: [&str; 19] = [
     "basis",
     "uniform_step",
     "entropy_coding",
+    "scale_granularity",
 ];
 
 fn py_bool(v: bool) -> &'static str {
@@ -143,7 +144,7 @@ impl PyCodecConfig {
     #[pyo3(signature = (*, bits=3, block_size=1024, pca="exact", variance_ratio=1.0, rank=None, rank_cap=None,
         share_basis=false, outlier_threshold=None, metric="mse", centroids=None, skeleton_dtype="f16", seed=0,
         oversampling=8, power_iters=2, identity=false, allocation="uniform", basis="pca", uniform_step=None,
-        entropy_coding=false))]
+        entropy_coding=false, scale_granularity="vector"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         bits: i64,
@@ -165,6 +166,7 @@ impl PyCodecConfig {
         basis: &str,
         uniform_step: Option<f32>,
         entropy_coding: bool,
+        scale_granularity: &str,
     ) -> PyResult<Self> {
         let count = |field: &'static str, v: i64| -> PyResult<usize> {
             usize::try_from(v).map_err(|_| {
@@ -226,6 +228,14 @@ impl PyCodecConfig {
             )?,
             uniform_step,
             entropy_coding,
+            scale_granularity: parse_choice(
+                "scale_granularity",
+                scale_granularity,
+                &[
+                    ("vector", ScaleGranularity::Vector),
+                    ("block", ScaleGranularity::Block),
+                ],
+            )?,
         };
         inner.validate().map_err(to_py_err)?;
         Ok(Self { inner })
@@ -257,6 +267,7 @@ impl PyCodecConfig {
             dict.set_item("uniform_step", py.None())?;
         }
         dict.set_item("entropy_coding", self.inner.entropy_coding)?;
+        dict.set_item("scale_granularity", self.scale_granularity())?;
         Ok(dict)
     }
 
@@ -281,7 +292,8 @@ impl PyCodecConfig {
         format!(
             "CodecConfig(bits={}, block_size={}, pca='{}', variance_ratio={:?}, rank={}, rank_cap={}, share_basis={}, \
              outlier_threshold={}, metric='{}', centroids={}, skeleton_dtype='{}', seed={}, oversampling={}, \
-             power_iters={}, identity={}, allocation='{}', basis='{}', uniform_step={}, entropy_coding={})",
+             power_iters={}, identity={}, allocation='{}', basis='{}', uniform_step={}, entropy_coding={}, \
+             scale_granularity='{}')",
             c.bits,
             c.block_size,
             self.pca(),
@@ -301,6 +313,7 @@ impl PyCodecConfig {
             self.basis(),
             opt(c.uniform_step.map(|v| format!("{v:?}"))),
             py_bool(c.entropy_coding),
+            self.scale_granularity(),
         )
     }
 
@@ -392,6 +405,13 @@ impl PyCodecConfig {
     #[getter]
     fn entropy_coding(&self) -> bool {
         self.inner.entropy_coding
+    }
+    #[getter]
+    fn scale_granularity(&self) -> &'static str {
+        match self.inner.scale_granularity {
+            ScaleGranularity::Vector => "vector",
+            ScaleGranularity::Block => "block",
+        }
     }
     #[getter]
     fn basis(&self) -> &'static str {
