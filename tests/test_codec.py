@@ -59,6 +59,8 @@ def test_config_defaults_repr_and_dict_roundtrip():
         ({"uniform_step": float("nan")}, "uniform_step"),
         ({"bits": 1, "uniform_step": 0.5, "centroids": [-0.5, 0.5]}, "uniform_step"),
         ({"entropy_coding": True, "allocation": "variance"}, "entropy_coding"),
+        ({"scale_granularity": "token"}, "scale_granularity"),
+        ({"scale_granularity": "block", "allocation": "variance"}, "scale_granularity"),
         ({"block_size": 0}, "block_size"),
         ({"pca": "svd"}, "pca"),
         ({"variance_ratio": 1.5}, "variance_ratio"),
@@ -79,7 +81,7 @@ def test_invalid_config_names_the_field(kwargs, field):
 def test_allocation_field():
     c = kp.CodecConfig()
     assert c.allocation == "uniform" and repr(c).endswith(
-        "identity=False, allocation='uniform', basis='pca', uniform_step=None, entropy_coding=False)"
+        "identity=False, allocation='uniform', basis='pca', uniform_step=None, entropy_coding=False, scale_granularity='vector')"
     )
     assert "allocation" not in c.to_json()  # the version-1 header form
     assert c.to_dict()["allocation"] == "uniform"
@@ -154,6 +156,13 @@ def test_uniform_step_and_entropy_coding_fields():
     err_lm, err_uniform = relative_error(x, kp.decode(enc_packed)), relative_error(x, kp.decode(enc_uniform))
     assert err_uniform == pytest.approx(err_lm, rel=0.15)
     assert err_uniform == pytest.approx(0.3376**2 / 12, rel=0.1)
+    # One scale per block: n - 1 fewer scales per record, the same total MSE.
+    block = kp.CodecConfig.from_dict({**uniform.to_dict(), "bits": 6, "scale_granularity": "block"})
+    assert block.scale_granularity == "block" and '"scale_granularity":"block"' in block.to_json()
+    assert kp.CodecConfig().to_dict()["scale_granularity"] == "vector"
+    enc_block = kp.encode(x, block)
+    assert enc_block.nbytes < enc_uniform.nbytes - 0.9 * 3 * 1023 * 2  # ~ the 3 x 1023 f16 scales
+    assert relative_error(x, kp.decode(enc_block)) == pytest.approx(err_uniform, rel=0.1)
 
 
 def test_policy_passes_allocation_through():
@@ -374,6 +383,7 @@ def test_mutated_entropy_coded_bytes_raise_only_corrupt_data(pos, xor, uniform, 
     cfg = kp.CodecConfig(
         bits=5 if uniform else 3,
         uniform_step=0.4 if uniform else None,
+        scale_granularity="block" if uniform else "vector",
         entropy_coding=True,
         block_size=128,
         outlier_threshold=3.0,
@@ -469,6 +479,8 @@ REFERENCE_CASES = [
     {"bits": 5, "uniform_step": 0.3, "entropy_coding": True, "basis": "none", "share_basis": True},
     {"bits": 3, "uniform_step": 0.7, "block_size": 100, "metric": "inner_product"},
     {"bits": 6, "entropy_coding": True, "block_size": 7, "basis": "none"},
+    {"bits": 6, "uniform_step": 0.3, "entropy_coding": True, "scale_granularity": "block", "block_size": 128},
+    {"bits": 3, "scale_granularity": "block", "basis": "none", "outlier_threshold": 2.0},
 ]
 
 
@@ -502,6 +514,7 @@ def test_reference_bytes_decode_in_rust():
         {"basis": "none", "share_basis": True, "block_size": 64},
         {"bits": 4, "entropy_coding": True, "outlier_threshold": 2.5},
         {"bits": 5, "uniform_step": 0.4, "entropy_coding": True, "basis": "none", "block_size": 64},
+        {"bits": 6, "uniform_step": 0.4, "scale_granularity": "block", "entropy_coding": True, "block_size": 64},
     ):
         data = ref.encode(x, kp.CodecConfig(**overrides).to_dict())
         np.testing.assert_allclose(kp.decode(data), ref.decode(data), rtol=1e-5, atol=1e-5)
