@@ -59,7 +59,9 @@ def measure(shape_name: str, x: np.ndarray, bits: int, name: str, cfg, repeats: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)

@@ -192,7 +192,11 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
 
 def version_for(config: dict[str, Any]) -> int:
     """The format version an encoding is written with: the lowest that can express it."""
-    if config["entropy_coding"] or config["uniform_step"] is not None or config["scale_granularity"] == "block":
+    if (
+        config["entropy_coding"]
+        or config["uniform_step"] is not None
+        or config["scale_granularity"] == "block"
+    ):
         return 4
     if config["basis"] == "none":
         return 3
@@ -777,7 +781,7 @@ def _code_section(codes: np.ndarray, bits: int, entropy_coding: bool) -> bytes:
     return bytes([CODES_PACKED]) + packed
 
 
-def _read_code_section(br: "_Reader", count: int, bits: int, entropy_coding: bool) -> tuple[np.ndarray, int]:
+def _read_code_section(br: _Reader, count: int, bits: int, entropy_coding: bool) -> tuple[np.ndarray, int]:
     """The codes (uint8, `count`) and the section's length in bytes."""
     start = br.pos
     packed_len = -(-count * bits // 8)

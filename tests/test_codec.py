@@ -135,7 +135,10 @@ def test_uniform_step_and_entropy_coding_fields():
     c = kp.CodecConfig(bits=5, uniform_step=0.25, entropy_coding=True, basis="none", share_basis=True)
     assert c.uniform_step == 0.25 and c.entropy_coding and "uniform_step=0.25, entropy_coding=True" in repr(c)
     assert c.to_json().endswith('"uniform_step":0.25,"entropy_coding":true}')
-    assert kp.CodecConfig().to_dict()["uniform_step"] is None and not kp.CodecConfig().to_dict()["entropy_coding"]
+    assert (
+        kp.CodecConfig().to_dict()["uniform_step"] is None
+        and not kp.CodecConfig().to_dict()["entropy_coding"]
+    )
     assert '"entropy_coding"' not in kp.CodecConfig().to_json()
     assert kp.CodecConfig.from_dict(c.to_dict()) == c == kp.CodecConfig.from_json(c.to_json())
     assert pickle.loads(pickle.dumps(c)) == c
@@ -514,7 +517,13 @@ def test_reference_bytes_decode_in_rust():
         {"basis": "none", "share_basis": True, "block_size": 64},
         {"bits": 4, "entropy_coding": True, "outlier_threshold": 2.5},
         {"bits": 5, "uniform_step": 0.4, "entropy_coding": True, "basis": "none", "block_size": 64},
-        {"bits": 6, "uniform_step": 0.4, "scale_granularity": "block", "entropy_coding": True, "block_size": 64},
+        {
+            "bits": 6,
+            "uniform_step": 0.4,
+            "scale_granularity": "block",
+            "entropy_coding": True,
+            "block_size": 64,
+        },
     ):
         data = ref.encode(x, kp.CodecConfig(**overrides).to_dict())
         np.testing.assert_allclose(kp.decode(data), ref.decode(data), rtol=1e-5, atol=1e-5)
