@@ -7,13 +7,14 @@
 #
 # Steps: eval (HF, recommended preset), engines (codec-off HF vs vLLM), compare
 # (compare-engines: the recommended preset under HF and vLLM), memory (KakeyaCache generation benchmark), calibration
-# (ablation of Σ_q and centroids), throughput (codec benchmark), overhead (harness).
+# (ablation of Σ_q and centroids), throughput (codec benchmark), overhead (harness), entropy
+# (uniform-ec under HF and vLLM, the two ~4.9x probes, the entropy-coding benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p reports
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(eval engines compare memory calibration throughput overhead)
+[ ${#steps[@]} -eq 0 ] && steps=(eval engines compare memory calibration throughput overhead entropy)
 
 run() {  # run NAME CMD...: the Markdown summary on stdout to reports/NAME.md
     local name=$1; shift
@@ -59,6 +60,20 @@ for step in "${steps[@]}"; do
                 python benchmarks/harness_overhead.py --json reports/harness_overhead.json
                 echo '```'
             } > reports/harness_overhead.md ;;
+        entropy)
+            run entropy/compare_engines_uniform_ec kakeya compare-engines --config uniform-ec --passages 16 \
+                --ctx 1024 --n-eval 256 --json reports/entropy/compare_engines_uniform_ec.json
+            for probe in probe_k045_v064 probe_block_scale; do
+                run "entropy/$probe" kakeya eval --config "reports/entropy/$probe.policy.json" \
+                    --json "reports/entropy/$probe.json"
+            done
+            {
+                echo '# Entropy coding: bytes, error and speed (synthetic K/V-like data)'
+                echo
+                echo '```'
+                python benchmarks/entropy_coding.py --json reports/entropy/entropy_coding_benchmark.json
+                echo '```'
+            } > reports/entropy/entropy_coding_benchmark.md ;;
         *)
             echo "unknown step: $step" >&2; exit 2 ;;
     esac
