@@ -20,7 +20,8 @@ A :class:`Policy` is the JSON-serialisable answer to "how is the KV cache compre
 :meth:`Policy.config_for` resolves the rules in this order: stream not selected, layer
 not selected, layer in ``exact_layers`` -> exact; then the per-layer override; then the
 stream's config. Policy presets (:data:`POLICY_PRESETS`) include ``identity`` (every
-codec stage bypassed) and ``recommended`` (measured; see ``docs/harness.md``).
+codec stage bypassed), ``recommended`` (measured; see ``docs/harness.md``) and
+``uniform-ec`` (the highest measured ratio at ACCEPT; ``reports/entropy/README.md``).
 
 :class:`PolicyCodec` applies a policy with the real codec (``kakeya_py.roundtrip``)
 and :class:`Ledger` counts the bytes of the cache actually produced: exact tensors at
