@@ -41,6 +41,14 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
+def print_table_head(header: str, argv) -> None:
+    """Machine, the command line, and a Markdown table header."""
+    print(f"\nkakeya {kp.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print("command: python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+
+
 def kv_like(shape, seed=0) -> np.ndarray:
     """Correlated data with decaying spectrum, like real K/V, rounded through bf16."""
     rng = np.random.default_rng(seed)
@@ -95,10 +103,7 @@ def main(argv=None) -> int:
     rows = [measure(*case, args) for case in tqdm(cases, desc="codec throughput")]
 
     header = "| basis | shape | bits | ratio | encode MB/s | decode MB/s | numpy enc | numpy dec | memcpy | enc x numpy | dec x numpy |"
-    print(f"\nkakeya {kp.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print("command: python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
+    print_table_head(header, argv)
     for r in rows:
         print(
             f"| {r['basis']} | {r['shape']} | {r['bits']} | {r['ratio']:.2f} | {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} | "

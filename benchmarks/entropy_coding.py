@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kakeya_py as kp  # noqa: E402
-from codec_throughput import SHAPES, best_seconds, kv_like  # noqa: E402
+from codec_throughput import SHAPES, best_seconds, kv_like, print_table_head  # noqa: E402
 
 # Gaussian Lloyd–Max MSE per bit width; the uniform step of equal MSE is sqrt(12 · MSE).
 LLOYD_MAX_MSE = {3: 0.03454, 4: 0.009497}
@@ -78,11 +76,9 @@ def main(argv=None) -> int:
         for shape_name, _, bits, name, cfg in tqdm(cases, desc="entropy coding")
     ]
 
-    print(f"\nkakeya {kp.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print("command: python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
-    header = "| shape | bits | variant | ratio | bits/value | rel. MSE | encode MB/s | decode MB/s |"
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
+    print_table_head(
+        "| shape | bits | variant | ratio | bits/value | rel. MSE | encode MB/s | decode MB/s |", argv
+    )
     for r in rows:
         print(
             f"| {r['shape']} | {r['bits']} | {r['variant']} | {r['ratio']:.2f} | {r['bits_per_value']:.3f} | "

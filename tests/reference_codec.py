@@ -709,6 +709,7 @@ def segment_rows(p: int) -> int:
 PROB_BITS = 14
 PROB_TOTAL = 1 << PROB_BITS
 RANS_LOW = 1 << 23
+RANS_LANES = 4
 CODES_PACKED, CODES_RANS = 0, 1
 
 
@@ -728,11 +729,11 @@ def frequency_table(codes: np.ndarray, alphabet: int) -> tuple[int, list[int]]:
     return first, freq
 
 
-def rans_encode(codes: np.ndarray, first: int, freq: list[int]) -> bytes:
+def _rans_encode_lane(codes: list[int], first: int, freq: list[int]) -> bytes:
     cum = np.concatenate([[0], np.cumsum(freq)]).tolist()
     out = bytearray()
     x = RANS_LOW
-    for s in reversed(np.asarray(codes, np.int64).reshape(-1).tolist()):
+    for s in reversed(codes):
         f, c = freq[s - first], cum[s - first]
         x_max = ((RANS_LOW >> PROB_BITS) << 8) * f
         while x >= x_max:
@@ -744,27 +745,50 @@ def rans_encode(codes: np.ndarray, first: int, freq: list[int]) -> bytes:
     return bytes(out)
 
 
-def rans_decode(stream: bytes, first: int, freq: list[int], count: int) -> np.ndarray:
-    if len(stream) < 4:
-        raise ValueError("entropy-coded codes: stream shorter than its 4-byte state")
-    cum = np.concatenate([[0], np.cumsum(freq)]).astype(np.int64)
+def rans_encode(codes: np.ndarray, first: int, freq: list[int]) -> bytes:
+    """For each of the `RANS_LANES` lanes (code `t` in lane `t mod RANS_LANES`): `u32` length,
+    then the lane's stream (big-endian final state, renormalisation bytes in decoding order)."""
+    flat = np.asarray(codes, np.int64).reshape(-1).tolist()
+    out = b""
+    for lane in range(RANS_LANES):
+        stream = _rans_encode_lane(flat[lane::RANS_LANES], first, freq)
+        out += struct.pack("<I", len(stream)) + stream
+    return out
+
+
+def rans_decode(coded: bytes, first: int, freq: list[int], count: int) -> np.ndarray:
+    cum = np.concatenate([[0], np.cumsum(freq)]).astype(np.int64).tolist()
     slot_symbol = np.repeat(np.arange(len(freq)), freq).tolist()
-    cum_l = cum.tolist()
-    (x,) = struct.unpack(">I", stream[:4])
-    pos = 4
+    rd = _Reader(coded, 0, "entropy-coded codes")
+    states, streams, cursors = [], [], []
+    for _ in range(RANS_LANES):
+        (length,) = struct.unpack("<I", rd.take(4, "rANS lane length"))
+        lane = rd.take(length, "rANS lane")
+        if len(lane) < 4:
+            raise ValueError("entropy-coded codes: lane shorter than its 4-byte state")
+        states.append(struct.unpack(">I", lane[:4])[0])
+        streams.append(lane)
+        cursors.append(4)
+    if rd.pos != len(coded):
+        raise ValueError("entropy-coded codes: bytes after the last lane")
     out = np.empty(count, dtype=np.uint8)
     for k in range(count):
+        lane = k % RANS_LANES
+        x = states[lane]
         slot = x & (PROB_TOTAL - 1)
         i = slot_symbol[slot]
         out[k] = first + i
-        x = freq[i] * (x >> PROB_BITS) + slot - cum_l[i]
+        x = freq[i] * (x >> PROB_BITS) + slot - cum[i]
         while x < RANS_LOW:
-            if pos >= len(stream):
-                raise ValueError("entropy-coded codes: stream ends before its symbols")
-            x = (x << 8) | stream[pos]
-            pos += 1
-    if x != RANS_LOW or pos != len(stream):
-        raise ValueError("entropy-coded codes: stream does not end where its symbols do")
+            if cursors[lane] >= len(streams[lane]):
+                raise ValueError("entropy-coded codes: a lane ends before its symbols")
+            x = (x << 8) | streams[lane][cursors[lane]]
+            cursors[lane] += 1
+        states[lane] = x
+    if any(x != RANS_LOW for x in states) or any(
+        c != len(st) for c, st in zip(cursors, streams, strict=True)
+    ):
+        raise ValueError("entropy-coded codes: a lane does not end where its symbols do")
     return out
 
 

@@ -932,12 +932,15 @@ def test_rans_literal_stream():
     # p(0) = 3/4, p(1) = 1/4: coding [0, 1] from x = 2^23 by the spec's formulas.
     first, freq = rc.frequency_table(np.array([0, 0, 0, 1], np.uint8), 2)
     assert freq == [12288, 4096]
+    # Code 0 alone in lane 0, code 1 alone in lane 1, lanes 2 and 3 empty (state 2^23).
+    y = 1 << 23
+    y = (y // 4096 << 14) + y % 4096 + 12288
     x = 1 << 23
-    x = (x // 4096 << 14) + x % 4096 + 12288  # symbol 1 first (codes run last to first)
-    x = (x // 12288 << 14) + x % 12288 + 0  # then symbol 0
-    stream = rc.rans_encode(np.array([0, 1], np.uint8), first, freq)
-    assert stream == struct.pack(">I", x)
-    np.testing.assert_array_equal(rc.rans_decode(stream, first, freq, 2), [0, 1])
+    x = (x // 12288 << 14) + x % 12288 + 0
+    lanes = [struct.pack(">I", v) for v in (x, y, 1 << 23, 1 << 23)]
+    coded = rc.rans_encode(np.array([0, 1], np.uint8), first, freq)
+    assert coded == b"".join(struct.pack("<I", 4) + lane for lane in lanes)
+    np.testing.assert_array_equal(rc.rans_decode(coded, first, freq, 2), [0, 1])
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])
@@ -950,16 +953,17 @@ def test_rans_roundtrip_and_rate(bits):
     np.testing.assert_array_equal(rc.rans_decode(stream, first, freq, codes.size), codes)
     counts = np.bincount(codes, minlength=1 << bits) / codes.size
     entropy = -sum(q * math.log2(q) for q in counts if q > 0)
-    assert 8 * len(stream) <= codes.size * entropy * 1.01 + 64
-    for damaged in (stream[:-1], stream + b"\0", bytes([stream[0] ^ 0x40]) + stream[1:]):
+    assert 8 * (len(stream) - 8 * rc.RANS_LANES) <= codes.size * entropy * 1.01 + 64
+    flip = [bytes(stream[:at]) + bytes([stream[at] ^ 0x40]) + stream[at + 1 :] for at in (0, 4, len(stream) // 2)]
+    for damaged in (stream[:-1], stream + b"\0", *flip):
         with pytest.raises(ValueError, match="entropy-coded"):
             rc.rans_decode(damaged, first, freq, codes.size)
 
 
 def test_entropy_coding_layout_and_version():
-    x = gaussian((300, 2, 16), seed=21)
-    packed = rc.encode(x, {"bits": 4, "block_size": 128, "outlier_threshold": 3.0})
-    data = rc.encode(x, {"bits": 4, "block_size": 128, "outlier_threshold": 3.0, "entropy_coding": True})
+    x = gaussian((600, 2, 16), seed=21)
+    packed = rc.encode(x, {"bits": 4, "block_size": 256, "outlier_threshold": 3.0})
+    data = rc.encode(x, {"bits": 4, "block_size": 256, "outlier_threshold": 3.0, "entropy_coding": True})
     assert struct.unpack_from("<H", data, 6)[0] == 4
     hlen = struct.unpack_from("<I", data, 8)[0]
     assert b',"basis"' not in data[12 : 12 + hlen]
@@ -971,9 +975,9 @@ def test_entropy_coding_layout_and_version():
     for h in range(2):
         for i in range(3):
             codes, packed_codes = secs[f"block/{h}/{i}/codes"], secs_packed[f"block/{h}/{i}/codes"]
-            if i < 2:  # 128 x 16 codes: the stream is shorter
+            if i < 2:  # 256 x 16 codes: the stream is shorter
                 assert codes[0] == rc.CODES_RANS and len(codes) < len(packed_codes)
-            else:  # 44 x 16: the table costs more than it saves, so the codes stay packed
+            else:  # 88 x 16: table and lanes cost more than they save, so the codes stay packed
                 assert codes == bytes([rc.CODES_PACKED]) + packed_codes
             assert secs[f"block/{h}/{i}/outliers"] == secs_packed[f"block/{h}/{i}/outliers"]
     # A block too small for a table and a stream stays packed, behind mode byte 0.

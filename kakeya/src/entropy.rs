@@ -111,9 +111,13 @@ impl FrequencyTable {
     }
 }
 
-/// rANS stream of `symbols` (every one in `table` with a nonzero frequency): 4 bytes of
-/// final state, big-endian, then the renormalisation bytes in decoding order.
-pub fn encode(symbols: &[u8], table: &FrequencyTable) -> Vec<u8> {
+/// Independent rANS streams per block: code `t` belongs to lane `t mod LANES`, so a decoder
+/// can advance the lanes' states side by side instead of waiting on one state's chain.
+pub const LANES: usize = 4;
+
+/// One lane: 4 bytes of final state, big-endian, then the renormalisation bytes in decoding
+/// order.
+fn encode_lane(symbols: &[u8], table: &FrequencyTable) -> Vec<u8> {
     let mut out = Vec::with_capacity(symbols.len() / 2 + 8);
     let mut x = STATE_LOW;
     for &s in symbols.iter().rev() {
@@ -131,35 +135,63 @@ pub fn encode(symbols: &[u8], table: &FrequencyTable) -> Vec<u8> {
     out
 }
 
-/// Decodes `out.len()` symbols from `stream`; the stream must be used exactly, ending in
-/// the encoder's initial state, so a damaged stream is an error rather than wrong symbols.
-pub fn decode(stream: &[u8], table: &FrequencyTable, out: &mut [u8]) -> Result<()> {
+/// The coded form of `symbols` (every one in `table` with a nonzero frequency): for each
+/// of the [`LANES`] lanes a `u32` length and its stream.
+pub fn encode(symbols: &[u8], table: &FrequencyTable) -> Vec<u8> {
+    let mut w = Writer::default();
+    for lane in 0..LANES {
+        let mine: Vec<u8> = symbols.iter().skip(lane).step_by(LANES).copied().collect();
+        let stream = encode_lane(&mine, table);
+        w.u32(stream.len() as u32);
+        w.buf.extend_from_slice(&stream);
+    }
+    w.buf
+}
+
+/// Decodes `out.len()` symbols from the bytes of [`encode`]; every lane must be used
+/// exactly, ending in the encoder's initial state, so damage is an error rather than wrong
+/// symbols.
+pub fn decode(coded: &[u8], table: &FrequencyTable, out: &mut [u8]) -> Result<()> {
     let corrupt = |why: &str| CodecError::Corrupt(format!("entropy-coded codes: {why}"));
     let mut slot_symbol = vec![0u8; PROB_TOTAL as usize];
     for (i, (&f, &c)) in table.freq.iter().zip(&table.cumulative).enumerate() {
         slot_symbol[c as usize..(c + f) as usize].fill(i as u8);
     }
-    let Some((head, mut rest)) = stream.split_first_chunk::<4>() else {
-        return Err(corrupt("stream shorter than its 4-byte state"));
-    };
-    // u64 so that a damaged state cannot overflow.
-    let mut x = u64::from(u32::from_be_bytes(*head));
+    let mut r = Reader::new(coded, 0);
+    // u64 states so that a damaged state cannot overflow.
+    let mut states = [0u64; LANES];
+    let mut streams: [&[u8]; LANES] = [&[]; LANES];
+    for (x, stream) in states.iter_mut().zip(streams.iter_mut()) {
+        let len = r.u32("rANS lane length")? as usize;
+        let lane = r.take(len, "rANS lane")?;
+        let Some((head, rest)) = lane.split_first_chunk::<4>() else {
+            return Err(corrupt("lane shorter than its 4-byte state"));
+        };
+        *x = u64::from(u32::from_be_bytes(*head));
+        *stream = rest;
+    }
+    if r.remaining() != 0 {
+        return Err(corrupt("bytes after the last lane"));
+    }
     let mask = u64::from(PROB_TOTAL - 1);
-    for o in out.iter_mut() {
-        let slot = x & mask;
-        let i = usize::from(slot_symbol[slot as usize]);
-        *o = table.first + i as u8;
-        x = u64::from(table.freq[i]) * (x >> PROB_BITS) + slot - u64::from(table.cumulative[i]);
-        while x < u64::from(STATE_LOW) {
-            let Some((&b, tail)) = rest.split_first() else {
-                return Err(corrupt("stream ends before its symbols"));
-            };
-            x = (x << 8) | u64::from(b);
-            rest = tail;
+    for group in out.chunks_mut(LANES) {
+        for ((o, x), stream) in group.iter_mut().zip(&mut states).zip(&mut streams) {
+            let slot = *x & mask;
+            let i = usize::from(slot_symbol[slot as usize]);
+            *o = table.first + i as u8;
+            *x = u64::from(table.freq[i]) * (*x >> PROB_BITS) + slot
+                - u64::from(table.cumulative[i]);
+            while *x < u64::from(STATE_LOW) {
+                let Some((&b, tail)) = stream.split_first() else {
+                    return Err(corrupt("a lane ends before its symbols"));
+                };
+                *x = (*x << 8) | u64::from(b);
+                *stream = tail;
+            }
         }
     }
-    if x != u64::from(STATE_LOW) || !rest.is_empty() {
-        return Err(corrupt("stream does not end where its symbols do"));
+    if states.iter().any(|&x| x != u64::from(STATE_LOW)) || streams.iter().any(|s| !s.is_empty()) {
+        return Err(corrupt("a lane does not end where its symbols do"));
     }
     Ok(())
 }
@@ -183,8 +215,8 @@ mod tests {
     }
 
     #[test]
-    fn single_symbol_costs_only_the_state() {
-        assert_eq!(roundtrip(&[5; 1000], 16).len(), 4);
+    fn single_symbol_costs_only_the_states() {
+        assert_eq!(roundtrip(&[5; 1000], 16).len(), LANES * (4 + 4));
     }
 
     #[test]
@@ -198,7 +230,7 @@ mod tests {
                 _ => 3,
             })
             .collect();
-        let bits = 8.0 * roundtrip(&symbols, 4).len() as f64 / symbols.len() as f64;
+        let bits = 8.0 * (roundtrip(&symbols, 4).len() - LANES * 8) as f64 / symbols.len() as f64;
         assert!((1.75..1.76).contains(&bits), "{bits} bits per symbol");
     }
 
@@ -235,9 +267,12 @@ mod tests {
         let mut longer = stream.clone();
         longer.push(0);
         assert!(decode(&longer, &table, &mut out).is_err());
-        let mut flipped = stream;
-        flipped[0] ^= 0x40;
-        assert!(decode(&flipped, &table, &mut out).is_err());
+        for at in [0, 4, 9, stream.len() / 2] {
+            // a lane length, a state, a renormalisation byte
+            let mut flipped = stream.clone();
+            flipped[at] ^= 0x40;
+            assert!(decode(&flipped, &table, &mut out).is_err(), "byte {at}");
+        }
     }
 
     #[test]
