@@ -10,7 +10,7 @@ use crate::entropy::{self, FrequencyTable};
 use crate::error::{CodecError, Result};
 use crate::format::{self, Header, Reader, ScaleDtype, Writer, MAGIC};
 use crate::hadamard;
-use crate::lloyd_max::{gaussian_table, uniform_table, Quantizer, MAX_TABLE_BITS};
+use crate::lloyd_max::{gaussian_table, Quantizer, MAX_TABLE_BITS};
 use crate::parallel::{for_each_chunk_mut, map_jobs};
 use crate::pca::{self, Skeleton, SHARED_BLOCK_KEY};
 use crate::tensor::{checked_numel, DType, OwnedElements, TensorView};
@@ -132,7 +132,7 @@ struct RotatedBlock {
 fn quantizer_for(config: &CodecConfig) -> Quantizer {
     match (&config.centroids, config.uniform_step) {
         (Some(table), _) => Quantizer::new(table),
-        (None, Some(step)) => Quantizer::new(&uniform_table(config.bits, step)),
+        (None, Some(step)) => Quantizer::uniform(config.bits, step),
         (None, None) => Quantizer::new(gaussian_table(config.bits)),
     }
 }

@@ -153,44 +153,64 @@ pub fn encode(symbols: &[u8], table: &FrequencyTable) -> Vec<u8> {
 /// symbols.
 pub fn decode(coded: &[u8], table: &FrequencyTable, out: &mut [u8]) -> Result<()> {
     let corrupt = |why: &str| CodecError::Corrupt(format!("entropy-coded codes: {why}"));
-    let mut slot_symbol = vec![0u8; PROB_TOTAL as usize];
+    // Fixed-size tables indexed by a masked slot or a u8: no bounds checks in the loop.
+    let mut slot_symbol = vec![0u8; PROB_TOTAL as usize].into_boxed_slice();
+    let mut freq_cum = [(0u64, 0u64); 256];
     for (i, (&f, &c)) in table.freq.iter().zip(&table.cumulative).enumerate() {
         slot_symbol[c as usize..(c + f) as usize].fill(i as u8);
+        freq_cum[i] = (u64::from(f), u64::from(c));
     }
+    let slot_symbol: &[u8; PROB_TOTAL as usize] =
+        (&*slot_symbol).try_into().expect("PROB_TOTAL entries");
     let mut r = Reader::new(coded, 0);
     // u64 states so that a damaged state cannot overflow.
-    let mut states = [0u64; LANES];
-    let mut streams: [&[u8]; LANES] = [&[]; LANES];
-    for (x, stream) in states.iter_mut().zip(streams.iter_mut()) {
+    let mut x = [0u64; LANES];
+    let mut lanes: [&[u8]; LANES] = [&[]; LANES];
+    for (state, stream) in x.iter_mut().zip(lanes.iter_mut()) {
         let len = r.u32("rANS lane length")? as usize;
         let lane = r.take(len, "rANS lane")?;
         let Some((head, rest)) = lane.split_first_chunk::<4>() else {
             return Err(corrupt("lane shorter than its 4-byte state"));
         };
-        *x = u64::from(u32::from_be_bytes(*head));
+        *state = u64::from(u32::from_be_bytes(*head));
         *stream = rest;
     }
     if r.remaining() != 0 {
         return Err(corrupt("bytes after the last lane"));
     }
     let mask = u64::from(PROB_TOTAL - 1);
-    for group in out.chunks_mut(LANES) {
-        for ((o, x), stream) in group.iter_mut().zip(&mut states).zip(&mut streams) {
-            let slot = *x & mask;
-            let i = usize::from(slot_symbol[slot as usize]);
-            *o = table.first + i as u8;
-            *x = u64::from(table.freq[i]) * (*x >> PROB_BITS) + slot
-                - u64::from(table.cumulative[i]);
-            while *x < u64::from(STATE_LOW) {
-                let Some((&b, tail)) = stream.split_first() else {
-                    return Err(corrupt("a lane ends before its symbols"));
-                };
-                *x = (*x << 8) | u64::from(b);
-                *stream = tail;
-            }
+    let low = u64::from(STATE_LOW);
+    let mut pos = [0usize; LANES];
+    let mut step = |lane: usize| -> u8 {
+        let slot = x[lane] & mask;
+        let i = slot_symbol[slot as usize];
+        let (f, c) = freq_cum[usize::from(i)];
+        let v = f * (x[lane] >> PROB_BITS) + slot - c;
+        // A valid state is now ≥ 2^9 (x ≥ 2^23 before, f ≥ 1), so at most two bytes bring
+        // it back above 2^23: read them without a data-dependent branch, which would
+        // mispredict about every other code. Reads past the end give 0 and are caught below.
+        let needed = usize::from(v < low) + usize::from(v < low >> 8);
+        let (stream, p) = (lanes[lane], pos[lane]);
+        let next = |k: usize| u64::from(stream.get(p + k).copied().unwrap_or(0));
+        let shift = 8 * needed as u32;
+        x[lane] = (v << shift) | (((next(0) << 8) | next(1)) >> (16 - shift));
+        pos[lane] = p + needed;
+        table.first + i
+    };
+    let mut groups = out.chunks_exact_mut(LANES);
+    for group in &mut groups {
+        // A fixed count of independent lanes: their chains overlap.
+        for (lane, o) in group.iter_mut().enumerate() {
+            *o = step(lane);
         }
     }
-    if states.iter().any(|&x| x != u64::from(STATE_LOW)) || streams.iter().any(|s| !s.is_empty()) {
+    for (lane, o) in groups.into_remainder().iter_mut().enumerate() {
+        *o = step(lane);
+    }
+    if pos.iter().zip(&lanes).any(|(&p, s)| p > s.len()) {
+        return Err(corrupt("a lane ends before its symbols"));
+    }
+    if x.iter().any(|&v| v != low) || pos.iter().zip(&lanes).any(|(&p, s)| p != s.len()) {
         return Err(corrupt("a lane does not end where its symbols do"));
     }
     Ok(())

@@ -236,6 +236,8 @@ pub fn validate_centroids(centroids: &[f32], bits: u8) -> Result<()> {
 pub struct Quantizer {
     centroids: Vec<f32>,
     boundaries: Vec<f32>,
+    /// For a uniform table: its first level and `1 / step`, for a first guess of the code.
+    uniform: Option<(f32, f32)>,
 }
 
 impl Quantizer {
@@ -245,7 +247,32 @@ impl Quantizer {
         Self {
             centroids: centroids.to_vec(),
             boundaries,
+            uniform: None,
         }
+    }
+
+    /// Coder for [`uniform_table`]`(bits, step)`: the same codes as [`Quantizer::new`] of
+    /// that table, found from `z / step` and checked against the neighbouring boundaries.
+    pub fn uniform(bits: u8, step: f32) -> Self {
+        let table = uniform_table(bits, step);
+        Self {
+            uniform: Some((table[0], 1.0 / step)),
+            ..Self::new(&table)
+        }
+    }
+
+    /// [`Quantizer::code`] starting from a guess that is at most a code or two off.
+    #[inline]
+    fn code_near(&self, z: f32, guess: f32) -> u8 {
+        let last = self.boundaries.len();
+        let mut code = (guess.max(0.0) as usize).min(last);
+        while code > 0 && self.boundaries[code - 1] >= z {
+            code -= 1;
+        }
+        while code < last && self.boundaries[code] < z {
+            code += 1;
+        }
+        code as u8
     }
 
     /// Code of `z`: the number of boundaries strictly below it.
@@ -261,7 +288,13 @@ impl Quantizer {
     pub fn codes(&self, z: &[f32], out: &mut [u8]) {
         const CHUNK: usize = 64;
         if self.boundaries.len() > 15 {
-            out.iter_mut().zip(z).for_each(|(o, &v)| *o = self.code(v));
+            match self.uniform {
+                Some((first, inv_step)) => out
+                    .iter_mut()
+                    .zip(z)
+                    .for_each(|(o, &v)| *o = self.code_near(v, (v - first) * inv_step + 0.5)),
+                None => out.iter_mut().zip(z).for_each(|(o, &v)| *o = self.code(v)),
+            }
             return;
         }
         let mut counts = [0u32; CHUNK];
@@ -294,6 +327,26 @@ impl Quantizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uniform_coder_matches_the_generic_one() {
+        let mut probes: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.0071).collect();
+        for (bits, step) in [(5u8, 0.3376f32), (6, 0.1), (8, 0.013), (5, 1e-3)] {
+            let fast = Quantizer::uniform(bits, step);
+            let generic = Quantizer::new(&uniform_table(bits, step));
+            probes.extend(
+                generic
+                    .boundaries
+                    .iter()
+                    .flat_map(|b| [*b, b.next_up(), b.next_down()]),
+            );
+            probes.extend([f32::MIN, -1e30, 1e30, f32::MAX]);
+            let (mut a, mut b) = (vec![0u8; probes.len()], vec![0u8; probes.len()]);
+            fast.codes(&probes, &mut a);
+            generic.codes(&probes, &mut b);
+            assert_eq!(a, b, "bits {bits} step {step}");
+        }
+    }
 
     #[test]
     fn code_counts_the_boundaries_strictly_below() {
