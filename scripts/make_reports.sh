@@ -8,7 +8,8 @@
 # Steps: eval (HF, recommended preset), engines (codec-off HF vs vLLM), compare
 # (compare-engines: the recommended preset under HF and vLLM), memory (KakeyaCache generation benchmark), calibration
 # (ablation of Σ_q and centroids), throughput (codec benchmark), overhead (harness), entropy
-# (uniform-ec under HF and vLLM, the two ~4.9x probes, the entropy-coding benchmark).
+# (uniform-ec under HF and vLLM and on held-out text, the two ~4.9x probes, the entropy-coding
+# benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p reports
@@ -63,6 +64,9 @@ for step in "${steps[@]}"; do
         entropy)
             run entropy/compare_engines_uniform_ec kakeya compare-engines --config uniform-ec --passages 16 \
                 --ctx 1024 --n-eval 256 --json reports/entropy/compare_engines_uniform_ec.json
+            python reports/basis/calibration_text.py /tmp/wikitext2_calibration_part.txt
+            run entropy/heldout16_uniform_ec kakeya eval --text-file /tmp/wikitext2_calibration_part.txt \
+                --config uniform-ec --passages 16 --json reports/entropy/heldout16_uniform_ec.json
             for probe in probe_k045_v064 probe_block_scale; do
                 run "entropy/$probe" kakeya eval --config "reports/entropy/$probe.policy.json" \
                     --json "reports/entropy/$probe.json"
