@@ -65,7 +65,7 @@ struct BlockRecord<'a> {
 enum Codes<'a> {
     /// Bit-packed codes.
     Packed(&'a [u8]),
-    /// A rANS stream and its frequency table.
+    /// The rANS lanes and their frequency table.
     Entropy {
         table: FrequencyTable,
         stream: &'a [u8],
@@ -89,9 +89,7 @@ impl Codes<'_> {
                 bitpack::unpack_lookup(&bytes[from..], bits, values, out);
             }
             Self::Entropy { table, stream } => {
-                let mut symbols = vec![0u8; out.len()];
-                entropy::decode(stream, table, &mut symbols)?;
-                lookup_symbols(&symbols, values, out);
+                lookup_symbols(&decode_symbols(table, stream, out.len())?, values, out);
             }
             Self::Symbols(symbols) => {
                 lookup_symbols(&symbols[first..first + out.len()], values, out);
@@ -104,13 +102,17 @@ impl Codes<'_> {
     fn decoded(self, count: usize) -> Result<Self> {
         Ok(match self {
             Self::Entropy { table, stream } => {
-                let mut symbols = vec![0u8; count];
-                entropy::decode(stream, &table, &mut symbols)?;
-                Self::Symbols(symbols)
+                Self::Symbols(decode_symbols(&table, stream, count)?)
             }
             other => other,
         })
     }
+}
+
+fn decode_symbols(table: &FrequencyTable, coded: &[u8], count: usize) -> Result<Vec<u8>> {
+    let mut symbols = vec![0u8; count];
+    entropy::decode(coded, table, &mut symbols)?;
+    Ok(symbols)
 }
 
 fn lookup_symbols(symbols: &[u8], values: &[f32], out: &mut [f32]) {
@@ -389,7 +391,6 @@ fn read_skeleton(r: &mut Reader<'_>, dim: usize, config: &CodecConfig) -> Result
     })
 }
 
-/// Pads, rotates and measures the scale of every coefficient row.
 /// Pads and rotates each row; returns the rows and their scales `sqrt(mean y²)`, per row
 /// or (`block_scale`) one over the whole block, repeated for every row.
 fn rotate_rows(
@@ -680,7 +681,7 @@ fn quantize_block(
 }
 
 /// The code section: bit-packed, or with `entropy_coding` a mode byte and then whichever of
-/// the packed codes and the rANS stream (frequency table, `u32` length, stream) is shorter.
+/// the packed codes and the rANS form (frequency table, `u32` length, the lanes) is shorter.
 fn write_codes(w: &mut Writer, codes: &[u8], config: &CodecConfig) {
     let packed_len = bitpack::packed_len(codes.len(), config.bits);
     if config.entropy_coding {
