@@ -67,7 +67,10 @@ for step in "${steps[@]}"; do
             python reports/basis/calibration_text.py /tmp/wikitext2_calibration_part.txt
             run entropy/heldout16_uniform_ec kakeya eval --text-file /tmp/wikitext2_calibration_part.txt \
                 --config uniform-ec --passages 16 --json reports/entropy/heldout16_uniform_ec.json
-            for probe in probe_k045_v064 probe_block_scale; do
+            run entropy/heldout16_v3_everywhere kakeya eval --text-file /tmp/wikitext2_calibration_part.txt \
+                --config reports/entropy/probe_v3_everywhere.policy.json --passages 16 \
+                --json reports/entropy/heldout16_v3_everywhere.json
+            for probe in probe_k045_v064 probe_block_scale probe_v3_everywhere; do
                 run "entropy/$probe" kakeya eval --config "reports/entropy/$probe.policy.json" \
                     --json "reports/entropy/$probe.json"
             done

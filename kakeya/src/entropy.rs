@@ -115,35 +115,83 @@ impl FrequencyTable {
 /// can advance the lanes' states side by side instead of waiting on one state's chain.
 pub const LANES: usize = 4;
 
-/// One lane: 4 bytes of final state, big-endian, then the renormalisation bytes in decoding
-/// order.
-fn encode_lane(symbols: &[u8], table: &FrequencyTable) -> Vec<u8> {
-    let mut out = Vec::with_capacity(symbols.len() / 2 + 8);
-    let mut x = STATE_LOW;
-    for &s in symbols.iter().rev() {
-        let i = usize::from(s - table.first);
-        let (f, c) = (table.freq[i], table.cumulative[i]);
-        let x_max = ((STATE_LOW >> PROB_BITS) << 8) * f;
-        while x >= x_max {
-            out.push(x as u8);
-            x >>= 8;
+/// Per-symbol constants of the encoder: `⌊x/f⌋·2^14 + (x mod f) + C` computed as
+/// `x + bias + q·(2^14 − f)` with `q = ⌊x/f⌋` from a multiply by a rounded-up reciprocal
+/// (exact for `x < 2^31`; Alverson's method, as in ryg's rans_byte).
+#[derive(Clone, Copy, Default)]
+struct EncSymbol {
+    x_max: u64,
+    rcp_freq: u64,
+    rcp_shift: u32,
+    bias: u64,
+    cmpl_freq: u64,
+}
+
+impl EncSymbol {
+    fn new(freq: u32, cumulative: u32) -> Self {
+        let (rcp_freq, rcp_shift, bias) = if freq < 2 {
+            // f = 1: q = x − 1 via the all-ones reciprocal, the bias absorbs the rest.
+            (
+                u64::from(u32::MAX),
+                0,
+                u64::from(cumulative + PROB_TOTAL - 1),
+            )
+        } else {
+            let shift = 32 - (freq - 1).leading_zeros(); // ⌈log2 f⌉
+            let rcp = ((1u64 << (shift + 31)) + u64::from(freq) - 1) / u64::from(freq);
+            (rcp, shift - 1, u64::from(cumulative))
+        };
+        Self {
+            x_max: u64::from(((STATE_LOW >> PROB_BITS) << 8) * freq),
+            rcp_freq,
+            rcp_shift,
+            bias,
+            cmpl_freq: u64::from(PROB_TOTAL - freq),
         }
-        x = ((x / f) << PROB_BITS) + (x % f) + c;
     }
-    out.extend_from_slice(&x.to_le_bytes());
-    out.reverse();
-    out
+
+    #[inline(always)]
+    fn code(&self, x: u64) -> u64 {
+        let q = ((x * self.rcp_freq) >> 32) >> self.rcp_shift;
+        x + self.bias + q * self.cmpl_freq
+    }
 }
 
 /// The coded form of `symbols` (every one in `table` with a nonzero frequency): for each
-/// of the [`LANES`] lanes a `u32` length and its stream.
+/// of the [`LANES`] lanes a `u32` length and its stream (4 bytes of final state,
+/// big-endian, then the renormalisation bytes in decoding order).
 pub fn encode(symbols: &[u8], table: &FrequencyTable) -> Vec<u8> {
+    let mut enc = [EncSymbol::default(); 256];
+    for (i, (&f, &c)) in table.freq.iter().zip(&table.cumulative).enumerate() {
+        if f > 0 {
+            enc[i] = EncSymbol::new(f, c);
+        }
+    }
+    // Each lane's bytes are written backwards into its own buffer (at most 2 per code),
+    // the lanes interleaved so that their chains overlap.
+    let per_lane = symbols.len().div_ceil(LANES);
+    let mut bufs: Vec<Vec<u8>> = (0..LANES).map(|_| vec![0u8; 2 * per_lane + 4]).collect();
+    let mut ends = [2 * per_lane + 4; LANES];
+    let mut x = [u64::from(STATE_LOW); LANES];
+    for (t, &s) in symbols.iter().enumerate().rev() {
+        let lane = t % LANES;
+        let e = &enc[usize::from(s - table.first)];
+        // Emit the low bytes while x ≥ x_max (at most two): written unconditionally, kept
+        // by moving the end.
+        let emit = usize::from(x[lane] >= e.x_max) + usize::from(x[lane] >= e.x_max << 8);
+        let (buf, end) = (&mut bufs[lane], &mut ends[lane]);
+        buf[*end - 1] = x[lane] as u8;
+        buf[*end - 2] = (x[lane] >> 8) as u8;
+        *end -= emit;
+        x[lane] = e.code(x[lane] >> (8 * emit as u32));
+    }
     let mut w = Writer::default();
-    for lane in 0..LANES {
-        let mine: Vec<u8> = symbols.iter().skip(lane).step_by(LANES).copied().collect();
-        let stream = encode_lane(&mine, table);
+    for ((buf, end), state) in bufs.iter_mut().zip(ends).zip(x) {
+        let start = end - 4;
+        buf[start..end].copy_from_slice(&(state as u32).to_be_bytes());
+        let stream = &buf[start..];
         w.u32(stream.len() as u32);
-        w.buf.extend_from_slice(&stream);
+        w.buf.extend_from_slice(stream);
     }
     w.buf
 }
@@ -232,6 +280,32 @@ mod tests {
         decode(&stream, &read, &mut out).unwrap();
         assert_eq!(out, symbols);
         stream
+    }
+
+    #[test]
+    fn reciprocal_step_equals_the_division() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            seed >> 33
+        };
+        for f in (1..=PROB_TOTAL)
+            .step_by(7)
+            .chain([1, 2, 3, PROB_TOTAL - 1, PROB_TOTAL])
+        {
+            let c = (next() as u32) % (PROB_TOTAL - f + 1);
+            let e = EncSymbol::new(f, c);
+            // states the coder meets after renormalisation: [x_max / 256, x_max)
+            let lo = e.x_max >> 8;
+            for x in [lo, lo + 1, e.x_max - 1, e.x_max / 2]
+                .into_iter()
+                .chain((0..50).map(|_| lo + next() % (e.x_max - lo)))
+            {
+                let f64_ = u64::from(f);
+                let want = ((x / f64_) << PROB_BITS) + x % f64_ + u64::from(c);
+                assert_eq!(e.code(x), want, "f {f} c {c} x {x}");
+            }
+        }
     }
 
     #[test]
