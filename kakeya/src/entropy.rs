@@ -138,7 +138,7 @@ impl EncSymbol {
             )
         } else {
             let shift = 32 - (freq - 1).leading_zeros(); // ⌈log2 f⌉
-            let rcp = ((1u64 << (shift + 31)) + u64::from(freq) - 1) / u64::from(freq);
+            let rcp = (1u64 << (shift + 31)).div_ceil(u64::from(freq));
             (rcp, shift - 1, u64::from(cumulative))
         };
         Self {
