@@ -1,6 +1,6 @@
 //! Lossless entropy coding of code indices (`entropy_coding = true`, docs/codec.md "Entropy
-//! coding"): a block's symbols are coded with one byte-wise rANS stream under a static
-//! frequency table fitted to that block and stored beside it.
+//! coding"): a block's symbols are coded as [`LANES`] interleaved byte-wise rANS streams
+//! under one static frequency table fitted to that block and stored beside it.
 
 use crate::error::{CodecError, Result};
 use crate::format::{Reader, Writer};
