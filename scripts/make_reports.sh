@@ -80,7 +80,15 @@ for step in "${steps[@]}"; do
                 echo '```'
                 python benchmarks/entropy_coding.py --json reports/entropy/entropy_coding_benchmark.json
                 echo '```'
-            } > reports/entropy/entropy_coding_benchmark.md ;;
+            } > reports/entropy/entropy_coding_benchmark.md
+            {
+                echo '# KakeyaCache: recommended vs uniform-ec (generation memory and speed)'
+                echo
+                echo '```'
+                echo 'command: python benchmarks/generate_memory.py --caches dynamic,kakeya:recommended,kakeya:uniform-ec'
+                python benchmarks/generate_memory.py --caches dynamic,kakeya:recommended,kakeya:uniform-ec
+                echo '```'
+            } > reports/entropy/generate_memory_uniform_ec.md ;;
         *)
             echo "unknown step: $step" >&2; exit 2 ;;
     esac
