@@ -61,7 +61,7 @@ struct BlockRecord<'a> {
     outliers: Vec<(usize, f32)>,
 }
 
-/// A block's code section.
+/// A block's code section as stored.
 enum Codes<'a> {
     /// Bit-packed codes.
     Packed(&'a [u8]),
@@ -70,55 +70,50 @@ enum Codes<'a> {
         table: FrequencyTable,
         stream: &'a [u8],
     },
-    /// Codes already decoded from a rANS stream, one per byte.
-    Symbols(Vec<u8>),
 }
 
 /// Code-section mode bytes of format version 4 with `entropy_coding`.
 const CODES_PACKED: u8 = 0;
 const CODES_RANS: u8 = 1;
 
-impl Codes<'_> {
-    /// Codes `[first, first + out.len())` looked up in `values` (the quantizer's table).
-    /// Packed codes start on a byte (`first · bits` a multiple of 8); a rANS stream is read
-    /// whole (`first == 0`).
-    fn lookup(&self, bits: u8, values: &[f32], first: usize, out: &mut [f32]) -> Result<()> {
+/// A block's codes ready to be looked up: packed ones are read in place, rANS lanes are
+/// decoded once into one code per byte.
+enum CodeValues<'a> {
+    Packed(&'a [u8]),
+    Symbols(Vec<u8>),
+}
+
+impl<'a> Codes<'a> {
+    /// The `count` codes of the section, any rANS lanes decoded (an error if damaged).
+    fn values(&self, count: usize) -> Result<CodeValues<'a>> {
+        Ok(match self {
+            Self::Packed(bytes) => CodeValues::Packed(bytes),
+            Self::Entropy { table, stream } => {
+                let mut symbols = vec![0u8; count];
+                entropy::decode(stream, table, &mut symbols)?;
+                CodeValues::Symbols(symbols)
+            }
+        })
+    }
+}
+
+impl CodeValues<'_> {
+    /// Codes `[first, first + out.len())` looked up in `values` (the quantizer's table);
+    /// packed codes must start on a byte (`first · bits` a multiple of 8).
+    fn lookup(&self, bits: u8, values: &[f32], first: usize, out: &mut [f32]) {
         match self {
             Self::Packed(bytes) => {
                 let from = first * usize::from(bits) / 8;
                 bitpack::unpack_lookup(&bytes[from..], bits, values, out);
             }
-            Self::Entropy { table, stream } => {
-                lookup_symbols(&decode_symbols(table, stream, out.len())?, values, out);
-            }
             Self::Symbols(symbols) => {
-                lookup_symbols(&symbols[first..first + out.len()], values, out);
+                let symbols = &symbols[first..first + out.len()];
+                out.iter_mut()
+                    .zip(symbols)
+                    .for_each(|(o, &c)| *o = values[usize::from(c)]);
             }
         }
-        Ok(())
     }
-
-    /// This section with any rANS stream decoded into `count` symbols.
-    fn decoded(self, count: usize) -> Result<Self> {
-        Ok(match self {
-            Self::Entropy { table, stream } => {
-                Self::Symbols(decode_symbols(&table, stream, count)?)
-            }
-            other => other,
-        })
-    }
-}
-
-fn decode_symbols(table: &FrequencyTable, coded: &[u8], count: usize) -> Result<Vec<u8>> {
-    let mut symbols = vec![0u8; count];
-    entropy::decode(coded, table, &mut symbols)?;
-    Ok(symbols)
-}
-
-fn lookup_symbols(symbols: &[u8], values: &[f32], out: &mut [f32]) {
-    out.iter_mut()
-        .zip(symbols)
-        .for_each(|(o, &c)| *o = values[usize::from(c)]);
 }
 
 /// Stage-one result of a block: skeleton, rotated coefficients (uniform) or plain
@@ -1132,7 +1127,8 @@ impl Encoded {
             let mut z = vec![0.0f32; n * padded];
             record
                 .codes
-                .lookup(config.bits, quantizer.centroids(), 0, &mut z)?;
+                .values(n * padded)?
+                .lookup(config.bits, quantizer.centroids(), 0, &mut z);
             for &(i, v) in &record.outliers {
                 z[i] = v;
             }
@@ -1197,26 +1193,24 @@ impl Encoded {
         let config = &self.header.config;
         let per_head = self.header.blocks_per_head;
         let body = &self.bytes[self.body_start..self.bytes.len() - 4];
-        let records: Vec<BlockRecord<'_>> = map_jobs(threads, self.blocks.len(), |job| {
-            let (h, b) = (job / per_head, job % per_head);
-            let start = self.blocks[job].0;
-            self.parse_block(
-                &body[start..],
-                self.body_start + start,
-                self.block_len(b),
-                self.shared.get(h),
-                None,
-            )
-            .and_then(|(record, _)| {
-                let count = record.scales.len() * dim;
-                Ok(BlockRecord {
-                    codes: record.codes.decoded(count)?,
-                    ..record
+        let records: Vec<(BlockRecord<'_>, CodeValues<'_>)> =
+            map_jobs(threads, self.blocks.len(), |job| {
+                let (h, b) = (job / per_head, job % per_head);
+                let start = self.blocks[job].0;
+                self.parse_block(
+                    &body[start..],
+                    self.body_start + start,
+                    self.block_len(b),
+                    self.shared.get(h),
+                    None,
+                )
+                .and_then(|(record, _)| {
+                    let values = record.codes.values(record.scales.len() * dim)?;
+                    Ok((record, values))
                 })
             })
-        })
-        .into_iter()
-        .collect::<Result<_>>()?;
+            .into_iter()
+            .collect::<Result<_>>()?;
         let quantizer = quantizer_for(config);
         let signs = hadamard::signs(config.seed, dim);
         let mut out = self.zeroed_output()?;
@@ -1226,15 +1220,12 @@ impl Encoded {
                 let t = job * TOKENS_PER_JOB + k;
                 let (b, i) = (t / config.block_size, t % config.block_size);
                 for (h, row) in token_rows.chunks_exact_mut(dim).enumerate() {
-                    let record = &records[h * per_head + b];
+                    let (record, codes) = &records[h * per_head + b];
                     let sk = record
                         .own_skeleton
                         .as_ref()
                         .unwrap_or_else(|| &self.shared[h]);
-                    record
-                        .codes
-                        .lookup(config.bits, quantizer.centroids(), i * dim, row)
-                        .expect("rANS streams were decoded above");
+                    codes.lookup(config.bits, quantizer.centroids(), i * dim, row);
                     let first = record.outliers.partition_point(|&(at, _)| at < i * dim);
                     for &(at, v) in record.outliers[first..]
                         .iter()
