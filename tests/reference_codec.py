@@ -70,6 +70,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "entropy_coding": False,
     "scale_granularity": "vector",
 }
+# Config fields newer than version 1: a header omits them when they hold their default.
+NEWER_FIELDS = ("allocation", "basis", "uniform_step", "entropy_coding", "scale_granularity")
 
 _NP_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
 _OUTLIER_DTYPE = np.dtype([("index", "<u2"), ("value", "<f2")])
@@ -1098,15 +1100,7 @@ def _assemble_body(pre: bytes, shared_recs: list[bytes], block_recs: list[list[b
 
 def _serialize(header: dict[str, Any], body: bytes) -> bytes:
     version = version_for(header["config"])
-    # version 1 has no such fields
-    defaults = {
-        "allocation": "uniform",
-        "basis": "pca",
-        "uniform_step": None,
-        "entropy_coding": False,
-        "scale_granularity": "vector",
-    }
-    config = {k: v for k, v in header["config"].items() if k not in defaults or defaults[k] != v}
+    config = {k: v for k, v in header["config"].items() if k not in NEWER_FIELDS or DEFAULT_CONFIG[k] != v}
     header = {**header, "config": config}
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head = MAGIC + struct.pack("<HI", version, len(hjson)) + hjson
@@ -1260,18 +1254,17 @@ def _parse(data: bytes) -> Parsed:
             raise ValueError(f"header lacks the field {key!r}")
     if not isinstance(header["config"], dict):
         raise ValueError("header field 'config' must be an object")
-    # SPEC CHOICE: every field is required except those newer than version 1: `allocation`
-    # (absent: "uniform"), `basis` (absent: "pca"), `uniform_step` (absent: None),
-    # `entropy_coding` (absent: false) and `scale_granularity` (absent: "vector").
-    optional = {"allocation", "basis", "uniform_step", "entropy_coding", "scale_granularity"}
-    missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]) - optional)
+    # SPEC CHOICE: every field is required except those newer than version 1, which are
+    # absent when they hold their default.
+    missing = sorted(set(DEFAULT_CONFIG) - set(header["config"]) - set(NEWER_FIELDS))
     if missing:
         raise ValueError(f"header config lacks the fields {missing}")
     cfg = make_config({k: header["config"][k] for k in DEFAULT_CONFIG if k in header["config"]})
     if version < version_for(cfg):
         raise ValueError(
             f"allocation {cfg['allocation']!r}, basis {cfg['basis']!r}, uniform_step "
-            f"{cfg['uniform_step']!r} and entropy_coding {cfg['entropy_coding']} need format version "
+            f"{cfg['uniform_step']!r}, entropy_coding {cfg['entropy_coding']} and scale_granularity "
+            f"{cfg['scale_granularity']!r} need format version "
             f"{version_for(cfg)}, got {version}"
         )
     shape = header["shape"]

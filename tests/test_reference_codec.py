@@ -541,8 +541,7 @@ def test_header_and_layout():
     assert header["shape"] == [70, 2, 8] and header["dtype"] == "f32"
     assert header["library"] == "kakeya-reference" and header["blocks_per_head"] == 3
     # Version 1: every config field but the newer ones.
-    newer = ("allocation", "basis", "uniform_step", "entropy_coding", "scale_granularity")
-    v1_defaults = {k: v for k, v in rc.DEFAULT_CONFIG.items() if k not in newer}
+    v1_defaults = {k: v for k, v in rc.DEFAULT_CONFIG.items() if k not in rc.NEWER_FIELDS}
     assert header["config"] == {**v1_defaults, "bits": 2, "block_size": 32, "outlier_threshold": 2.5}
     assert b'"rank":null' in raw
     assert struct.unpack_from("<I", data, len(data) - 4)[0] == zlib.crc32(data[:-4])
@@ -954,7 +953,9 @@ def test_rans_roundtrip_and_rate(bits):
     counts = np.bincount(codes, minlength=1 << bits) / codes.size
     entropy = -sum(q * math.log2(q) for q in counts if q > 0)
     assert 8 * (len(stream) - 8 * rc.RANS_LANES) <= codes.size * entropy * 1.01 + 64
-    flip = [bytes(stream[:at]) + bytes([stream[at] ^ 0x40]) + stream[at + 1 :] for at in (0, 4, len(stream) // 2)]
+    flip = [
+        bytes(stream[:at]) + bytes([stream[at] ^ 0x40]) + stream[at + 1 :] for at in (0, 4, len(stream) // 2)
+    ]
     for damaged in (stream[:-1], stream + b"\0", *flip):
         with pytest.raises(ValueError, match="entropy-coded"):
             rc.rans_decode(damaged, first, freq, codes.size)
