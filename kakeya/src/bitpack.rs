@@ -6,6 +6,7 @@ pub fn packed_len(count: usize, bits: u8) -> usize {
 }
 
 /// Packs `codes` (each `< 2^bits`) into `out`, which must be `packed_len` long and zeroed.
+#[inline(always)]
 pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
     let width = usize::from(bits);
     // Eight codes fill exactly `bits` bytes: whole groups go through one u64.
@@ -41,6 +42,7 @@ pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
 
 /// Unpacks `out.len()` codes of `bits` bits from `packed` and writes `table[code]` (one pass
 /// instead of codes then values). `table` must hold `2^bits` values.
+#[inline(always)]
 pub fn unpack_lookup(packed: &[u8], bits: u8, table: &[f32], out: &mut [f32]) {
     let mask = (1u64 << bits) - 1;
     let width = usize::from(bits);

@@ -100,6 +100,7 @@ impl<'a> Codes<'a> {
 impl CodeValues<'_> {
     /// Codes `[first, first + out.len())` looked up in `values` (the quantizer's table);
     /// packed codes must start on a byte (`first · bits` a multiple of 8).
+    #[inline(always)]
     fn lookup(&self, bits: u8, values: &[f32], first: usize, out: &mut [f32]) {
         match self {
             Self::Packed(bytes) => {
@@ -388,6 +389,7 @@ fn read_skeleton(r: &mut Reader<'_>, dim: usize, config: &CodecConfig) -> Result
 
 /// Pads and rotates each row; returns the rows and their scales `sqrt(mean y²)`, per row
 /// or (`block_scale`) one over the whole block, repeated for every row.
+#[inline(always)]
 fn rotate_rows(
     coef: Vec<f32>,
     n: usize,
@@ -433,7 +435,7 @@ pub fn encode(
     threads: Option<usize>,
 ) -> Result<Encoded> {
     config.validate()?;
-    input.check_finite()?;
+    crate::simd::dispatch(|| input.check_finite())?;
     let [tokens, heads, dim] = input.shape;
     let mut header = Header {
         shape: input.shape,
@@ -452,7 +454,7 @@ pub fn encode(
     header.preconditioner = l_hat.is_some();
     let per_head = header.blocks_per_head;
 
-    let head_rows: Vec<Vec<f32>> = map_jobs(threads, heads, |h| {
+    let head_rows: Vec<Vec<f32>> = map_jobs(threads, heads, #[inline(always)] |h| {
         let rows = input.head_rows(h);
         match &l_hat {
             Some(l) => right_multiply(&rows, dim, &l[h]),
@@ -460,7 +462,7 @@ pub fn encode(
         }
     });
     let shared: Vec<Skeleton> = if config.share_basis && tokens > 0 {
-        map_jobs(threads, heads, |h| {
+        map_jobs(threads, heads, #[inline(always)] |h| {
             pca::fit(&head_rows[h], dim, config, h, SHARED_BLOCK_KEY)
         })
         .into_iter()
@@ -476,7 +478,7 @@ pub fn encode(
         (h, b, &head_rows[h][start * dim..end * dim])
     };
     let variance = config.allocation == Allocation::Variance;
-    let mut rotated: Vec<RotatedBlock> = map_jobs(threads, heads * per_head, |job| {
+    let mut rotated: Vec<RotatedBlock> = map_jobs(threads, heads * per_head, #[inline(always)] |job| {
         let (h, b, rows) = block_rows(job);
         let n = rows.len() / dim;
         let own = if config.share_basis {
@@ -513,7 +515,7 @@ pub fn encode(
     let allocs: Vec<BitAllocation> = if !variance {
         Vec::new()
     } else if config.share_basis {
-        map_jobs(threads, shared.len(), |h| {
+        map_jobs(threads, shared.len(), #[inline(always)] |h| {
             let coefs: Vec<&[f32]> = rotated[h * per_head..(h + 1) * per_head]
                 .iter()
                 .map(|b| &b.rotated[..])
@@ -521,7 +523,7 @@ pub fn encode(
             allocation_of(&coefs, shared[h].rank, config.bits)
         })
     } else {
-        map_jobs(threads, rotated.len(), |job| {
+        map_jobs(threads, rotated.len(), #[inline(always)] |job| {
             allocation_of(&[&rotated[job].rotated], rotated[job].rank, config.bits)
         })
     };
@@ -533,7 +535,7 @@ pub fn encode(
         }
     };
     if variance {
-        let scales: Vec<Vec<f32>> = map_jobs(threads, rotated.len(), |job| {
+        let scales: Vec<Vec<f32>> = map_jobs(threads, rotated.len(), #[inline(always)] |job| {
             variance_scales(&rotated[job].rotated, &allocs[alloc_index(job)])
         });
         for (block, s) in rotated.iter_mut().zip(scales) {
@@ -561,7 +563,7 @@ pub fn encode(
         .collect();
     let records: Vec<Vec<u8>> = if variance {
         let quantizers = width_quantizers();
-        map_jobs(threads, rotated.len(), |job| {
+        map_jobs(threads, rotated.len(), #[inline(always)] |job| {
             quantize_block_variance(
                 &rotated[job],
                 config,
@@ -572,7 +574,7 @@ pub fn encode(
         })
     } else {
         let quantizer = quantizer_for(config);
-        map_jobs(threads, rotated.len(), |job| {
+        map_jobs(threads, rotated.len(), #[inline(always)] |job| {
             quantize_block(&rotated[job], config, scale_dtype, &quantizer)
         })
     };
@@ -625,6 +627,7 @@ pub fn encode(
     Encoded::from_bytes(assemble(&header, &body.buf))
 }
 
+#[inline(always)]
 fn quantize_block(
     block: &RotatedBlock,
     config: &CodecConfig,
@@ -677,6 +680,7 @@ fn quantize_block(
 
 /// The code section: bit-packed, or with `entropy_coding` a mode byte and then whichever of
 /// the packed codes and the rANS form (frequency table, `u32` length, the lanes) is shorter.
+#[inline(always)]
 fn write_codes(w: &mut Writer, codes: &[u8], config: &CodecConfig) {
     let packed_len = bitpack::packed_len(codes.len(), config.bits);
     if config.entropy_coding {
@@ -698,6 +702,7 @@ fn write_codes(w: &mut Writer, codes: &[u8], config: &CodecConfig) {
 
 /// Rounds the scales to their storage type, writes them and returns the rounded values
 /// (the ones decode will use, so quantization divides by them).
+#[inline(always)]
 fn write_rounded_scales(w: &mut Writer, scales: &[f32], dtype: ScaleDtype) -> Vec<f32> {
     let rounded: Vec<f32> = scales.iter().map(|&s| round_scale(s, dtype)).collect();
     w.scales(&rounded, dtype);
@@ -706,6 +711,7 @@ fn write_rounded_scales(w: &mut Writer, scales: &[f32], dtype: ScaleDtype) -> Ve
 
 /// Outlier segments of `S = max(1, 65536 / width)` rows: a `u32` count, then
 /// `(u16 index within the segment, f16 z)` pairs. `outliers` is sorted by index.
+#[inline(always)]
 fn write_outliers(w: &mut Writer, outliers: &[(usize, f32)], n: usize, width: usize) {
     let seg_rows = segment_rows(width);
     let seg_codes = seg_rows * width;
@@ -725,6 +731,7 @@ fn write_outliers(w: &mut Writer, outliers: &[(usize, f32)], n: usize, width: us
 
 /// Block record of allocation "variance": own skeleton and allocation (unless shared),
 /// then, if some component has bits, the scales, the variable-width codes and outliers.
+#[inline(always)]
 fn quantize_block_variance(
     block: &RotatedBlock,
     config: &CodecConfig,
@@ -788,6 +795,7 @@ fn assemble(header: &Header, body: &[u8]) -> Vec<u8> {
 }
 
 /// `c_{t,i} = (ẑ_{t,i} · ŝ_t) · σ̂_i` for components with bits, 0 for the others.
+#[inline(always)]
 fn dequantize_variance(
     record: &BlockRecord<'_>,
     alloc: &BitAllocation,
@@ -1095,6 +1103,7 @@ impl Encoded {
         Ok((record, r.position()))
     }
 
+    #[inline(always)]
     fn decode_block(&self, job: usize) -> Result<Vec<f32>> {
         let config = &self.header.config;
         let per_head = self.header.blocks_per_head;
@@ -1194,7 +1203,7 @@ impl Encoded {
         let per_head = self.header.blocks_per_head;
         let body = &self.bytes[self.body_start..self.bytes.len() - 4];
         let records: Vec<(BlockRecord<'_>, CodeValues<'_>)> =
-            map_jobs(threads, self.blocks.len(), |job| {
+            map_jobs(threads, self.blocks.len(), #[inline(always)] |job| {
                 let (h, b) = (job / per_head, job % per_head);
                 let start = self.blocks[job].0;
                 self.parse_block(
@@ -1215,7 +1224,7 @@ impl Encoded {
         let signs = hadamard::signs(config.seed, dim);
         let mut out = self.zeroed_output()?;
         let job_len = TOKENS_PER_JOB * heads * dim;
-        for_each_chunk_mut(threads, &mut out, job_len, |job, chunk| {
+        for_each_chunk_mut(threads, &mut out, job_len, #[inline(always)] |job, chunk| {
             for (k, token_rows) in chunk.chunks_exact_mut(heads * dim).enumerate() {
                 let t = job * TOKENS_PER_JOB + k;
                 let (b, i) = (t / config.block_size, t % config.block_size);
@@ -1262,7 +1271,7 @@ impl Encoded {
         let [_, heads, dim] = self.header.shape;
         let per_head = self.header.blocks_per_head;
         let blocks: Vec<Vec<f32>> =
-            map_jobs(threads, self.blocks.len(), |job| self.decode_block(job))
+            map_jobs(threads, self.blocks.len(), #[inline(always)] |job| self.decode_block(job))
                 .into_iter()
                 .collect::<Result<_>>()?;
         let mut out = self.zeroed_output()?;

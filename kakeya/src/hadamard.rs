@@ -21,6 +21,7 @@ pub fn signs(seed: u64, len: usize) -> Vec<f32> {
 
 /// Unnormalised fast Walsh–Hadamard transform in place (Sylvester order).
 /// `x.len()` must be a power of two.
+#[inline(always)]
 pub fn fwht(x: &mut [f32]) {
     let n = x.len();
     debug_assert!(n.is_power_of_two() || n == 0);
@@ -48,6 +49,7 @@ pub fn fwht(x: &mut [f32]) {
 }
 
 /// `y = H (σ ⊙ x) / √P` in place.
+#[inline(always)]
 pub fn rotate(x: &mut [f32], signs: &[f32]) {
     for (v, s) in x.iter_mut().zip(signs) {
         *v *= s;
@@ -58,6 +60,7 @@ pub fn rotate(x: &mut [f32], signs: &[f32]) {
 }
 
 /// Inverse of [`rotate`]: `x = σ ⊙ (H y) / √P` in place.
+#[inline(always)]
 pub fn unrotate(y: &mut [f32], signs: &[f32]) {
     fwht(y);
     let norm = 1.0 / (y.len() as f32).sqrt();

@@ -31,6 +31,7 @@ pub mod lloyd_max;
 mod parallel;
 pub mod pca;
 pub mod rng;
+pub mod simd;
 pub mod tensor;
 
 pub use codec::{encode, Encoded};

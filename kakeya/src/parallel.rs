@@ -1,12 +1,15 @@
 //! Runs independent jobs in order-preserving parallel maps, so results never depend on the
 //! thread count. After a `fork` (data loaders, vLLM workers) the thread pools of the parent
 //! are gone: [`disable_after_fork`] switches to serial execution instead of deadlocking.
+//! Every job runs under [`simd::dispatch`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use rayon::prelude::*;
+
+use crate::simd;
 
 static SERIAL_ONLY: AtomicBool = AtomicBool::new(false);
 
@@ -39,6 +42,7 @@ where
     F: Fn(usize, &mut [T]) + Sync + Send,
 {
     let chunk_len = chunk_len.max(1);
+    let job = |i, c: &mut [T]| simd::dispatch(#[inline(always)] || job(i, c));
     let in_order = |data: &mut [T]| {
         data.chunks_mut(chunk_len)
             .enumerate()
@@ -67,6 +71,7 @@ where
     T: Send,
     F: Fn(usize) -> T + Sync + Send,
 {
+    let job = |i| simd::dispatch(#[inline(always)] || job(i));
     let serial = SERIAL_ONLY.load(Ordering::Relaxed) || threads == Some(1) || count <= 1;
     if serial {
         return (0..count).map(job).collect();

@@ -203,6 +203,7 @@ pub fn checked_numel(shape: [usize; 3]) -> Result<usize> {
 /// Index of the first value whose masked exponent is `all_ones` (the largest masked value).
 /// Each chunk is checked with a branch-free maximum, which vectorises, unlike a search that
 /// stops at the first hit.
+#[inline(always)]
 fn first_all_ones<T: Copy>(
     values: &[T],
     exponent: impl Fn(T) -> u32,
@@ -241,6 +242,7 @@ impl<'a> TensorView<'a> {
     }
 
     /// Errors on the first NaN or ±Inf, naming its position.
+    #[inline(always)]
     pub fn check_finite(&self) -> Result<()> {
         let [_, heads, dim] = self.shape;
         // Inf and NaN are the values whose exponent bits are all ones.
@@ -261,6 +263,7 @@ impl<'a> TensorView<'a> {
     }
 
     /// Rows of head `head` as a dense `[tokens, head_dim]` f32 matrix (row-major).
+    #[inline(always)]
     pub fn head_rows(&self, head: usize) -> Vec<f32> {
         let [tokens, heads, dim] = self.shape;
         let mut out = Vec::with_capacity(tokens * dim);
