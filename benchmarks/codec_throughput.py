@@ -2,7 +2,9 @@
 
 Measured side by side in one run on the same data; throughput is MB/s of the input at
 bf16 (tokens x heads x dim x 2 bytes). Targets on a 2-core machine: decode >= 500 MB/s,
-encode >= 150 MB/s, and >= 20x the numpy reference. Each basis (``CodecConfig(bits=b,
+encode >= 150 MB/s, and >= 20x the numpy reference. The Rust codec runs its hot loops with
+AVX2 where the CPU has it (``kp.simd_level()``); the "baseline" columns are the same codec
+held to the baseline instruction set (``kp.set_simd(False)``), same bytes. Each basis (``CodecConfig(bits=b,
 basis=...)``, otherwise defaults: blocks of 1024 tokens) gets its own verdict: "pca" fits
 and stores a basis per block, "none" only a mean (at full rank the basis is one more
 rotation).
@@ -43,7 +45,10 @@ def best_seconds(fn, repeats: int) -> float:
 
 def print_table_head(header: str, argv) -> None:
     """Machine, the command line, and a Markdown table header."""
-    print(f"\nkakeya {kp.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(
+        f"\nkakeya {kp.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"instruction set {kp.simd_level()}"
+    )
     print("command: python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -66,6 +71,12 @@ def measure(name: str, shape: tuple[int, int, int], bits: int, basis: str, args:
     data = enc.to_bytes()
     rust_enc = best_seconds(lambda: kp.encode(x, cfg), args.repeats)
     rust_dec = best_seconds(lambda: kp.decode(enc), args.repeats)
+    kp.set_simd(False)
+    try:
+        base_enc = best_seconds(lambda: kp.encode(x, cfg), args.repeats)
+        base_dec = best_seconds(lambda: kp.decode(enc), args.repeats)
+    finally:
+        kp.set_simd(True)
     ref_enc = best_seconds(lambda: ref.encode(x, cfg.to_dict()), args.reference_repeats)
     ref_dec = best_seconds(lambda: ref.decode(data), args.reference_repeats)
     copy = best_seconds(lambda: x.copy(), args.repeats)
@@ -76,6 +87,8 @@ def measure(name: str, shape: tuple[int, int, int], bits: int, basis: str, args:
         "ratio": round(enc.ratio, 3),
         "encode_mb_s": mb / rust_enc,
         "decode_mb_s": mb / rust_dec,
+        "baseline_encode_mb_s": mb / base_enc,
+        "baseline_decode_mb_s": mb / base_dec,
         "numpy_encode_mb_s": mb / ref_enc,
         "numpy_decode_mb_s": mb / ref_dec,
         "memcpy_mb_s": mb / copy,
@@ -102,11 +115,15 @@ def main(argv=None) -> int:
     ]
     rows = [measure(*case, args) for case in tqdm(cases, desc="codec throughput")]
 
-    header = "| basis | shape | bits | ratio | encode MB/s | decode MB/s | numpy enc | numpy dec | memcpy | enc x numpy | dec x numpy |"
+    header = (
+        "| basis | shape | bits | ratio | encode MB/s | decode MB/s | baseline enc | baseline dec "
+        "| numpy enc | numpy dec | memcpy | enc x numpy | dec x numpy |"
+    )
     print_table_head(header, argv)
     for r in rows:
         print(
             f"| {r['basis']} | {r['shape']} | {r['bits']} | {r['ratio']:.2f} | {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} | "
+            f"{r['baseline_encode_mb_s']:.0f} | {r['baseline_decode_mb_s']:.0f} | "
             f"{r['numpy_encode_mb_s']:.1f} | {r['numpy_decode_mb_s']:.1f} | {r['memcpy_mb_s']:.0f} | "
             f"{r['encode_speedup_vs_numpy']:.1f} | {r['decode_speedup_vs_numpy']:.1f} |"
         )
@@ -124,7 +141,11 @@ def main(argv=None) -> int:
             verdict = "meets" if worst[basis][key] >= target else "MISSES"
             print(f"basis {basis}: worst {key}: {worst[basis][key]:.1f} ({verdict} target {target:g})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "worst": worst, "targets": TARGETS}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"rows": rows, "worst": worst, "targets": TARGETS, "simd": kp.simd_level()}, indent=2
+            )
+        )
     return 0
 
 

@@ -435,6 +435,27 @@ def test_output_is_identical_for_any_thread_count():
     assert kp.encode(x, kp.CodecConfig(seed=1)).to_bytes() != kp.encode(x, kp.CodecConfig(seed=2)).to_bytes()
 
 
+def test_output_is_identical_on_the_baseline_instruction_set():
+    assert kp.simd_level() in ("avx2", "baseline")
+    x = gaussian((1500, 3, 64), seed=8)
+    configs = [
+        kp.CodecConfig(bits=3, outlier_threshold=3.0),
+        kp.CodecConfig(bits=4, basis="none", share_basis=True),
+        kp.CodecConfig(bits=5, basis="none", uniform_step=0.3376, entropy_coding=True),
+    ]
+    wide = [kp.encode(x, c) for c in configs]
+    kp.set_simd(False)
+    try:
+        assert kp.simd_level() == "baseline"
+        base = [kp.encode(x, c) for c in configs]
+        base_values = [kp.decode(e) for e in wide]
+    finally:
+        kp.set_simd(True)
+    for w, b, bv in zip(wide, base, base_values, strict=True):
+        assert w.to_bytes() == b.to_bytes()
+        np.testing.assert_array_equal(kp.decode(w), bv)
+
+
 def test_gil_is_released_during_encode():
     x = gaussian((16384, 4, 128), seed=6)
     cfg = kp.CodecConfig(bits=4, block_size=1024)

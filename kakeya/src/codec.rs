@@ -415,7 +415,7 @@ fn rotate_rows(
             break;
         }
         hadamard::rotate(row, &signs);
-        let power: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let power = crate::simd::sum_squares(row);
         scales[i] = (power / padded as f64).sqrt() as f32;
         block_power += power;
     }
@@ -454,15 +454,20 @@ pub fn encode(
     header.preconditioner = l_hat.is_some();
     let per_head = header.blocks_per_head;
 
-    let head_rows: Vec<Vec<f32>> = map_jobs(threads, heads, #[inline(always)] |h| {
-        let rows = input.head_rows(h);
-        match &l_hat {
-            Some(l) => right_multiply(&rows, dim, &l[h]),
-            None => rows,
-        }
-    });
+    let head_rows: Vec<Vec<f32>> = map_jobs(
+        threads,
+        heads,
+        #[inline(always)]
+        |h| {
+            let rows = input.head_rows(h);
+            match &l_hat {
+                Some(l) => right_multiply(&rows, dim, &l[h]),
+                None => rows,
+            }
+        },
+    );
     let shared: Vec<Skeleton> = if config.share_basis && tokens > 0 {
-        map_jobs(threads, heads, #[inline(always)] |h| {
+        map_jobs(threads, heads, |h| {
             pca::fit(&head_rows[h], dim, config, h, SHARED_BLOCK_KEY)
         })
         .into_iter()
@@ -478,35 +483,40 @@ pub fn encode(
         (h, b, &head_rows[h][start * dim..end * dim])
     };
     let variance = config.allocation == Allocation::Variance;
-    let mut rotated: Vec<RotatedBlock> = map_jobs(threads, heads * per_head, #[inline(always)] |job| {
-        let (h, b, rows) = block_rows(job);
-        let n = rows.len() / dim;
-        let own = if config.share_basis {
-            None
-        } else {
-            Some(pca::fit(rows, dim, config, h, b as u64)?)
-        };
-        let sk = own.as_ref().unwrap_or_else(|| &shared[h]);
-        let rank = sk.rank;
-        let coef = pca::coefficients(rows, dim, sk);
-        let (rotated, scales) = if variance {
-            (coef, Vec::new())
-        } else {
-            rotate_rows(
-                coef,
-                n,
+    let mut rotated: Vec<RotatedBlock> = map_jobs(
+        threads,
+        heads * per_head,
+        #[inline(always)]
+        |job| {
+            let (h, b, rows) = block_rows(job);
+            let n = rows.len() / dim;
+            let own = if config.share_basis {
+                None
+            } else {
+                Some(pca::fit(rows, dim, config, h, b as u64)?)
+            };
+            let sk = own.as_ref().unwrap_or_else(|| &shared[h]);
+            let rank = sk.rank;
+            let coef = pca::coefficients(rows, dim, sk);
+            let (rotated, scales) = if variance {
+                (coef, Vec::new())
+            } else {
+                rotate_rows(
+                    coef,
+                    n,
+                    rank,
+                    config.seed,
+                    config.scale_granularity == ScaleGranularity::Block,
+                )
+            };
+            Ok(RotatedBlock {
+                own_skeleton: own,
                 rank,
-                config.seed,
-                config.scale_granularity == ScaleGranularity::Block,
-            )
-        };
-        Ok(RotatedBlock {
-            own_skeleton: own,
-            rank,
-            rotated,
-            scales,
-        })
-    })
+                rotated,
+                scales,
+            })
+        },
+    )
     .into_iter()
     .collect::<Result<_>>()?;
 
@@ -515,7 +525,7 @@ pub fn encode(
     let allocs: Vec<BitAllocation> = if !variance {
         Vec::new()
     } else if config.share_basis {
-        map_jobs(threads, shared.len(), #[inline(always)] |h| {
+        map_jobs(threads, shared.len(), |h| {
             let coefs: Vec<&[f32]> = rotated[h * per_head..(h + 1) * per_head]
                 .iter()
                 .map(|b| &b.rotated[..])
@@ -523,7 +533,7 @@ pub fn encode(
             allocation_of(&coefs, shared[h].rank, config.bits)
         })
     } else {
-        map_jobs(threads, rotated.len(), #[inline(always)] |job| {
+        map_jobs(threads, rotated.len(), |job| {
             allocation_of(&[&rotated[job].rotated], rotated[job].rank, config.bits)
         })
     };
@@ -535,9 +545,12 @@ pub fn encode(
         }
     };
     if variance {
-        let scales: Vec<Vec<f32>> = map_jobs(threads, rotated.len(), #[inline(always)] |job| {
-            variance_scales(&rotated[job].rotated, &allocs[alloc_index(job)])
-        });
+        let scales: Vec<Vec<f32>> = map_jobs(
+            threads,
+            rotated.len(),
+            #[inline(always)]
+            |job| variance_scales(&rotated[job].rotated, &allocs[alloc_index(job)]),
+        );
         for (block, s) in rotated.iter_mut().zip(scales) {
             block.scales = s;
         }
@@ -563,20 +576,28 @@ pub fn encode(
         .collect();
     let records: Vec<Vec<u8>> = if variance {
         let quantizers = width_quantizers();
-        map_jobs(threads, rotated.len(), #[inline(always)] |job| {
-            quantize_block_variance(
-                &rotated[job],
-                config,
-                scale_dtype,
-                &allocs[alloc_index(job)],
-                &quantizers,
-            )
-        })
+        map_jobs(
+            threads,
+            rotated.len(),
+            #[inline(always)]
+            |job| {
+                quantize_block_variance(
+                    &rotated[job],
+                    config,
+                    scale_dtype,
+                    &allocs[alloc_index(job)],
+                    &quantizers,
+                )
+            },
+        )
     } else {
         let quantizer = quantizer_for(config);
-        map_jobs(threads, rotated.len(), #[inline(always)] |job| {
-            quantize_block(&rotated[job], config, scale_dtype, &quantizer)
-        })
+        map_jobs(
+            threads,
+            rotated.len(),
+            #[inline(always)]
+            |job| quantize_block(&rotated[job], config, scale_dtype, &quantizer),
+        )
     };
 
     let mut body = Writer::default();
@@ -1203,7 +1224,7 @@ impl Encoded {
         let per_head = self.header.blocks_per_head;
         let body = &self.bytes[self.body_start..self.bytes.len() - 4];
         let records: Vec<(BlockRecord<'_>, CodeValues<'_>)> =
-            map_jobs(threads, self.blocks.len(), #[inline(always)] |job| {
+            map_jobs(threads, self.blocks.len(), |job| {
                 let (h, b) = (job / per_head, job % per_head);
                 let start = self.blocks[job].0;
                 self.parse_block(
@@ -1224,31 +1245,37 @@ impl Encoded {
         let signs = hadamard::signs(config.seed, dim);
         let mut out = self.zeroed_output()?;
         let job_len = TOKENS_PER_JOB * heads * dim;
-        for_each_chunk_mut(threads, &mut out, job_len, #[inline(always)] |job, chunk| {
-            for (k, token_rows) in chunk.chunks_exact_mut(heads * dim).enumerate() {
-                let t = job * TOKENS_PER_JOB + k;
-                let (b, i) = (t / config.block_size, t % config.block_size);
-                for (h, row) in token_rows.chunks_exact_mut(dim).enumerate() {
-                    let (record, codes) = &records[h * per_head + b];
-                    let sk = record
-                        .own_skeleton
-                        .as_ref()
-                        .unwrap_or_else(|| &self.shared[h]);
-                    codes.lookup(config.bits, quantizer.centroids(), i * dim, row);
-                    let first = record.outliers.partition_point(|&(at, _)| at < i * dim);
-                    for &(at, v) in record.outliers[first..]
-                        .iter()
-                        .take_while(|&&(at, _)| at < (i + 1) * dim)
-                    {
-                        row[at - i * dim] = v;
+        for_each_chunk_mut(
+            threads,
+            &mut out,
+            job_len,
+            #[inline(always)]
+            |job, chunk| {
+                for (k, token_rows) in chunk.chunks_exact_mut(heads * dim).enumerate() {
+                    let t = job * TOKENS_PER_JOB + k;
+                    let (b, i) = (t / config.block_size, t % config.block_size);
+                    for (h, row) in token_rows.chunks_exact_mut(dim).enumerate() {
+                        let (record, codes) = &records[h * per_head + b];
+                        let sk = record
+                            .own_skeleton
+                            .as_ref()
+                            .unwrap_or_else(|| &self.shared[h]);
+                        codes.lookup(config.bits, quantizer.centroids(), i * dim, row);
+                        let first = record.outliers.partition_point(|&(at, _)| at < i * dim);
+                        for &(at, v) in record.outliers[first..]
+                            .iter()
+                            .take_while(|&&(at, _)| at < (i + 1) * dim)
+                        {
+                            row[at - i * dim] = v;
+                        }
+                        let s = record.scales[i];
+                        row.iter_mut().for_each(|v| *v *= s);
+                        hadamard::unrotate(row, &signs);
+                        row.iter_mut().zip(&sk.mean).for_each(|(v, m)| *v += m);
                     }
-                    let s = record.scales[i];
-                    row.iter_mut().for_each(|v| *v *= s);
-                    hadamard::unrotate(row, &signs);
-                    row.iter_mut().zip(&sk.mean).for_each(|(v, m)| *v += m);
                 }
-            }
-        });
+            },
+        );
         Ok(out)
     }
 
@@ -1270,10 +1297,14 @@ impl Encoded {
     fn decode_blocks(&self, threads: Option<usize>) -> Result<Vec<f32>> {
         let [_, heads, dim] = self.header.shape;
         let per_head = self.header.blocks_per_head;
-        let blocks: Vec<Vec<f32>> =
-            map_jobs(threads, self.blocks.len(), #[inline(always)] |job| self.decode_block(job))
-                .into_iter()
-                .collect::<Result<_>>()?;
+        let blocks: Vec<Vec<f32>> = map_jobs(
+            threads,
+            self.blocks.len(),
+            #[inline(always)]
+            |job| self.decode_block(job),
+        )
+        .into_iter()
+        .collect::<Result<_>>()?;
         let mut out = self.zeroed_output()?;
         for (job, rows) in blocks.iter().enumerate() {
             let (h, b) = (job / per_head, job % per_head);

@@ -42,7 +42,12 @@ where
     F: Fn(usize, &mut [T]) + Sync + Send,
 {
     let chunk_len = chunk_len.max(1);
-    let job = |i, c: &mut [T]| simd::dispatch(#[inline(always)] || job(i, c));
+    let job = |i, c: &mut [T]| {
+        simd::dispatch(
+            #[inline(always)]
+            || job(i, c),
+        )
+    };
     let in_order = |data: &mut [T]| {
         data.chunks_mut(chunk_len)
             .enumerate()
@@ -71,7 +76,12 @@ where
     T: Send,
     F: Fn(usize) -> T + Sync + Send,
 {
-    let job = |i| simd::dispatch(#[inline(always)] || job(i));
+    let job = |i| {
+        simd::dispatch(
+            #[inline(always)]
+            || job(i),
+        )
+    };
     let serial = SERIAL_ONLY.load(Ordering::Relaxed) || threads == Some(1) || count <= 1;
     if serial {
         return (0..count).map(job).collect();

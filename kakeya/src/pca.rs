@@ -59,10 +59,7 @@ pub fn fit(
     for row in centered32.chunks_exact_mut(dim) {
         row.iter_mut().zip(&mean).for_each(|(v, m)| *v -= m);
     }
-    let total: f64 = centered32
-        .iter()
-        .map(|&v| f64::from(v) * f64::from(v))
-        .sum();
+    let total = crate::simd::sum_squares(&centered32);
 
     let components = match config.pca {
         PcaMethod::Exact => exact_components(&centered32, n, dim)?,

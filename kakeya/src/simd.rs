@@ -58,3 +58,36 @@ pub fn dispatch<R>(f: impl FnOnce() -> R) -> R {
 unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
+
+/// `Σ v²` in f64 as eight interleaved partial sums combined pairwise: a fixed order (so
+/// the same value on every instruction set and thread count) that vectorises, unlike one
+/// running sum.
+#[inline(always)]
+pub fn sum_squares(values: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f64::from(v) * f64::from(v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(rest) {
+        *a += f64::from(v) * f64::from(v);
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sum_squares_is_exact_on_integers() {
+        for len in [0usize, 1, 7, 8, 9, 64, 100] {
+            let v: Vec<f32> = (0..len).map(|i| i as f32 - 3.0).collect();
+            let expected: f64 = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            assert_eq!(sum_squares(&v), expected, "len {len}");
+        }
+    }
+}

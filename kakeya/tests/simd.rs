@@ -94,7 +94,10 @@ fn simd_and_baseline_write_the_same_bytes() {
             let (wide_bytes, wide_values) = run(true);
             let (base_bytes, base_values) = run(false);
             simd::set_enabled(true);
-            assert!(wide_bytes == base_bytes, "{shape:?} {config:?}: bytes differ");
+            assert!(
+                wide_bytes == base_bytes,
+                "{shape:?} {config:?}: bytes differ"
+            );
             let same = wide_values
                 .iter()
                 .zip(&base_values)

@@ -18,6 +18,8 @@ from ._kakeya import (
     ShapeError,
     UnsupportedVersionError,
     gaussian_centroids,
+    set_simd,
+    simd_level,
 )
 from ._kakeya import __version__ as __version__
 from .codec import PRESETS, Encoded, decode, encode, preset, roundtrip
@@ -38,6 +40,8 @@ __all__ = [
     "UnsupportedVersionError",
     "__version__",
     "decode",
+    "set_simd",
+    "simd_level",
     "encode",
     "gaussian_centroids",
     "preset",

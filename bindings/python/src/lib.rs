@@ -637,6 +637,20 @@ fn disable_parallelism_after_fork() {
     kakeya::disable_after_fork();
 }
 
+/// The instruction set the codec's hot loops use now: ``"avx2"`` or ``"baseline"``.
+#[pyfunction]
+fn simd_level() -> &'static str {
+    kakeya::simd::level()
+}
+
+/// Lets the hot loops use AVX2 where the CPU has it (``True``, the default) or keeps them on
+/// the baseline instruction set (``False``), process-wide. The bytes are the same either way;
+/// benchmarks use it to measure the difference.
+#[pyfunction]
+fn set_simd(enabled: bool) {
+    kakeya::simd::set_enabled(enabled);
+}
+
 #[pymodule]
 fn _kakeya(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -647,6 +661,8 @@ fn _kakeya(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_array, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian_centroids, m)?)?;
     m.add_function(wrap_pyfunction!(disable_parallelism_after_fork, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add("KakeyaError", py.get_type::<KakeyaError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("ShapeError", py.get_type::<ShapeError>())?;
