@@ -5,12 +5,15 @@ use faer::{Accum, MatMut, MatRef, Par};
 
 use crate::allocation::allocate;
 use crate::bitpack;
-use crate::config::{Allocation, Basis, CodecConfig, Metric, ScaleGranularity, SkeletonDtype};
+use crate::config::{
+    Allocation, Basis, CodecConfig, Metric, ScaleFormat, ScaleGranularity, SkeletonDtype,
+};
 use crate::entropy::{self, FrequencyTable};
 use crate::error::{CodecError, Result};
 use crate::format::{self, Header, Reader, ScaleDtype, Writer, MAGIC};
 use crate::hadamard;
 use crate::lloyd_max::{gaussian_table, Quantizer, MAX_TABLE_BITS};
+use crate::log_scale;
 use crate::parallel::{for_each_chunk_mut, map_jobs};
 use crate::pca::{self, Skeleton, SHARED_BLOCK_KEY};
 use crate::tensor::{checked_numel, DType, OwnedElements, TensorView};
@@ -98,6 +101,14 @@ impl<'a> Codes<'a> {
 }
 
 impl CodeValues<'_> {
+    /// The codes one per byte (8-bit codes: packed bytes are the codes).
+    fn symbols(&self) -> &[u8] {
+        match self {
+            Self::Packed(bytes) => bytes,
+            Self::Symbols(symbols) => symbols,
+        }
+    }
+
     /// Codes `[first, first + out.len())` looked up in `values` (the quantizer's table);
     /// packed codes must start on a byte (`first · bits` a multiple of 8).
     #[inline(always)]
@@ -247,6 +258,8 @@ fn round_scale(s: f32, dtype: ScaleDtype) -> f32 {
     match dtype {
         ScaleDtype::F16 => half::f16::from_f32(s).to_f32(),
         ScaleDtype::F32 => s,
+        // The nearest level (block records round their scales together instead).
+        ScaleDtype::Log8 => log_scale::quantize(&[s]).values[0],
     }
 }
 
@@ -557,7 +570,9 @@ pub fn encode(
     }
 
     let fits_f16 = |s: &f32| *s == 0.0 || (F16_MIN_NORMAL..=F16_MAX).contains(s);
-    if !(rotated.iter().all(|b| b.scales.iter().all(fits_f16))
+    if config.scale_format == ScaleFormat::Log8 {
+        header.scale_dtype = ScaleDtype::Log8;
+    } else if !(rotated.iter().all(|b| b.scales.iter().all(fits_f16))
         && allocs.iter().all(|a| a.sigma.iter().all(fits_f16)))
     {
         header.scale_dtype = ScaleDtype::F32;
@@ -666,10 +681,10 @@ fn quantize_block(
     let n = block.scales.len();
     let scales = if config.scale_granularity == ScaleGranularity::Block {
         // n ≥ 1: a block record always has rows.
-        let s = write_rounded_scales(&mut w, &block.scales[..1], scale_dtype)[0];
+        let s = write_rounded_scales(&mut w, &block.scales[..1], scale_dtype, config)[0];
         vec![s; n]
     } else {
-        write_rounded_scales(&mut w, &block.scales, scale_dtype)
+        write_rounded_scales(&mut w, &block.scales, scale_dtype, config)
     };
     let mut codes = vec![0u8; n * padded];
     let mut outliers: Vec<(usize, f32)> = Vec::new();
@@ -692,20 +707,21 @@ fn quantize_block(
             }
         }
     }
-    write_codes(&mut w, &codes, config);
+    write_codes(&mut w, &codes, config.bits, config.entropy_coding);
     if config.outlier_threshold.is_some() {
         write_outliers(&mut w, &outliers, n, padded);
     }
     w.buf
 }
 
-/// The code section: bit-packed, or with `entropy_coding` a mode byte and then whichever of
-/// the packed codes and the rANS form (frequency table, `u32` length, the lanes) is shorter.
+/// A code section of `bits`-bit symbols: bit-packed, or with `entropy` a mode byte and then
+/// whichever of the packed codes and the rANS form (frequency table, `u32` length, the
+/// lanes) is shorter.
 #[inline(always)]
-fn write_codes(w: &mut Writer, codes: &[u8], config: &CodecConfig) {
-    let packed_len = bitpack::packed_len(codes.len(), config.bits);
-    if config.entropy_coding {
-        let table = FrequencyTable::fit(codes, 1 << config.bits);
+fn write_codes(w: &mut Writer, codes: &[u8], bits: u8, entropy: bool) {
+    let packed_len = bitpack::packed_len(codes.len(), bits);
+    if entropy {
+        let table = FrequencyTable::fit(codes, 1 << bits);
         let stream = entropy::encode(codes, &table);
         if table.serialized_len() + 4 + stream.len() < packed_len {
             w.buf.push(CODES_RANS);
@@ -718,13 +734,52 @@ fn write_codes(w: &mut Writer, codes: &[u8], config: &CodecConfig) {
     }
     let start = w.buf.len();
     w.buf.resize(start + packed_len, 0);
-    bitpack::pack(codes, config.bits, &mut w.buf[start..]);
+    bitpack::pack(codes, bits, &mut w.buf[start..]);
+}
+
+/// Reads a code section written by [`write_codes`] (`packed_len` bytes when packed).
+fn read_codes<'a>(
+    r: &mut Reader<'a>,
+    packed_len: usize,
+    bits: u8,
+    entropy: bool,
+) -> Result<Codes<'a>> {
+    if !entropy {
+        return Ok(Codes::Packed(r.take(packed_len, "codes")?));
+    }
+    match r.take(1, "code mode")?[0] {
+        CODES_PACKED => Ok(Codes::Packed(r.take(packed_len, "codes")?)),
+        CODES_RANS => {
+            let table = FrequencyTable::read(r, 1 << bits)?;
+            let len = r.u32("code stream length")? as usize;
+            Ok(Codes::Entropy {
+                table,
+                stream: r.take(len, "code stream")?,
+            })
+        }
+        mode => Err(CodecError::Corrupt(format!(
+            "code mode {mode}, expected {CODES_PACKED} (packed) or {CODES_RANS} (rANS)"
+        ))),
+    }
 }
 
 /// Rounds the scales to their storage type, writes them and returns the rounded values
-/// (the ones decode will use, so quantization divides by them).
+/// (the ones decode will use, so quantization divides by them). Log scales: the `i32` base
+/// level, then the bytes as a code section of 8-bit symbols (rANS-coded with
+/// `entropy_coding`).
 #[inline(always)]
-fn write_rounded_scales(w: &mut Writer, scales: &[f32], dtype: ScaleDtype) -> Vec<f32> {
+fn write_rounded_scales(
+    w: &mut Writer,
+    scales: &[f32],
+    dtype: ScaleDtype,
+    config: &CodecConfig,
+) -> Vec<f32> {
+    if dtype == ScaleDtype::Log8 {
+        let log = log_scale::quantize(scales);
+        w.u32(log.base as u32);
+        write_codes(w, &log.bytes, 8, config.entropy_coding);
+        return log.values;
+    }
     let rounded: Vec<f32> = scales.iter().map(|&s| round_scale(s, dtype)).collect();
     w.scales(&rounded, dtype);
     rounded
@@ -770,7 +825,7 @@ fn quantize_block_variance(
         return w.buf;
     }
     let n = block.scales.len();
-    let scales = write_rounded_scales(&mut w, &block.scales, scale_dtype);
+    let scales = write_rounded_scales(&mut w, &block.scales, scale_dtype, config);
     let mut codes = vec![0u8; n * rank];
     let mut outliers: Vec<(usize, f32)> = Vec::new();
     for (t, (row, &s)) in block.rotated.chunks_exact(rank).zip(&scales).enumerate() {
@@ -1051,43 +1106,30 @@ impl Encoded {
         if width == 0 {
             return Ok((record, r.position()));
         }
-        let scale_size = scale_dtype.size();
         let stored = if config.scale_granularity == ScaleGranularity::Block {
             1
         } else {
             n
         };
-        record.scales = format::read_floats(
-            r.take_array(stored, scale_size, "scales")?,
-            scale_size,
-            "scales",
-        )?;
+        record.scales = if scale_dtype == ScaleDtype::Log8 {
+            let base = r.u32("log scale base")? as i32;
+            let symbols = read_codes(&mut r, stored, 8, config.entropy_coding)?.values(stored)?;
+            log_scale::dequantize(base, symbols.symbols())?
+        } else {
+            let scale_size = scale_dtype.size();
+            format::read_floats(
+                r.take_array(stored, scale_size, "scales")?,
+                scale_size,
+                "scales",
+            )?
+        };
         if stored < n {
             record.scales = vec![record.scales[0]; n];
         }
         if let Some(bad) = record.scales.iter().find(|&&s| s < 0.0) {
             return Err(CodecError::Corrupt(format!("negative scale {bad}")));
         }
-        record.codes = if !config.entropy_coding {
-            Codes::Packed(r.take(code_bytes, "codes")?)
-        } else {
-            match r.take(1, "code mode")?[0] {
-                CODES_PACKED => Codes::Packed(r.take(code_bytes, "codes")?),
-                CODES_RANS => {
-                    let table = FrequencyTable::read(&mut r, 1 << config.bits)?;
-                    let len = r.u32("code stream length")? as usize;
-                    Codes::Entropy {
-                        table,
-                        stream: r.take(len, "code stream")?,
-                    }
-                }
-                mode => {
-                    return Err(CodecError::Corrupt(format!(
-                        "code mode {mode}, expected {CODES_PACKED} (packed) or {CODES_RANS} (rANS)"
-                    )))
-                }
-            }
-        };
+        record.codes = read_codes(&mut r, code_bytes, config.bits, config.entropy_coding)?;
         if config.outlier_threshold.is_some() {
             let padded = width;
             let seg_rows = segment_rows(padded);

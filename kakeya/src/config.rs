@@ -116,6 +116,26 @@ impl ScaleGranularity {
     }
 }
 
+/// How the scales are stored (allocation "uniform").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleFormat {
+    /// IEEE half, or single where a scale falls outside the half range.
+    #[default]
+    Float,
+    /// One byte per scale on a grid of 1/16 octave below the block's largest scale, the
+    /// bytes rANS-coded with `entropy_coding` (format version 5). Quantization divides by
+    /// the rounded scale, so the coarser scale costs rate, not error.
+    Log8,
+}
+
+impl ScaleFormat {
+    /// Whether this is the default (float), omitted from the JSON form.
+    pub fn is_float(&self) -> bool {
+        *self == Self::Float
+    }
+}
+
 /// Every parameter of the codec (docs/codec.md, "Configuration").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -169,6 +189,9 @@ pub struct CodecConfig {
     /// One scale per vector or per block. Omitted from the JSON form when per vector.
     #[serde(skip_serializing_if = "ScaleGranularity::is_vector")]
     pub scale_granularity: ScaleGranularity,
+    /// Storage of the scales. Omitted from the JSON form when float.
+    #[serde(skip_serializing_if = "ScaleFormat::is_float")]
+    pub scale_format: ScaleFormat,
 }
 
 impl Default for CodecConfig {
@@ -194,6 +217,7 @@ impl Default for CodecConfig {
             uniform_step: None,
             entropy_coding: false,
             scale_granularity: ScaleGranularity::Vector,
+            scale_format: ScaleFormat::Float,
         }
     }
 }
@@ -296,6 +320,12 @@ impl CodecConfig {
                 "\"block\" applies to allocation=\"uniform\" only",
             ));
         }
+        if self.scale_format == ScaleFormat::Log8 && self.allocation == Allocation::Variance {
+            return Err(invalid(
+                "scale_format",
+                "\"log8\" applies to allocation=\"uniform\" only",
+            ));
+        }
         if self.basis == Basis::None {
             let reduced = if self.rank.is_some() {
                 Some("rank")
@@ -380,10 +410,17 @@ mod tests {
         assert_eq!(CodecConfig::from_json(&e.to_json()).unwrap(), e);
         let b = CodecConfig {
             scale_granularity: ScaleGranularity::Block,
-            ..e
+            ..e.clone()
         };
         assert!(b.to_json().ends_with(r#","scale_granularity":"block"}"#));
         assert_eq!(CodecConfig::from_json(&b.to_json()).unwrap(), b);
+        assert!(!b.to_json().contains("scale_format"));
+        let l = CodecConfig {
+            scale_format: ScaleFormat::Log8,
+            ..e
+        };
+        assert!(l.to_json().ends_with(r#","scale_format":"log8"}"#));
+        assert_eq!(CodecConfig::from_json(&l.to_json()).unwrap(), l);
     }
 
     #[test]
@@ -504,6 +541,14 @@ mod tests {
                 "scale_granularity",
                 CodecConfig {
                     scale_granularity: ScaleGranularity::Block,
+                    allocation: Allocation::Variance,
+                    ..Default::default()
+                },
+            ),
+            (
+                "scale_format",
+                CodecConfig {
+                    scale_format: ScaleFormat::Log8,
                     allocation: Allocation::Variance,
                     ..Default::default()
                 },

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Allocation, Basis, CodecConfig, ScaleGranularity, SkeletonDtype};
+use crate::config::{Allocation, Basis, CodecConfig, ScaleFormat, ScaleGranularity, SkeletonDtype};
 use crate::error::{CodecError, Result};
 use crate::tensor::DType;
 
@@ -14,12 +14,16 @@ pub const MAGIC: &[u8; 6] = b"KAKEYA";
 /// `basis = "none"` (skeletons without basis values), 4 for `uniform_step`,
 /// `entropy_coding` (a code-section mode byte in every block record) or
 /// `scale_granularity = "block"` (one scale per block record).
-pub const FORMAT_VERSION: u16 = 4;
+/// Version 5 adds `scale_format = "log8"` (one byte per scale and a base per record).
+pub const FORMAT_VERSION: u16 = 5;
 /// The oldest format version this library reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 
 /// The version an encoding with `config` is written with.
 pub fn version_for(config: &CodecConfig) -> u16 {
+    if config.scale_format == ScaleFormat::Log8 {
+        return 5;
+    }
     if config.entropy_coding
         || config.uniform_step.is_some()
         || config.scale_granularity == ScaleGranularity::Block
@@ -45,6 +49,9 @@ pub enum ScaleDtype {
     F16,
     /// IEEE single.
     F32,
+    /// `scale_format = "log8"`: an `i32` base per record, then one byte per scale
+    /// ([`crate::log_scale`]).
+    Log8,
 }
 
 impl ScaleDtype {
@@ -53,6 +60,7 @@ impl ScaleDtype {
         match self {
             Self::F16 => 2,
             Self::F32 => 4,
+            Self::Log8 => 1,
         }
     }
 }
@@ -119,6 +127,7 @@ impl Writer {
             match dtype {
                 ScaleDtype::F16 => self.f16(v),
                 ScaleDtype::F32 => self.buf.extend_from_slice(&v.to_le_bytes()),
+                ScaleDtype::Log8 => unreachable!("log8 scales are written as levels"),
             }
         }
     }
@@ -260,14 +269,22 @@ pub fn split(bytes: &[u8]) -> Result<(Header, &[u8], usize)> {
     header.version = version;
     if version < version_for(&header.config) {
         return Err(CodecError::Corrupt(format!(
-            "allocation {:?}, basis {:?}, uniform_step {:?}, entropy_coding {} and \
-             scale_granularity {:?} need format version {}, the bytes say {version}",
+            "allocation {:?}, basis {:?}, uniform_step {:?}, entropy_coding {}, \
+             scale_granularity {:?} and scale_format {:?} need format version {}, the bytes say {version}",
             header.config.allocation,
             header.config.basis,
             header.config.uniform_step,
             header.config.entropy_coding,
             header.config.scale_granularity,
+            header.config.scale_format,
             version_for(&header.config)
+        )));
+    }
+    if (header.scale_dtype == ScaleDtype::Log8) != (header.config.scale_format == ScaleFormat::Log8)
+    {
+        return Err(CodecError::Corrupt(format!(
+            "scale_dtype {:?} does not match scale_format {:?}",
+            header.scale_dtype, header.config.scale_format
         )));
     }
     Ok((header, &bytes[body_start..crc_at], body_start))

@@ -28,6 +28,7 @@ mod error;
 pub mod format;
 pub mod hadamard;
 pub mod lloyd_max;
+pub mod log_scale;
 mod parallel;
 pub mod pca;
 pub mod rng;
@@ -36,7 +37,7 @@ pub mod tensor;
 
 pub use codec::{encode, Encoded};
 pub use config::{
-    Allocation, Basis, CodecConfig, Metric, PcaMethod, ScaleGranularity, SkeletonDtype,
+    Allocation, Basis, CodecConfig, Metric, PcaMethod, ScaleFormat, ScaleGranularity, SkeletonDtype,
 };
 pub use error::{CodecError, Result};
 pub use format::{ScaleDtype, FORMAT_VERSION, MIN_FORMAT_VERSION};

@@ -5,7 +5,7 @@ use kakeya::lloyd_max::{gaussian_lloyd_max, gaussian_mse};
 use kakeya::rng::SplitMix64;
 use kakeya::{
     encode, Allocation, Basis, CodecConfig, CodecError, DType, Elements, Encoded, Metric,
-    OwnedElements, PcaMethod, ScaleGranularity, TensorView,
+    OwnedElements, PcaMethod, ScaleFormat, ScaleGranularity, TensorView,
 };
 use proptest::prelude::*;
 
@@ -462,7 +462,7 @@ fn format_versions_follow_the_allocation() {
     };
     let variance = encode(view, &config, None, None).unwrap();
     assert_eq!(&variance.as_bytes()[6..8], &[2, 0]);
-    assert_eq!(kakeya::FORMAT_VERSION, 4);
+    assert_eq!(kakeya::FORMAT_VERSION, 5);
     assert!(variance
         .header_json()
         .contains(r#""allocation":"variance""#));
@@ -480,12 +480,12 @@ fn format_versions_follow_the_allocation() {
         .unwrap()
         .decode(None);
     assert_eq!(y.unwrap(), uniform.decode(None).unwrap());
-    for bad in [0u8, 5] {
+    for bad in [0u8, 6] {
         let mut unknown = variance.as_bytes().to_vec();
         unknown[6] = bad;
         assert!(matches!(
             Encoded::from_bytes(with_fixed_crc(unknown)),
-            Err(CodecError::UnsupportedVersion { found, supported: 4 }) if found == u16::from(bad)
+            Err(CodecError::UnsupportedVersion { found, supported: 5 }) if found == u16::from(bad)
         ));
     }
     // basis "none" is version 3; an older version cannot hold it.
@@ -526,6 +526,36 @@ fn format_versions_follow_the_allocation() {
             ));
         }
     }
+    // scale_format "log8" is version 5, and its header must say log8 scales.
+    let config = CodecConfig {
+        scale_format: ScaleFormat::Log8,
+        ..Default::default()
+    };
+    let log8 = encode(view, &config, None, None).unwrap();
+    assert_eq!(&log8.as_bytes()[6..8], &[5, 0]);
+    let mut relabelled = log8.as_bytes().to_vec();
+    relabelled[6] = 4;
+    assert!(matches!(
+        Encoded::from_bytes(with_fixed_crc(relabelled)),
+        Err(CodecError::Corrupt(_))
+    ));
+    let header = log8.header_json();
+    let float_dtype = header.replace(r#""scale_dtype":"log8""#, r#""scale_dtype":"f32""#);
+    assert_ne!(header, float_dtype);
+    let mut bytes = log8.as_bytes().to_vec();
+    let at = bytes
+        .windows(header.len())
+        .position(|w| w == header.as_bytes())
+        .unwrap();
+    // Same length ("log8" and "f32" differ by one byte): pad the JSON with a space.
+    bytes.splice(
+        at..at + header.len(),
+        format!("{float_dtype} ").into_bytes(),
+    );
+    assert!(matches!(
+        Encoded::from_bytes(with_fixed_crc(bytes)),
+        Err(CodecError::Corrupt(m)) if m.contains("scale_format")
+    ));
 }
 
 #[test]
@@ -650,6 +680,56 @@ fn block_scale_stores_one_scale_and_spends_bits_where_the_norm_is() {
     let (_, b) = roundtrip(&x, shape, &packed(ScaleGranularity::Block), None);
     let header_growth = r#","scale_granularity":"block""#.len();
     assert_eq!(a.nbytes() + header_growth - b.nbytes(), 2 * 2 * 2 * 511);
+}
+
+#[test]
+fn log_scales_take_one_byte_and_entropy_coding_takes_less() {
+    let shape = [1024usize, 2, 64];
+    // Vector norms spread over a few octaves, as in real K/V.
+    let x: Vec<f32> = gaussian(shape.iter().product(), 41)
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v * (1.0 + ((i / 64) % 7) as f32))
+        .collect();
+    let base = CodecConfig {
+        bits: 4,
+        basis: Basis::None,
+        block_size: 1024,
+        ..Default::default()
+    };
+    let log8 = CodecConfig {
+        scale_format: ScaleFormat::Log8,
+        ..base.clone()
+    };
+    let (y_float, float_enc) = roundtrip(&x, shape, &base, None);
+    let (y_log, log_enc) = roundtrip(&x, shape, &log8, None);
+    assert_eq!(&log_enc.as_bytes()[6..8], &[5, 0]);
+    assert!(log_enc.header_json().contains(r#""scale_dtype":"log8""#));
+    // Two blocks: 1024 bytes fewer each, less a 4-byte base, plus the longer header.
+    let header_growth = r#","scale_format":"log8""#.len() + "log8".len() - "f16".len();
+    assert_eq!(
+        float_enc.nbytes() - log_enc.nbytes(),
+        2 * (1024 - 4) - header_growth
+    );
+    let (e_float, e_log) = (
+        relative_error(&x, &y_float, shape, None),
+        relative_error(&x, &y_log, shape, None),
+    );
+    assert!(e_log <= 1.05 * e_float, "log8 {e_log} vs float {e_float}");
+    let coded = |c: &CodecConfig| CodecConfig {
+        entropy_coding: true,
+        ..c.clone()
+    };
+    let (y_coded, coded_log) = roundtrip(&x, shape, &coded(&log8), None);
+    assert_eq!(y_coded, y_log, "entropy coding is lossless");
+    let (_, coded_float) = roundtrip(&x, shape, &coded(&base), None);
+    let saved = coded_float.nbytes() - coded_log.nbytes();
+    // Packed log scales save 2 × 1020 bytes; rANS-coded ones (7 norms a block, each
+    // spread over a few levels) more.
+    assert!(
+        saved > 2 * 1100,
+        "entropy-coded log scales saved only {saved} bytes"
+    );
 }
 
 #[test]
@@ -793,7 +873,7 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
         any::<bool>(),
         any::<bool>(),
         proptest::option::of(0.05f32..1.5),
-        any::<bool>(),
+        0u8..4,
     )
         .prop_map(
             |(
@@ -808,9 +888,10 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
                 no_basis,
                 entropy_coding,
                 uniform_step,
-                block_scale,
+                scale_choice,
             )| {
                 let variance = variance && !no_basis;
+                let (block_scale, log8) = (scale_choice & 1 != 0, scale_choice & 2 != 0);
                 CodecConfig {
                     bits,
                     block_size,
@@ -842,6 +923,11 @@ fn small_config() -> impl Strategy<Value = CodecConfig> {
                         ScaleGranularity::Block
                     } else {
                         ScaleGranularity::Vector
+                    },
+                    scale_format: if log8 && !variance {
+                        ScaleFormat::Log8
+                    } else {
+                        ScaleFormat::Float
                     },
                     ..Default::default()
                 }
@@ -887,7 +973,7 @@ proptest! {
     /// Full-rank Gaussian data at a realistic head dim: every bit width within 1.3× (+
     /// rounding slack) of the Lloyd–Max MSE, for both metrics and with outliers on or off.
     #[test]
-    fn error_bound_full_rank(bits in 1u8..=4, inner in any::<bool>(), share_basis in any::<bool>(), outliers in any::<bool>(), no_basis in any::<bool>(), seed in any::<u64>()) {
+    fn error_bound_full_rank(bits in 1u8..=4, inner in any::<bool>(), share_basis in any::<bool>(), outliers in any::<bool>(), no_basis in any::<bool>(), log8 in any::<bool>(), seed in any::<u64>()) {
         let shape = [256, 2, 64];
         let x = gaussian(shape.iter().product(), seed);
         let l = random_lower(2, 64, seed ^ 3);
@@ -898,6 +984,7 @@ proptest! {
             outlier_threshold: outliers.then_some(3.0),
             skeleton_dtype: kakeya::SkeletonDtype::F32,
             basis: if no_basis { Basis::None } else { Basis::Pca },
+            scale_format: if log8 { ScaleFormat::Log8 } else { ScaleFormat::Float },
             ..Default::default()
         };
         let (y, _) = roundtrip(&x, shape, &config, l);

@@ -4,7 +4,8 @@
 
 use kakeya::rng::SplitMix64;
 use kakeya::{
-    encode, simd, Allocation, Basis, CodecConfig, Elements, Metric, PcaMethod, TensorView,
+    encode, simd, Allocation, Basis, CodecConfig, Elements, Metric, PcaMethod, ScaleFormat,
+    TensorView,
 };
 
 /// Heavy-tailed values with a per-channel offset, so outliers and means matter.
@@ -63,6 +64,7 @@ fn configs() -> Vec<CodecConfig> {
         uniform_step: Some(0.3376),
         entropy_coding: true,
         outlier_threshold: Some(4.5),
+        scale_format: ScaleFormat::Log8,
         ..Default::default()
     });
     out.push(CodecConfig {
