@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"KAKEYA"
-VERSION = 4  # newest version written and read
+VERSION = 5  # newest version written and read
 MIN_VERSION = 1  # oldest version read
 MAX_TABLE_BITS = 8
 LIBRARY = "kakeya-reference"
@@ -69,9 +69,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "uniform_step": None,
     "entropy_coding": False,
     "scale_granularity": "vector",
+    "scale_format": "float",
 }
 # Config fields newer than version 1: a header omits them when they hold their default.
-NEWER_FIELDS = ("allocation", "basis", "uniform_step", "entropy_coding", "scale_granularity")
+NEWER_FIELDS = ("allocation", "basis", "uniform_step", "entropy_coding", "scale_granularity", "scale_format")
 
 _NP_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
 _OUTLIER_DTYPE = np.dtype([("index", "<u2"), ("value", "<f2")])
@@ -167,6 +168,10 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         raise bad("scale_granularity", "'vector' or 'block'")
     if c["scale_granularity"] == "block" and c["allocation"] == "variance":
         raise bad("scale_granularity", "'vector' with allocation 'variance'")
+    if c["scale_format"] not in ("float", "log8"):
+        raise bad("scale_format", "'float' or 'log8'")
+    if c["scale_format"] == "log8" and c["allocation"] == "variance":
+        raise bad("scale_format", "'float' with allocation 'variance'")
 
     return {
         "bits": int(c["bits"]),
@@ -189,11 +194,14 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
         "uniform_step": None if step is None else float(step),
         "entropy_coding": bool(c["entropy_coding"]),
         "scale_granularity": c["scale_granularity"],
+        "scale_format": c["scale_format"],
     }
 
 
 def version_for(config: dict[str, Any]) -> int:
     """The format version an encoding is written with: the lowest that can express it."""
+    if config["scale_format"] == "log8":
+        return 5
     if (
         config["entropy_coding"]
         or config["uniform_step"] is not None
@@ -830,6 +838,49 @@ def _read_code_section(br: _Reader, count: int, bits: int, entropy_coding: bool)
     return codes, br.pos - start
 
 
+# ------------------------------------------------------------------------- log scales
+
+LOG_PER_OCTAVE = 16
+LOG_TOP = 254  # largest byte: levels base .. base + 253
+LOG_LOWEST = -126 * LOG_PER_OCTAVE  # levels whose values are normal f32
+LOG_HIGHEST = 128 * LOG_PER_OCTAVE - 1
+# SPEC CHOICE: 2^(j/16) rounded to f32; a level's value is that times 2^(k div 16), exactly.
+_LOG_FRACTIONS = (2.0 ** (np.arange(LOG_PER_OCTAVE) / LOG_PER_OCTAVE)).astype(np.float32)
+
+
+def _log_level_values(k: np.ndarray) -> np.ndarray:
+    k = np.asarray(k, dtype=np.int64)
+    return np.ldexp(_LOG_FRACTIONS[k % LOG_PER_OCTAVE], (k // LOG_PER_OCTAVE).astype(np.int32)).astype(np.float32)
+
+
+def log_scales(s: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """`scale_format = "log8"`: the base level, the bytes (0 = zero scale, c = level base + c − 1)
+    and the values of scales `s` (>= 0): level `round_half_even(16 log2 s)`, kept to the normal
+    range and to 254 levels below the largest."""
+    s = np.asarray(s, dtype=np.float32)
+    live = s > 0
+    levels = np.zeros(s.shape, dtype=np.int64)
+    with np.errstate(divide="ignore"):
+        levels[live] = np.rint(LOG_PER_OCTAVE * np.log2(s[live].astype(np.float64))).astype(np.int64)
+    levels = np.clip(levels, LOG_LOWEST, LOG_HIGHEST)
+    if not live.any():
+        return 0, np.zeros(s.shape, dtype=np.uint8), np.zeros(s.shape, dtype=np.float32)
+    base = max(int(levels[live].max()) - LOG_TOP, LOG_LOWEST)
+    levels = np.maximum(levels, base)
+    codes = np.where(live, levels - base + 1, 0).astype(np.uint8)
+    return base, codes, np.where(live, _log_level_values(levels), 0).astype(np.float32)
+
+
+def log_scale_values(base: int, codes: np.ndarray) -> np.ndarray:
+    """The scales of log-scale `codes` above level `base` (ValueError outside the normal range)."""
+    if not LOG_LOWEST <= base <= LOG_HIGHEST:
+        raise ValueError(f"log scale base {base} outside [{LOG_LOWEST}, {LOG_HIGHEST}]")
+    levels = base + codes.astype(np.int64) - 1
+    if np.any((codes > 0) & (levels > LOG_HIGHEST)):
+        raise ValueError(f"log scale level above {LOG_HIGHEST}")
+    return np.where(codes > 0, _log_level_values(np.maximum(levels, LOG_LOWEST)), 0).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------- encoder
 
 
@@ -948,6 +999,8 @@ def encode(
     all_s = np.concatenate([b.s for row in blocks for b in row]) if nblocks else np.zeros(0)
     nz = all_s[all_s != 0]
     scale_dtype = "f32" if np.any((nz < F16_SCALE_MIN) | (nz > F16_SCALE_MAX)) else "f16"
+    if cfg["scale_format"] == "log8":
+        scale_dtype = "log8"
     header["scale_dtype"] = scale_dtype
 
     # Pass 2: quantize and serialize records.
@@ -960,14 +1013,20 @@ def encode(
     for row in blocks:
         recs = []
         for b in row:
-            s_hat = _round_to(b.s, scale_dtype)
+            block_scale = cfg["scale_granularity"] == "block"
+            if scale_dtype == "log8":
+                base, scale_bytes, s_hat = log_scales(b.s[:1] if block_scale else b.s)
+                s_hat = np.repeat(s_hat, b.s.size) if block_scale else s_hat
+                stored_scales = struct.pack("<i", base) + _code_section(scale_bytes, 8, cfg["entropy_coding"])
+            else:
+                s_hat = _round_to(b.s, scale_dtype)
+                stored_scales = (s_hat[:1] if block_scale else s_hat).astype(_NP_DTYPES[scale_dtype]).tobytes()
             z = np.zeros_like(b.y)
             np.divide(b.y, s_hat[:, None], out=z, where=s_hat[:, None] != 0)
             codes = quantize(z, cents)
             parts = [] if cfg["share_basis"] else [_skeleton_bytes(b.mu, b.basis, sk, store_basis)]
             if b.y.shape[1]:  # rank 0: the record is the skeleton alone
-                stored = s_hat[:1] if cfg["scale_granularity"] == "block" else s_hat
-                parts.append(stored.astype(_NP_DTYPES[scale_dtype]).tobytes())
+                parts.append(stored_scales)
                 parts.append(_code_section(codes, bits, cfg["entropy_coding"]))
                 if t_out is not None:
                     parts.append(_outlier_bytes(z, t_out))
@@ -1139,6 +1198,7 @@ class BlockRecord:
     outliers: list[np.ndarray] | None  # per segment, structured (index u16, value f16)
     raw: bytes
     code_bytes: int = 0  # length of the code section
+    scale_bytes: int = 0  # length of the scales
 
 
 @dataclass
@@ -1263,8 +1323,8 @@ def _parse(data: bytes) -> Parsed:
     if version < version_for(cfg):
         raise ValueError(
             f"allocation {cfg['allocation']!r}, basis {cfg['basis']!r}, uniform_step "
-            f"{cfg['uniform_step']!r}, entropy_coding {cfg['entropy_coding']} and scale_granularity "
-            f"{cfg['scale_granularity']!r} need format version "
+            f"{cfg['uniform_step']!r}, entropy_coding {cfg['entropy_coding']}, scale_granularity "
+            f"{cfg['scale_granularity']!r} and scale_format {cfg['scale_format']!r} need format version "
             f"{version_for(cfg)}, got {version}"
         )
     shape = header["shape"]
@@ -1275,8 +1335,10 @@ def _parse(data: bytes) -> Parsed:
         raise ValueError(f"header shape {shape} needs T >= 0, H >= 1, 1 <= D <= {MAX_DIM}")
     if header["dtype"] not in _NP_DTYPES:
         raise ValueError(f"header dtype must be 'f32', 'f16' or 'bf16', got {header['dtype']!r}")
-    if header["scale_dtype"] not in ("f16", "f32"):
-        raise ValueError(f"header scale_dtype must be 'f16' or 'f32', got {header['scale_dtype']!r}")
+    if header["scale_dtype"] not in ("f16", "f32", "log8"):
+        raise ValueError(f"header scale_dtype must be 'f16', 'f32' or 'log8', got {header['scale_dtype']!r}")
+    if (header["scale_dtype"] == "log8") != (cfg["scale_format"] == "log8"):
+        raise ValueError(f"scale_dtype {header['scale_dtype']!r} does not match scale_format {cfg['scale_format']!r}")
     if not isinstance(header["preconditioner"], bool):
         raise ValueError("header field 'preconditioner' must be a bool")
     nblocks = _header_int(header, "blocks_per_head")
@@ -1329,7 +1391,8 @@ def _parse(data: bytes) -> Parsed:
             _parse_skeleton(reader_at(off, f"skeleton record of head {h}"), d, sk, alloc, cfg["basis"])
         )
 
-    sc_dt = _NP_DTYPES[header["scale_dtype"]]
+    log8 = header["scale_dtype"] == "log8"
+    sc_dt = None if log8 else _NP_DTYPES[header["scale_dtype"]]
     outliers_on = cfg["outlier_threshold"] is not None
     for h in range(nh):
         row = []
@@ -1354,7 +1417,15 @@ def _parse(data: bytes) -> Parsed:
                 )
                 continue
             block_scale = cfg["scale_granularity"] == "block" and not variance
-            scales = br.array(1 if block_scale else n, sc_dt, "scales").astype(np.float32)
+            scales_at = br.pos
+            stored = 1 if block_scale else n
+            if log8:
+                (base,) = struct.unpack("<i", br.take(4, "log scale base"))
+                scale_bytes, _ = _read_code_section(br, stored, 8, cfg["entropy_coding"])
+                scales = log_scale_values(base, scale_bytes)
+            else:
+                scales = br.array(stored, sc_dt, "scales").astype(np.float32)
+            scale_len = br.pos - scales_at
             scales = np.repeat(scales, n) if block_scale else scales
             if not np.all(np.isfinite(scales)) or np.any(scales < 0):
                 raise ValueError(f"{what} holds negative or non-finite scales")
@@ -1380,7 +1451,7 @@ def _parse(data: bytes) -> Parsed:
                     if cnt and variance and np.any(owner.bits[pairs["index"].astype(np.intp) % p] == 0):
                         raise ValueError(f"{what}: outlier on a component without bits in segment {sidx}")
                     segs.append(pairs)
-            row.append(BlockRecord(h, i, n, p, skel, scales, codes, segs, body[off : br.pos], code_bytes))
+            row.append(BlockRecord(h, i, n, p, skel, scales, codes, segs, body[off : br.pos], code_bytes, scale_len))
         parsed.blocks.append(row)
     return parsed
 
@@ -1397,7 +1468,6 @@ def body_sections(data: bytes) -> dict[str, bytes]:
     out["preconditioner"] = ps.preconditioner_raw
     for h, s in enumerate(ps.shared):
         out[f"skeleton/{h}"] = s.raw
-    sc_size = _NP_DTYPES[ps.header["scale_dtype"]].itemsize
     for row in ps.blocks:
         for b in row:
             key = f"block/{b.head}/{b.index}"
@@ -1407,9 +1477,8 @@ def body_sections(data: bytes) -> dict[str, bytes]:
                 out[key + "/skeleton"] = b.skeleton.raw
                 pos = len(b.skeleton.raw)
             ncodes = b.code_bytes if b.padded else 0
-            stored = 1 if ps.config["scale_granularity"] == "block" else b.rows
-            out[key + "/scales"] = b.raw[pos : pos + stored * sc_size]
-            pos += stored * sc_size
+            out[key + "/scales"] = b.raw[pos : pos + b.scale_bytes]
+            pos += b.scale_bytes
             out[key + "/codes"] = b.raw[pos : pos + ncodes]
             out[key + "/outliers"] = b.raw[pos + ncodes :]
     return out

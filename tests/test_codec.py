@@ -61,6 +61,8 @@ def test_config_defaults_repr_and_dict_roundtrip():
         ({"entropy_coding": True, "allocation": "variance"}, "entropy_coding"),
         ({"scale_granularity": "token"}, "scale_granularity"),
         ({"scale_granularity": "block", "allocation": "variance"}, "scale_granularity"),
+        ({"scale_format": "f8"}, "scale_format"),
+        ({"scale_format": "log8", "allocation": "variance"}, "scale_format"),
         ({"block_size": 0}, "block_size"),
         ({"pca": "svd"}, "pca"),
         ({"variance_ratio": 1.5}, "variance_ratio"),
@@ -81,7 +83,8 @@ def test_invalid_config_names_the_field(kwargs, field):
 def test_allocation_field():
     c = kp.CodecConfig()
     assert c.allocation == "uniform" and repr(c).endswith(
-        "identity=False, allocation='uniform', basis='pca', uniform_step=None, entropy_coding=False, scale_granularity='vector')"
+        "identity=False, allocation='uniform', basis='pca', uniform_step=None, entropy_coding=False, scale_granularity='vector', "
+        "scale_format='float')"
     )
     assert "allocation" not in c.to_json()  # the version-1 header form
     assert c.to_dict()["allocation"] == "uniform"
@@ -503,6 +506,9 @@ REFERENCE_CASES = [
     {"bits": 6, "entropy_coding": True, "block_size": 7, "basis": "none"},
     {"bits": 6, "uniform_step": 0.3, "entropy_coding": True, "scale_granularity": "block", "block_size": 128},
     {"bits": 3, "scale_granularity": "block", "basis": "none", "outlier_threshold": 2.0},
+    {"bits": 3, "scale_format": "log8", "outlier_threshold": 3.0},
+    {"bits": 5, "uniform_step": 0.3376, "entropy_coding": True, "basis": "none", "scale_format": "log8"},
+    {"bits": 6, "uniform_step": 0.3, "scale_granularity": "block", "scale_format": "log8", "entropy_coding": True},
 ]
 
 
@@ -543,6 +549,7 @@ def test_reference_bytes_decode_in_rust():
             "entropy_coding": True,
             "block_size": 64,
         },
+        {"bits": 5, "uniform_step": 0.4, "entropy_coding": True, "basis": "none", "scale_format": "log8"},
     ):
         data = ref.encode(x, kp.CodecConfig(**overrides).to_dict())
         np.testing.assert_allclose(kp.decode(data), ref.decode(data), rtol=1e-5, atol=1e-5)
@@ -560,6 +567,30 @@ def test_identical_codes_and_tables_as_reference():
         np.testing.assert_allclose(kp.gaussian_centroids(bits), ref.lloyd_max_gaussian(bits)[0], rtol=1e-6)
     with pytest.raises(kp.ConfigError, match="1..=8"):
         kp.gaussian_centroids(9)
+
+
+def test_log_scale_sections_match_the_reference_byte_for_byte():
+    rng = np.random.default_rng(29)
+    x = gaussian((300, 2, 16), seed=29) * rng.uniform(0.2, 3.0, size=(300, 1, 1)).astype(np.float32)
+    for entropy_coding in (False, True):
+        c = kp.CodecConfig(
+            bits=6, block_size=128, uniform_step=0.3, basis="none", scale_format="log8", entropy_coding=entropy_coding
+        )
+        mine = kp.encode(x, c).to_bytes()
+        ours, theirs = ref.body_sections(mine), ref.body_sections(ref.encode(x, c.to_dict()))
+        assert ours.keys() == theirs.keys()
+        assert all(ours[k] == theirs[k] for k in ours if k.endswith("/scales"))
+        np.testing.assert_array_equal(ref.decode(mine), kp.decode(kp.Encoded.from_bytes(mine)))
+    # A corrupt base is refused by both readers.
+    ps = ref.parse(mine)
+    rec = ps.blocks[0][0]
+    at = mine.index(rec.raw) + len(rec.skeleton.raw)
+    body = mine[:at] + (10**6).to_bytes(4, "little", signed=True) + mine[at + 4 : -4]
+    bad = body + zlib.crc32(body).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="log scale base"):
+        ref.decode(bad)
+    with pytest.raises(kp.CorruptDataError, match="log scale base"):
+        kp.Encoded.from_bytes(bad).decode()
 
 
 def test_entropy_coded_sections_match_the_reference_byte_for_byte():

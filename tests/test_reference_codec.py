@@ -588,7 +588,7 @@ def corrupt_variants(data):
     yield "bad magic, crc fixed", refresh_crc(b"XAKEYA" + data[6:])
     yield "bad crc", data[:-1] + bytes([data[-1] ^ 1])
     yield "flipped body byte", data[:40] + bytes([data[40] ^ 0x10]) + data[41:]
-    yield "unknown version", refresh_crc(data[:6] + struct.pack("<H", 5) + data[8:])
+    yield "unknown version", refresh_crc(data[:6] + struct.pack("<H", 6) + data[8:])
     yield "version 0", refresh_crc(data[:6] + struct.pack("<H", 0) + data[8:])
     yield "header length too long", refresh_crc(data[:8] + struct.pack("<I", len(data)) + data[12:])
     yield "not json", refresh_crc(data[:12] + b"{" * hlen + data[12 + hlen :])
@@ -620,7 +620,7 @@ def test_corrupt_bytes_raise_value_error():
             rc.decode(bad)
         assert name  # for the failure message
     with pytest.raises(ValueError, match="version"):
-        rc.decode(refresh_crc(data[:6] + struct.pack("<H", 5) + data[8:]))
+        rc.decode(refresh_crc(data[:6] + struct.pack("<H", 6) + data[8:]))
     with pytest.raises(ValueError, match="magic"):
         rc.decode(b"KAKEYB" + data[6:])
     with pytest.raises(ValueError, match="checksum"):
@@ -791,10 +791,10 @@ def test_variance_layout_and_version():
             assert len(secs[f"{k}/scales"]) == 2 * n
             assert len(secs[f"{k}/codes"]) == math.ceil(n * int(b.sum()) / 8)
             assert np.all(blk.codes[:, b == 0] == 0)
-    # Version 1 cannot carry allocation "variance"; versions 0 and 4 are unknown.
+    # Version 1 cannot carry allocation "variance"; versions 0 and 6 are unknown.
     with pytest.raises(ValueError, match="version"):
         rc.parse(refresh_crc(data[:6] + struct.pack("<H", 1) + data[8:]))
-    for v in (0, 5):
+    for v in (0, 6):
         with pytest.raises(ValueError, match="unknown format version"):
             rc.parse(refresh_crc(data[:6] + struct.pack("<H", v) + data[8:]))
 
@@ -1004,6 +1004,37 @@ def test_uniform_table_and_error():
     for bad in ({"uniform_step": 0.0}, {"uniform_step": 0.5, "bits": 1, "centroids": [-1.0, 1.0]}):
         with pytest.raises(ValueError, match="uniform_step"):
             rc.make_config(bad)
+
+
+def test_log_scale_layout_and_values():
+    rng = np.random.default_rng(29)
+    x = gaussian((300, 2, 16), seed=29) * rng.uniform(0.2, 3.0, size=(300, 1, 1)).astype(np.float32)
+    cfg = {"bits": 6, "block_size": 128, "uniform_step": 0.3, "basis": "none", "entropy_coding": False}
+    data = rc.encode(x, {**cfg, "scale_format": "log8"})
+    assert struct.unpack_from("<H", data, 6)[0] == 5
+    ps, secs = rc.parse(data), rc.body_sections(data)
+    assert ps.header["scale_dtype"] == "log8"
+    for h in range(2):
+        for i, blk in enumerate(ps.blocks[h]):
+            raw = secs[f"block/{h}/{i}/scales"]
+            assert len(raw) == 4 + blk.rows  # i32 base, one byte per vector
+            base = struct.unpack_from("<i", raw)[0]
+            codes = np.frombuffer(raw[4:], dtype=np.uint8)
+            live = codes > 0
+            levels = base + codes[live].astype(np.int64) - 1
+            np.testing.assert_array_equal(blk.scales[live], (2.0 ** (levels / 16)).astype(np.float32))
+            assert codes.max() == 255  # the block's largest scale takes the top byte
+            rows = x[i * 128 : (i + 1) * 128, h, :].astype(np.float64)
+            y = rc.rotate(rows - blk.skeleton.mean.astype(np.float64), 0)
+            rms = np.sqrt(np.mean(y.astype(np.float64) ** 2, axis=1))
+            # Within 1/32 octave of the true scale.
+            assert np.all(np.abs(np.log2(blk.scales[live] / rms[live])) <= 1 / 32 + 1e-9)
+    # The quantizer divides by the rounded scale: the error is the float-scale error.
+    assert rel_mse(rc.decode(data), x) == pytest.approx(rel_mse(rc.decode(rc.encode(x, cfg)), x), rel=0.05)
+    with pytest.raises(ValueError, match="scale_format"):
+        rc.make_config(scale_format="log4")
+    with pytest.raises(ValueError, match="scale_format"):
+        rc.make_config(scale_format="log8", allocation="variance")
 
 
 def test_block_scale_layout_and_error():

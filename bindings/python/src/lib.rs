@@ -4,7 +4,7 @@
 
 use kakeya::{
     encode, Allocation, Basis, CodecConfig, CodecError, DType, Elements, Encoded, Metric,
-    OwnedElements, PcaMethod, ScaleGranularity, SkeletonDtype, TensorView,
+    OwnedElements, PcaMethod, ScaleFormat, ScaleGranularity, SkeletonDtype, TensorView,
 };
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -84,7 +84,7 @@ fn to_py_err(err: CodecError) -> PyErr {
     }
 }
 
-const FIELDS: [&str; 20] = [
+const FIELDS: [&str; 21] = [
     "bits",
     "block_size",
     "pca",
@@ -105,6 +105,7 @@ const FIELDS: [&str; 20] = [
     "uniform_step",
     "entropy_coding",
     "scale_granularity",
+    "scale_format",
 ];
 
 fn py_bool(v: bool) -> &'static str {
@@ -144,7 +145,7 @@ impl PyCodecConfig {
     #[pyo3(signature = (*, bits=3, block_size=1024, pca="exact", variance_ratio=1.0, rank=None, rank_cap=None,
         share_basis=false, outlier_threshold=None, metric="mse", centroids=None, skeleton_dtype="f16", seed=0,
         oversampling=8, power_iters=2, identity=false, allocation="uniform", basis="pca", uniform_step=None,
-        entropy_coding=false, scale_granularity="vector"))]
+        entropy_coding=false, scale_granularity="vector", scale_format="float"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         bits: i64,
@@ -167,6 +168,7 @@ impl PyCodecConfig {
         uniform_step: Option<f32>,
         entropy_coding: bool,
         scale_granularity: &str,
+        scale_format: &str,
     ) -> PyResult<Self> {
         let count = |field: &'static str, v: i64| -> PyResult<usize> {
             usize::try_from(v).map_err(|_| {
@@ -236,6 +238,11 @@ impl PyCodecConfig {
                     ("block", ScaleGranularity::Block),
                 ],
             )?,
+            scale_format: parse_choice(
+                "scale_format",
+                scale_format,
+                &[("float", ScaleFormat::Float), ("log8", ScaleFormat::Log8)],
+            )?,
         };
         inner.validate().map_err(to_py_err)?;
         Ok(Self { inner })
@@ -268,6 +275,7 @@ impl PyCodecConfig {
         }
         dict.set_item("entropy_coding", self.inner.entropy_coding)?;
         dict.set_item("scale_granularity", self.scale_granularity())?;
+        dict.set_item("scale_format", self.scale_format())?;
         Ok(dict)
     }
 
@@ -293,7 +301,7 @@ impl PyCodecConfig {
             "CodecConfig(bits={}, block_size={}, pca='{}', variance_ratio={:?}, rank={}, rank_cap={}, share_basis={}, \
              outlier_threshold={}, metric='{}', centroids={}, skeleton_dtype='{}', seed={}, oversampling={}, \
              power_iters={}, identity={}, allocation='{}', basis='{}', uniform_step={}, entropy_coding={}, \
-             scale_granularity='{}')",
+             scale_granularity='{}', scale_format='{}')",
             c.bits,
             c.block_size,
             self.pca(),
@@ -314,6 +322,7 @@ impl PyCodecConfig {
             opt(c.uniform_step.map(|v| format!("{v:?}"))),
             py_bool(c.entropy_coding),
             self.scale_granularity(),
+            self.scale_format(),
         )
     }
 
@@ -411,6 +420,13 @@ impl PyCodecConfig {
         match self.inner.scale_granularity {
             ScaleGranularity::Vector => "vector",
             ScaleGranularity::Block => "block",
+        }
+    }
+    #[getter]
+    fn scale_format(&self) -> &'static str {
+        match self.inner.scale_format {
+            ScaleFormat::Float => "float",
+            ScaleFormat::Log8 => "log8",
         }
     }
     #[getter]
@@ -592,12 +608,13 @@ impl PyEncoded {
         }
     }
 
-    /// `"f16"` or `"f32"`: storage of the per-vector scales.
+    /// `"f16"`, `"f32"` or `"log8"`: storage of the per-vector scales.
     #[getter]
     fn scale_dtype(&self) -> &'static str {
         match self.inner.header().scale_dtype {
             kakeya::ScaleDtype::F16 => "f16",
             kakeya::ScaleDtype::F32 => "f32",
+            kakeya::ScaleDtype::Log8 => "log8",
         }
     }
 
