@@ -100,6 +100,24 @@ def test_state_policy_says_exactly_what_the_state_says(tmp_path):
     assert exact.k is None and exact.v is None and exact.overrides == {} and exact.active(4) == []
 
 
+def test_sink_tokens_stay_exact_in_the_search_and_the_policy():
+    import torch
+
+    ladder = Ladder.load(None)
+    x = torch.randn(40, 2, 16) * 3
+    plain = LadderCodec(ladder)
+    sunk = LadderCodec(ladder, sink_tokens=2)
+    out, nbytes = sunk.roundtrip(0, "v", 2, x)
+    assert torch.equal(out[:2], x[:2]) and not torch.equal(out[2:], x[2:])
+    rest, rest_bytes = plain.roundtrip(0, "v", 2, x[2:].contiguous())
+    assert torch.equal(out[2:], rest) and nbytes == rest_bytes + 2 * 2 * 16 * 2  # the sink at bf16
+    assert sunk.roundtrip(0, "v", 0, x) == (x, None)  # rung 0 of the default ladder is exact
+    policy = state_policy({(0, "v"): 2}, ladder, 1, sink_tokens=2)
+    assert policy.sink_tokens == 2
+    again, again_bytes = PolicyCodec(policy, 1).roundtrip(0, "v", x)
+    assert torch.equal(again, out) and again_bytes == nbytes
+
+
 def test_saved_presets_resolve_by_name(tmp_path, monkeypatch):
     import kakeya_py.policy as P
 

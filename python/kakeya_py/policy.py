@@ -110,6 +110,16 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
         },
         "sink_tokens": 1,
     },
+    "uniform-ec-log8": {
+        "description": "uniform-ec with each scale stored as one byte on a 1/16-octave grid, "
+        "the bytes rANS-coded (scale_format='log8'; reports/entropy)",
+        "k": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP, **_ENTROPY_CODED, "scale_format": "log8"},
+        "v": {"bits": 4, "uniform_step": LLOYD_MAX_3BIT_STEP, **_ENTROPY_CODED, "scale_format": "log8"},
+        "overrides": {
+            str(layer): {"v": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP}} for layer in _V4_LAYERS
+        },
+        "sink_tokens": 1,
+    },
     "k4v4-sink1-nobasis": {
         "description": "K and V 4-bit on every layer, mean only per head (no basis), the first "
         "position exact, outliers beyond 3 sigma stored exactly (reports/basis)",
@@ -419,15 +429,21 @@ class PolicyCodec:
             kwargs["preconditioner"] = self.sigma_q.factors[layer]
         if self.threads is not None:
             kwargs["threads"] = self.threads
-        sink = min(self.policy.sink_tokens, x.shape[0])
-        if sink == 0:
-            return self._roundtrip(x.contiguous(), cfg, **kwargs)
-        if sink == x.shape[0]:
-            return x, None
-        import torch
+        return roundtrip_after_sink(x, self.policy.sink_tokens, lambda rest: self._roundtrip(rest, cfg, **kwargs))
 
-        rest, nbytes = self._roundtrip(x[sink:].contiguous(), cfg, **kwargs)
-        return torch.cat([x[:sink], rest.to(x.dtype)]), nbytes + x[:sink].numel() * BF16_BYTES
+
+def roundtrip_after_sink(x, sink_tokens: int, roundtrip: Callable[[Any], tuple[Any, int]]) -> tuple[Any, int | None]:
+    """``roundtrip`` of ``x[sink_tokens:]`` (``[T, H, D]``) with the leading positions kept
+    exact, their bytes counted at bf16; ``(x, None)`` when every position is a sink."""
+    sink = min(sink_tokens, x.shape[0])
+    if sink == 0:
+        return roundtrip(x.contiguous())
+    if sink == x.shape[0]:
+        return x, None
+    import torch
+
+    rest, nbytes = roundtrip(x[sink:].contiguous())
+    return torch.cat([x[:sink], rest.to(x.dtype)]), nbytes + x[:sink].numel() * BF16_BYTES
 
 
 class Ledger:

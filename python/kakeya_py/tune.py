@@ -80,7 +80,7 @@ from typing import Any
 
 from . import policy as _policy
 from .hooks import STREAMS, parse_layers
-from .policy import POLICY_PRESETS, Policy, PolicyCodec, SigmaQ, load_policy
+from .policy import POLICY_PRESETS, Policy, PolicyCodec, SigmaQ, load_policy, roundtrip_after_sink
 
 _RUNG = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0}
 DEFAULT_LADDER: dict[str, Any] = {
@@ -168,6 +168,7 @@ class LadderCodec:
         sigma_q: SigmaQ | None = None,
         threads: int | None = None,
         roundtrip_fn: Callable[..., tuple[Any, int]] | None = None,
+        sink_tokens: int = 0,
     ):
         import kakeya_py
 
@@ -177,6 +178,7 @@ class LadderCodec:
         self.sigma_q = sigma_q
         self.threads = threads
         self._roundtrip = roundtrip_fn if roundtrip_fn is not None else kakeya_py.roundtrip
+        self.sink_tokens = sink_tokens
         self._cache: dict[tuple, tuple[Any, Any, int]] = {}
         self.encodes = 0
 
@@ -196,8 +198,10 @@ class LadderCodec:
             kwargs["preconditioner"] = self.sigma_q.factors[layer]
         if self.threads is not None:
             kwargs["threads"] = self.threads
-        out, nbytes = self._roundtrip(x.contiguous(), cfg, **kwargs)
+        out, nbytes = roundtrip_after_sink(x, self.sink_tokens, lambda rest: self._roundtrip(rest, cfg, **kwargs))
         self.encodes += 1
+        if nbytes is None:  # every position is a sink: stored exact
+            return x, None
         self._cache[key] = (x, out, int(nbytes))
         return out, int(nbytes)
 
@@ -544,6 +548,7 @@ def state_policy(
     description: str = "",
     sigma_q: str | None = None,
     k_position: str = "pre_rope",
+    sink_tokens: int = 0,
 ) -> Policy:
     """A :class:`Policy` that gives every (layer, stream) its rung's config (layers and
     streams absent from ``state`` stay exact). Per stream, the most common compressed rung
@@ -554,6 +559,7 @@ def state_policy(
     exact = {p for p in rung_of if p not in state}
     d: dict[str, Any] = {"name": name, "description": description, "overrides": {}, "k_position": k_position}
     d["sigma_q"] = sigma_q
+    d["sink_tokens"] = sink_tokens
     base_rung: dict[str, int | None] = {}
     for s in STREAMS:
         counts = Counter(
@@ -693,6 +699,12 @@ def register(sub) -> None:
     g.add_argument("--post-rope-k", action="store_true", help="compress K after RoPE (comparison only)")
     g.add_argument("--sigma-q", default=None, help="sigma_q.safetensors for rungs with metric=inner_product")
     g.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=0,
+        help="leading positions of each sequence kept exact in every variant and in the policy",
+    )
+    g.add_argument(
         "--compare",
         default="recommended",
         help="comma list of policies measured next to the winner on the validation passages ('' = none)",
@@ -756,7 +768,7 @@ def cmd_tune(args) -> int:
             check_disjoint(sigma.text, u)
     k_position = "post_rope" if args.post_rope_k else "pre_rope"
     runner = reusing_runner(model, k_position=k_position)
-    codec = LadderCodec(ladder, sigma_q=sigma, threads=args.threads)
+    codec = LadderCodec(ladder, sigma_q=sigma, threads=args.threads, sink_tokens=args.sink_tokens)
     layers = parse_layers(args.layers, info.num_layers) if args.layers else None
     streams = tuple(STREAMS if args.streams == "kv" else (args.streams,))
 
@@ -773,6 +785,7 @@ def cmd_tune(args) -> int:
             == json.loads(json.dumps([p.provenance() for p in search_p])),
             "ladder": previous["ladder"] == json.loads(json.dumps(ladder.to_dict())),
             "k_position": previous["policy"]["k_position"] == k_position,
+            "sink_tokens": previous["policy"].get("sink_tokens", 0) == args.sink_tokens,
             "seed": previous["settings"]["seed"] == args.seed,
         }
         if not all(same.values()):
@@ -796,7 +809,7 @@ def cmd_tune(args) -> int:
     description = (
         f"kakeya tune: per-(layer, stream) ladder search on {info.name}, |dppl| budget "
         f"{args.budget_dppl:g}, top-1 >= {args.min_top1:g}, {args.passages} search passages x (ctx "
-        f"{args.ctx} + {args.n_eval}), seed {args.seed}; command: {command}"
+        f"{args.ctx} + {args.n_eval}), seed {args.seed}, {args.sink_tokens} sink tokens exact; command: {command}"
     )
     policy = state_policy(
         result.state,
@@ -806,6 +819,7 @@ def cmd_tune(args) -> int:
         description=description,
         sigma_q=args.sigma_q,
         k_position=k_position,
+        sink_tokens=args.sink_tokens,
     )
 
     # 3. the written policy, through PolicyCodec, on the search and the held-out passages
