@@ -9,13 +9,14 @@
 # (compare-engines: the recommended preset under HF and vLLM), memory (KakeyaCache generation benchmark), calibration
 # (ablation of Σ_q and centroids), throughput (codec benchmark), overhead (harness), entropy
 # (uniform-ec under HF and vLLM and on held-out text, the two ~4.9x probes, the entropy-coding
-# benchmark).
+# benchmark), scales (uniform-ec-log8: evaluation and held-out text, HF and vLLM; the
+# V-step-everywhere probe with log8 scales).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p reports
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(eval engines compare memory calibration throughput overhead entropy)
+[ ${#steps[@]} -eq 0 ] && steps=(eval engines compare memory calibration throughput overhead entropy scales)
 
 run() {  # run NAME CMD...: the Markdown summary on stdout to reports/NAME.md
     local name=$1; shift
@@ -96,6 +97,22 @@ for step in "${steps[@]}"; do
                 python benchmarks/generate_memory.py --caches dynamic,kakeya:recommended,kakeya:uniform-ec
                 echo '```'
             } > reports/entropy/generate_memory_uniform_ec.md ;;
+        scales)
+            run entropy/eval_uniform_ec_log8 kakeya eval --config uniform-ec-log8 \
+                --json reports/entropy/eval_uniform_ec_log8.json
+            python reports/basis/calibration_text.py /tmp/wikitext2_calibration_part.txt
+            run entropy/heldout16_uniform_ec_log8 kakeya eval --text-file /tmp/wikitext2_calibration_part.txt \
+                --config uniform-ec-log8 --passages 16 --json reports/entropy/heldout16_uniform_ec_log8.json
+            run entropy/probe_log8_v3_everywhere kakeya eval \
+                --config reports/entropy/probe_log8_v3_everywhere.policy.json \
+                --json reports/entropy/probe_log8_v3_everywhere.json
+            run entropy/heldout16_log8_v3_everywhere kakeya eval --text-file /tmp/wikitext2_calibration_part.txt \
+                --config reports/entropy/probe_log8_v3_everywhere.policy.json --passages 16 \
+                --json reports/entropy/heldout16_log8_v3_everywhere.json
+            run entropy/compare_engines_uniform_ec_log8 kakeya compare-engines --config uniform-ec-log8 \
+                --passages 16 --ctx 1024 --n-eval 256 --json reports/entropy/compare_engines_uniform_ec_log8.json
+            python reports/entropy/byte_breakdown.py uniform-ec uniform-ec-log8 recommended \
+                > reports/entropy/byte_breakdown.md ;;
         *)
             echo "unknown step: $step" >&2; exit 2 ;;
     esac
