@@ -467,6 +467,8 @@ pub fn encode(
     header.preconditioner = l_hat.is_some();
     let per_head = header.blocks_per_head;
 
+    // Hot job closures are `#[inline(always)]` so that they compile into the AVX2 copy of
+    // `simd::dispatch`, which `map_jobs` runs every job in.
     let head_rows: Vec<Vec<f32>> = map_jobs(
         threads,
         heads,

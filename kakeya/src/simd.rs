@@ -3,7 +3,9 @@
 //! The crate is built for the baseline of its target (SSE2 on x86-64), so a wheel runs on
 //! any machine. [`dispatch`] runs a closure inside a function compiled with AVX2 and FMA
 //! enabled, into which the `#[inline(always)]` kernels (Hadamard butterflies, quantizer,
-//! bit packing, code lookup) inline and vectorise at twice the width. The values are the
+//! bit packing, code lookup) inline and vectorise at twice the width; the closures and
+//! block functions between the dispatch and the kernels are `#[inline(always)]` too, since a
+//! function that is not inlined keeps the baseline instruction set. The values are the
 //! same bit for bit: the kernels only add, multiply, compare and shift lane by lane, and
 //! Rust never contracts a multiply and an add into an FMA, so wider lanes change the speed,
 //! not the result (tested: `simd_and_baseline_write_the_same_bytes`).

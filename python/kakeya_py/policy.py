@@ -84,6 +84,20 @@ _MEAN_ONLY = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0,
 LLOYD_MAX_4BIT_STEP = 0.3376
 LLOYD_MAX_3BIT_STEP = 0.6438
 _ENTROPY_CODED = {**_MEAN_ONLY, "outlier_threshold": 4.5, "entropy_coding": True}
+
+
+def _uniform_ec(stream: dict[str, Any]) -> dict[str, Any]:
+    """The streams, layer overrides and sink of ``uniform-ec``, each stream with ``stream``'s fields."""
+    return {
+        "k": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP, **stream},
+        "v": {"bits": 4, "uniform_step": LLOYD_MAX_3BIT_STEP, **stream},
+        "overrides": {
+            str(layer): {"v": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP}} for layer in _V4_LAYERS
+        },
+        "sink_tokens": 1,
+    }
+
+
 POLICY_PRESETS: dict[str, dict[str, Any]] = {
     "identity": {
         "description": "codec stages bypassed on every layer and stream (exact round trip)",
@@ -103,22 +117,12 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
         "description": "recommended's budget as uniform-quantizer steps of equal MSE, codes entropy-coded "
         "(rANS): K step 0.3376 (5-bit alphabet); V step 0.6438 (4-bit), 0.3376 on layers 4, 5, 7, 8, 18, "
         "20, 23; outliers beyond 4.5 sigma exact, the first position exact (reports/entropy)",
-        "k": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP, **_ENTROPY_CODED},
-        "v": {"bits": 4, "uniform_step": LLOYD_MAX_3BIT_STEP, **_ENTROPY_CODED},
-        "overrides": {
-            str(layer): {"v": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP}} for layer in _V4_LAYERS
-        },
-        "sink_tokens": 1,
+        **_uniform_ec(_ENTROPY_CODED),
     },
     "uniform-ec-log8": {
         "description": "uniform-ec with each scale stored as one byte on a 1/16-octave grid, "
         "the bytes rANS-coded (scale_format='log8'; reports/entropy)",
-        "k": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP, **_ENTROPY_CODED, "scale_format": "log8"},
-        "v": {"bits": 4, "uniform_step": LLOYD_MAX_3BIT_STEP, **_ENTROPY_CODED, "scale_format": "log8"},
-        "overrides": {
-            str(layer): {"v": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP}} for layer in _V4_LAYERS
-        },
-        "sink_tokens": 1,
+        **_uniform_ec({**_ENTROPY_CODED, "scale_format": "log8"}),
     },
     "k4v4-sink1-nobasis": {
         "description": "K and V 4-bit on every layer, mean only per head (no basis), the first "
