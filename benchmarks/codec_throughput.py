@@ -145,9 +145,7 @@ def main(argv=None) -> int:
             print(f"basis {basis}: worst {key}: {worst[basis][key]:.1f} ({verdict} target {target:g})")
     if args.json:
         Path(args.json).write_text(
-            json.dumps(
-                {"rows": rows, "worst": worst, "targets": TARGETS, "simd": kp.simd_level()}, indent=2
-            )
+            json.dumps({"rows": rows, "worst": worst, "targets": TARGETS, "simd": kp.simd_level()}, indent=2)
         )
     return 0
 

@@ -850,7 +850,9 @@ _LOG_FRACTIONS = (2.0 ** (np.arange(LOG_PER_OCTAVE) / LOG_PER_OCTAVE)).astype(np
 
 def _log_level_values(k: np.ndarray) -> np.ndarray:
     k = np.asarray(k, dtype=np.int64)
-    return np.ldexp(_LOG_FRACTIONS[k % LOG_PER_OCTAVE], (k // LOG_PER_OCTAVE).astype(np.int32)).astype(np.float32)
+    return np.ldexp(_LOG_FRACTIONS[k % LOG_PER_OCTAVE], (k // LOG_PER_OCTAVE).astype(np.int32)).astype(
+        np.float32
+    )
 
 
 def log_scales(s: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -1020,7 +1022,9 @@ def encode(
                 stored_scales = struct.pack("<i", base) + _code_section(scale_bytes, 8, cfg["entropy_coding"])
             else:
                 s_hat = _round_to(b.s, scale_dtype)
-                stored_scales = (s_hat[:1] if block_scale else s_hat).astype(_NP_DTYPES[scale_dtype]).tobytes()
+                stored_scales = (
+                    (s_hat[:1] if block_scale else s_hat).astype(_NP_DTYPES[scale_dtype]).tobytes()
+                )
             z = np.zeros_like(b.y)
             np.divide(b.y, s_hat[:, None], out=z, where=s_hat[:, None] != 0)
             codes = quantize(z, cents)
@@ -1338,7 +1342,9 @@ def _parse(data: bytes) -> Parsed:
     if header["scale_dtype"] not in ("f16", "f32", "log8"):
         raise ValueError(f"header scale_dtype must be 'f16', 'f32' or 'log8', got {header['scale_dtype']!r}")
     if (header["scale_dtype"] == "log8") != (cfg["scale_format"] == "log8"):
-        raise ValueError(f"scale_dtype {header['scale_dtype']!r} does not match scale_format {cfg['scale_format']!r}")
+        raise ValueError(
+            f"scale_dtype {header['scale_dtype']!r} does not match scale_format {cfg['scale_format']!r}"
+        )
     if not isinstance(header["preconditioner"], bool):
         raise ValueError("header field 'preconditioner' must be a bool")
     nblocks = _header_int(header, "blocks_per_head")
@@ -1451,7 +1457,9 @@ def _parse(data: bytes) -> Parsed:
                     if cnt and variance and np.any(owner.bits[pairs["index"].astype(np.intp) % p] == 0):
                         raise ValueError(f"{what}: outlier on a component without bits in segment {sidx}")
                     segs.append(pairs)
-            row.append(BlockRecord(h, i, n, p, skel, scales, codes, segs, body[off : br.pos], code_bytes, scale_len))
+            row.append(
+                BlockRecord(h, i, n, p, skel, scales, codes, segs, body[off : br.pos], code_bytes, scale_len)
+            )
         parsed.blocks.append(row)
     return parsed
 

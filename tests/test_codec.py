@@ -508,7 +508,13 @@ REFERENCE_CASES = [
     {"bits": 3, "scale_granularity": "block", "basis": "none", "outlier_threshold": 2.0},
     {"bits": 3, "scale_format": "log8", "outlier_threshold": 3.0},
     {"bits": 5, "uniform_step": 0.3376, "entropy_coding": True, "basis": "none", "scale_format": "log8"},
-    {"bits": 6, "uniform_step": 0.3, "scale_granularity": "block", "scale_format": "log8", "entropy_coding": True},
+    {
+        "bits": 6,
+        "uniform_step": 0.3,
+        "scale_granularity": "block",
+        "scale_format": "log8",
+        "entropy_coding": True,
+    },
 ]
 
 
@@ -574,7 +580,12 @@ def test_log_scale_sections_match_the_reference_byte_for_byte():
     x = gaussian((300, 2, 16), seed=29) * rng.uniform(0.2, 3.0, size=(300, 1, 1)).astype(np.float32)
     for entropy_coding in (False, True):
         c = kp.CodecConfig(
-            bits=6, block_size=128, uniform_step=0.3, basis="none", scale_format="log8", entropy_coding=entropy_coding
+            bits=6,
+            block_size=128,
+            uniform_step=0.3,
+            basis="none",
+            scale_format="log8",
+            entropy_coding=entropy_coding,
         )
         mine = kp.encode(x, c).to_bytes()
         ours, theirs = ref.body_sections(mine), ref.body_sections(ref.encode(x, c.to_dict()))

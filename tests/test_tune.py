@@ -19,9 +19,12 @@ from kakeya_py.tune import (
     Ladder,
     LadderCodec,
     TuneSettings,
+    greedy_path,
+    replay,
     reusing_runner,
     save_preset,
     search,
+    select_on_validation,
     split_passages,
     state_policy,
 )
@@ -29,10 +32,10 @@ from kakeya_py.tune import (
 CTX, N_EVAL = 192, 24
 
 
-def passages(n: int = 2) -> list[Passage]:
+def passages(n: int = 2, first_seed: int = 10) -> list[Passage]:
     out = []
     for i in range(n):
-        ids = tuple(random_ids(CTX + N_EVAL + 1, seed=10 + i)[0].tolist())
+        ids = tuple(random_ids(CTX + N_EVAL + 1, seed=first_seed + i)[0].tolist())
         out.append(Passage(i, i, CTX, N_EVAL, ids, 0, len(ids), None, None, ()))
     return out
 
@@ -211,6 +214,43 @@ def test_a_tighter_budget_compresses_less(llama):
     assert abs(tight.search["dppl"]) <= 0.002 and tight.search["top1"] >= 0.95
 
 
+def test_the_greedy_path_leads_to_the_result_and_replays_from_the_record(llama):
+    result, _, _ = run_search(llama)
+    path = greedy_path(result)
+    assert path[0]["round"] is None and set(path[0]["state"].values()) == {0}
+    assert path[-1]["state"] == result.state and path[-1]["search"]["ratio"] == result.search["ratio"]
+    ratios = [e["search"]["ratio"] for e in path]
+    assert len(path) >= 3 and all(a < b for a, b in zip(ratios, ratios[1:], strict=False))
+    keys = ("rungs", "rounds", "base", "sensitivity", "stop_reason")
+    record = json.loads(json.dumps({"rungs": result.rungs(), **{k: getattr(result, k) for k in keys[1:]}}))
+    again = replay(record)
+    assert again.state == result.state and again.search["ratio"] == result.search["ratio"]
+    assert [e["state"] for e in greedy_path(again)] == [e["state"] for e in path]
+    record["rungs"]["k"]["0"] = 3 - record["rungs"]["k"]["0"]  # rungs the rounds do not lead to
+    with pytest.raises(ValueError, match="do not lead"):
+        replay(record)
+
+
+def test_selection_takes_the_most_compressed_state_that_passes_on_validation(llama):
+    result, ladder, runner = run_search(llama)
+    path = greedy_path(result)
+    other = passages(2, first_seed=50)
+    codec = LadderCodec(ladder, threads=2)
+    for settings in (
+        TuneSettings(budget_dppl=0.02, min_top1=0.9),
+        TuneSettings(budget_dppl=0.0, min_top1=0.95),  # only the exact base passes
+        TuneSettings(budget_dppl=1e9, min_top1=0.0),  # everything passes
+    ):
+        chosen = select_on_validation(runner, other, codec, path, settings, progress=False)
+        ok = [settings.ok(e["validation"]) for e in path]
+        assert ok[chosen] and not any(ok[chosen + 1 :])
+        assert path[chosen]["validation"]["ratio"] == pytest.approx(path[chosen]["search"]["ratio"], rel=0.05)
+    assert chosen == len(path) - 1
+    settings = TuneSettings(budget_dppl=0.0, min_top1=0.95)
+    assert select_on_validation(runner, other, codec, path, settings, progress=False) == 0
+    assert path[0]["validation"]["dppl"] == 0.0
+
+
 def test_reusing_runner_computes_each_prefill_once(llama):
     runner = reusing_runner(llama)
     calls = []
@@ -311,6 +351,12 @@ def test_tune_command_writes_a_policy_that_eval_runs(tmp_path, monkeypatch, caps
     assert abs(res["dppl"]) <= 0.02 and res["top1"] >= 0.9 and res["ratio"] > 1
     assert [v["policy"] for v in record["validation"]] == ["tiny-tuned", "recommended"]
     assert all(len(rd["candidates"]) <= 4 for rd in record["rounds"])
+    sel = record["selected"]
+    assert sel["by"] == "validation" and 0 <= sel["index"] < len(record["path"])
+    assert all("validation" in e for e in record["path"]) and (out / "tune_path.png").stat().st_size > 0
+    chosen_val = record["path"][sel["index"]]["validation"]
+    assert record["validation"][0]["dppl"] == pytest.approx(chosen_val["dppl"], abs=1e-12)
+    assert "selected on" in md and "Greedy path" in md
     assert load_policy("tiny-tuned").to_dict() == load_policy(str(out / "policy.json")).to_dict() | {
         "name": "tiny-tuned"
     }
@@ -328,3 +374,16 @@ def test_tune_command_writes_a_policy_that_eval_runs(tmp_path, monkeypatch, caps
     assert main(ev) == 0
     r2 = json.loads((tmp_path / "eval2.json").read_text())
     assert r2["config"]["name"] == "tiny-tuned" and r2["dppl"] == r["dppl"]
+    # steps 1 and 2 replayed from the record: same rounds, the endpoint written with --select greedy
+    again = argv[: argv.index("--out")] + ["--out", str(tmp_path / "again")] + argv[argv.index("--out") + 2 :]
+    again = [a for a in again if a not in ("--save-preset", "tiny-tuned")]
+    again += ["--reuse-search", str(out / "tune.json"), "--select", "greedy"]
+    assert main(again) == 0
+    replayed = json.loads((tmp_path / "again" / "tune.json").read_text())
+    assert replayed["rounds"] == record["rounds"] and replayed["search_from"] == str(out / "tune.json")
+    assert replayed["selected"]["rungs"] == record["rungs"] == replayed["rungs"]
+    assert replayed["search_result"]["ratio"] == pytest.approx(record["path"][-1]["search"]["ratio"])
+    bad = [*again]
+    bad[bad.index("--budget-dppl") + 1] = "0.03"
+    with pytest.raises(SystemExit, match="settings"):
+        main(bad)

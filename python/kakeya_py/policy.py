@@ -433,10 +433,14 @@ class PolicyCodec:
             kwargs["preconditioner"] = self.sigma_q.factors[layer]
         if self.threads is not None:
             kwargs["threads"] = self.threads
-        return roundtrip_after_sink(x, self.policy.sink_tokens, lambda rest: self._roundtrip(rest, cfg, **kwargs))
+        return roundtrip_after_sink(
+            x, self.policy.sink_tokens, lambda rest: self._roundtrip(rest, cfg, **kwargs)
+        )
 
 
-def roundtrip_after_sink(x, sink_tokens: int, roundtrip: Callable[[Any], tuple[Any, int]]) -> tuple[Any, int | None]:
+def roundtrip_after_sink(
+    x, sink_tokens: int, roundtrip: Callable[[Any], tuple[Any, int]]
+) -> tuple[Any, int | None]:
     """``roundtrip`` of ``x[sink_tokens:]`` (``[T, H, D]``) with the leading positions kept
     exact, their bytes counted at bf16; ``(x, None)`` when every position is a sink."""
     sink = min(sink_tokens, x.shape[0])

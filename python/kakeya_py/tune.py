@@ -54,6 +54,18 @@ once per passage)
    says) is measured on the search passages and on the validation passages, next to the
    ``--compare`` policies (default ``recommended``) on the same validation reference;
    both are recorded with Δppl, its 95% bootstrap CI, top-1, KL, measured ratio and verdict.
+4. **Selection** (``--select validation``, the default when there are validation
+   passages; it runs before the measurements of step 3, which then describe the written
+   policy). The greedy search walks up to the edge of its budget on a few thousand
+   tokens and so partly fits their noise: on SmolLM2 its endpoint has passed on the
+   search passages and failed on the validation ones. Every state the search passed
+   through (the base, then the state after each round that kept a step; the ratio rises
+   along this path) is measured on the validation passages, and the most compressed one
+   that passes the budget there is written. The validation passages then took part in
+   the choice: the record says so, and the honest figure is ``kakeya eval`` on other
+   text. ``--select greedy`` writes the endpoint. ``--reuse-search TUNE_JSON`` takes
+   steps 1 and 2 from an earlier record (same model, passages, ladder and settings;
+   checked) and redoes only steps 4 and 3.
 
 Everything is deterministic given ``--seed`` (passages, bootstrap, codec seeds in the
 configs, tie-breaking).
@@ -61,7 +73,8 @@ configs, tie-breaking).
 Outputs (``--out DIR``): ``policy.json`` (complete policy; ``kakeya eval --config
 DIR/policy.json``; the description records the budget and the command), ``tune.json``
 (settings, passages, sensitivity, every round's candidates with their measurements,
-final and validation results), ``tune.md`` (summary and command). ``--save-preset NAME``
+final and validation results, the path and the selection), ``tune.md`` (summary and
+command), ``tune_path.png`` (Δppl and top-1 along the path on both passage sets). ``--save-preset NAME``
 also writes ``kakeya_py/presets/NAME.json``, which ``load_policy(NAME)`` resolves.
 """
 
@@ -198,7 +211,9 @@ class LadderCodec:
             kwargs["preconditioner"] = self.sigma_q.factors[layer]
         if self.threads is not None:
             kwargs["threads"] = self.threads
-        out, nbytes = roundtrip_after_sink(x, self.sink_tokens, lambda rest: self._roundtrip(rest, cfg, **kwargs))
+        out, nbytes = roundtrip_after_sink(
+            x, self.sink_tokens, lambda rest: self._roundtrip(rest, cfg, **kwargs)
+        )
         self.encodes += 1
         if nbytes is None:  # every position is a sink: stored exact
             return x, None
@@ -318,10 +333,14 @@ class TuneResult:
     seconds: float
 
     def rungs(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {s: {} for s in STREAMS}
-        for (layer, s), r in sorted(self.state.items()):
-            out[s][str(layer)] = r
-        return out
+        return _rungs(self.state)
+
+
+def _rungs(state: State) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {s: {} for s in STREAMS}
+    for (layer, s), r in sorted(state.items()):
+        out[s][str(layer)] = r
+    return out
 
 
 def _state_name(state: State, base: State) -> str:
@@ -522,6 +541,69 @@ def search(
     )
 
 
+def greedy_path(result: TuneResult) -> list[dict[str, Any]]:
+    """The states the greedy search passed through: the base, then the state after every
+    round that kept a step, each with its whole-policy measurement on the search passages.
+    Bytes only fall along the path, so the ratio rises with it; the last entry is the winner."""
+    state: State = {p: 0 for p in result.pairs}
+    path = [{"round": None, "state": dict(state), "search": dict(result.base)}]
+    for rd in result.rounds:
+        kept = [c for c in rd["candidates"] if c["kept"]]
+        for c in kept:
+            state[(c["step"]["layer"], c["step"]["stream"])] = c["step"]["to"]
+        if kept:
+            row = {k: v for k, v in kept[-1].items() if k not in ("step", "policy", "passes", "kept")}
+            path.append({"round": rd["round"], "state": dict(state), "search": row})
+    if path[-1]["state"] != result.state:
+        raise ValueError("the rounds of this search do not lead to its final state")
+    return path
+
+
+def select_on_validation(
+    runner,
+    passages: Sequence[Any],
+    codec: LadderCodec,
+    path: list[dict[str, Any]],
+    settings: TuneSettings,
+    *,
+    progress: bool = True,
+) -> int:
+    """Step 4: measure every state of ``path`` on ``passages`` (one run, one variant each;
+    the rows land in ``path[i]["validation"]``) and return the index of the most
+    compressed state that passes the budget there, or 0 (the base) when none does."""
+    from .harness import Variant
+
+    variants = [
+        Variant("base" if e["round"] is None else f"after round {e['round']}", codec.transform(e["state"]))
+        for e in path
+    ]
+    rows, _ = measure(runner, passages, variants, seed=settings.seed, progress=progress, desc="path")
+    for e, row in zip(path, rows, strict=True):
+        e["validation"] = row
+    return max((i for i, row in enumerate(rows) if settings.ok(row)), default=0)
+
+
+def replay(previous: Mapping[str, Any]) -> TuneResult:
+    """The :class:`TuneResult` an earlier record (``tune.json``) describes, without
+    measuring anything (``--reuse-search``)."""
+    state: State = {(int(la), s): r for s in STREAMS for la, r in previous["rungs"][s].items()}
+    rounds = [dict(rd) for rd in previous["rounds"]]
+    kept = [c for rd in rounds for c in rd["candidates"] if c["kept"]]
+    result = TuneResult(
+        state=state,
+        pairs=sorted(state, key=lambda p: (p[0], STREAMS.index(p[1]))),
+        base=dict(previous["base"]),
+        sensitivity=[dict(e) for e in previous["sensitivity"]],
+        rounds=rounds,
+        search=dict(kept[-1]) if kept else dict(previous["base"]),
+        stop_reason=previous["stop_reason"],
+        encodes=0,
+        seconds=0.0,
+    )
+    greedy_path(result)  # checks that the rounds lead to the recorded rungs
+    return result
+
+
 def _reuse(previous: Mapping[str, Any], names: Sequence[str], pairs):
     """``(base_row, sensitivity, base_bytes)`` from an earlier record (see :func:`search`)."""
     sens = [dict(e) for e in previous["sensitivity"]]
@@ -695,6 +777,20 @@ def register(sub) -> None:
         metavar="TUNE_JSON",
         help="take step 1 from an earlier tune.json (same model, passages, ladder, layers; checked)",
     )
+    g.add_argument(
+        "--reuse-search",
+        default=None,
+        metavar="TUNE_JSON",
+        help="take steps 1 and 2 from an earlier tune.json (also the same settings; checked) and redo "
+        "only the selection and the final measurements",
+    )
+    g.add_argument(
+        "--select",
+        default="validation",
+        choices=["validation", "greedy"],
+        help="which state of the greedy path is written: the most compressed one that also passes on "
+        "the validation passages (default), or the end of the path",
+    )
     g.add_argument("--streams", default="kv", choices=["k", "v", "kv"], help="streams the search may touch")
     g.add_argument("--post-rope-k", action="store_true", help="compress K after RoPE (comparison only)")
     g.add_argument("--sigma-q", default=None, help="sigma_q.safetensors for rungs with metric=inner_product")
@@ -777,8 +873,11 @@ def cmd_tune(args) -> int:
         sys.stderr.flush()
 
     previous = None
-    if args.reuse_sensitivity:
-        previous = json.loads(Path(args.reuse_sensitivity).read_text())
+    reused = args.reuse_search or args.reuse_sensitivity
+    if args.reuse_search and args.reuse_sensitivity:
+        raise SystemExit("--reuse-search already reuses the sensitivity; give one of the two")
+    if reused:
+        previous = json.loads(Path(reused).read_text())
         same = {
             "model": previous["model"]["path"] == info.path and previous["dtype"] == args.dtype,
             "passages": previous["passages_provenance"]["search"]
@@ -788,31 +887,51 @@ def cmd_tune(args) -> int:
             "sink_tokens": previous["policy"].get("sink_tokens", 0) == args.sink_tokens,
             "seed": previous["settings"]["seed"] == args.seed,
         }
+        if args.reuse_search:
+            same["settings"] = previous["settings"] == json.loads(json.dumps(dataclasses.asdict(settings)))
+            same["layers"] = previous["layers"] == (None if layers is None else list(layers))
+            same["streams"] = previous["streams"] == list(streams)
         if not all(same.values()):
-            raise SystemExit(
-                f"--reuse-sensitivity {args.reuse_sensitivity}: differs in {[k for k, v in same.items() if not v]}"
-            )
-    result = search(
-        runner,
-        search_p,
-        ladder,
-        codec,
-        settings,
-        layers=layers,
-        streams=streams,
-        progress=progress,
-        log=log,
-        previous=previous,
-    )
+            flag = "--reuse-search" if args.reuse_search else "--reuse-sensitivity"
+            raise SystemExit(f"{flag} {reused}: differs in {[k for k, v in same.items() if not v]}")
+    if args.reuse_search:
+        result = replay(previous)
+        log(f"search taken from {args.reuse_search}: {len(result.rounds)} rounds")
+    else:
+        result = search(
+            runner,
+            search_p,
+            ladder,
+            codec,
+            settings,
+            layers=layers,
+            streams=streams,
+            progress=progress,
+            log=log,
+            previous=previous,
+        )
+
+    # 4. selection along the greedy path (before the final measurements, which then describe
+    # exactly the written policy)
+    path = greedy_path(result)
+    chosen = len(path) - 1
+    select = args.select if val_p else "greedy"
+    if select == "validation":
+        codec.clear()
+        runner.forget()
+        chosen = select_on_validation(runner, val_p, codec, path, settings, progress=progress)
+        log(f"selected on validation: state {chosen} of {len(path) - 1} (round {path[chosen]['round']})")
+    state = path[chosen]["state"]
 
     name = args.name or args.save_preset or f"tuned-dppl{args.budget_dppl:g}"
     description = (
         f"kakeya tune: per-(layer, stream) ladder search on {info.name}, |dppl| budget "
         f"{args.budget_dppl:g}, top-1 >= {args.min_top1:g}, {args.passages} search passages x (ctx "
-        f"{args.ctx} + {args.n_eval}), seed {args.seed}, {args.sink_tokens} sink tokens exact; command: {command}"
+        f"{args.ctx} + {args.n_eval}), seed {args.seed}, {args.sink_tokens} sink tokens exact, "
+        f"selected: {select}; command: {command}"
     )
     policy = state_policy(
-        result.state,
+        state,
         ladder,
         info.num_layers,
         name=name,
@@ -824,6 +943,7 @@ def cmd_tune(args) -> int:
 
     # 3. the written policy, through PolicyCodec, on the search and the held-out passages
     codec.clear()
+    runner.forget()
     winner_codec = PolicyCodec(policy, info.num_layers, sigma_q=sigma, threads=args.threads)
     (search_row,), _ = measure(
         runner,
@@ -882,7 +1002,10 @@ def cmd_tune(args) -> int:
         "sensitivity_from": args.reuse_sensitivity,
         "rounds": result.rounds,
         "stop_reason": result.stop_reason,
-        "rungs": result.rungs(),
+        "rungs": result.rungs(),  # the end of the greedy path
+        "search_from": args.reuse_search,
+        "path": [{k: v for k, v in e.items() if k != "state"} for e in path],
+        "selected": {"by": select, "index": chosen, "round": path[chosen]["round"], "rungs": _rungs(state)},
         "policy": policy.to_dict(),
         "search_result": search_row,
         "validation": validation,
@@ -896,6 +1019,8 @@ def cmd_tune(args) -> int:
     (out / "tune.json").write_text(json.dumps(_finite(record), indent=2, allow_nan=False) + "\n")
     md = tune_markdown(record)
     (out / "tune.md").write_text(md)
+    if select == "validation":
+        plot_path(record, out / "tune_path.png")
     if args.save_preset:
         path = save_preset(policy, args.save_preset)
         md += f"\nPreset written to {path} (`--config {args.save_preset}`)\n"
@@ -940,16 +1065,27 @@ def tune_markdown(r: Mapping[str, Any]) -> str:
         _row_md("base (rung 0 everywhere), search", r["base"]),
         _row_md(f"**{r['policy']['name']}**, search", r["search_result"]),
     ]
+    selected = r.get("selected") or {"by": "greedy", "rungs": r["rungs"]}
+    on_val = selected["by"] == "validation"
     for v in r["validation"]:
         label = f"**{v['policy']}**" if v["policy"] == r["policy"]["name"] else f"`{v['policy']}`"
-        lines.append(_row_md(f"{label}, validation", v))
+        lines.append(_row_md(f"{label}, validation{' (selected on)' if on_val else ''}", v))
+    if on_val:
+        lines += [
+            "",
+            f"Written: the most compressed state of the greedy path that also passes on the validation "
+            f"passages (state {selected['index']} of {len(r['path']) - 1}, round {selected['round']}); "
+            "the validation passages chose it, so they are no longer held out: measure it on other text "
+            "(`kakeya eval --config policy.json`) before trusting it.",
+        ]
     lines += ["", "Rungs chosen (0 = first rung of the ladder):", ""]
-    layers = sorted({int(k) for s in STREAMS for k in r["rungs"][s]})
+    rungs = selected["rungs"]
+    layers = sorted({int(k) for s in STREAMS for k in rungs[s]})
     lines.append("| stream | " + " | ".join(str(la) for la in layers) + " |")
     lines.append("|---|" + "---|" * len(layers))
     for s in STREAMS:
         lines.append(
-            f"| {s.upper()} | " + " | ".join(str(r["rungs"][s].get(str(la), "-")) for la in layers) + " |"
+            f"| {s.upper()} | " + " | ".join(str(rungs[s].get(str(la), "-")) for la in layers) + " |"
         )
     lines += ["", "Ladder: " + (r["ladder"].get("description") or "")]
     for s in STREAMS:
@@ -972,4 +1108,63 @@ def tune_markdown(r: Mapping[str, Any]) -> str:
             )
             + f" | {'' if not rd['frozen'] else str(rd['frozen'][1]).upper() + str(rd['frozen'][0])} |"
         )
+    if on_val:
+        lines += [
+            "",
+            "Greedy path (every state measured on the search and on the validation passages):",
+            "",
+            "| state | after round | ratio | search Δppl | search top-1 | validation Δppl | validation top-1 | passes there |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for i, e in enumerate(r["path"]):
+            a, v = e["search"], e["validation"]
+            mark = "**" if i == selected["index"] else ""
+            ok = passes(v, st["budget_dppl"], st["min_top1"], two_sided=st.get("two_sided", True))
+            lines.append(
+                f"| {mark}{i}{mark} | {'base' if e['round'] is None else e['round']} | {v['ratio']:.3f}x | "
+                f"{_pct(a['dppl'])} | {a['top1'] * 100:.2f}% | {_pct(v['dppl'])} | {v['top1'] * 100:.2f}% | "
+                f"{'yes' if ok else 'no'} |"
+            )
+        lines += ["", "![greedy path](tune_path.png)"]
     return "\n".join(lines) + "\n"
+
+
+def plot_path(r: Mapping[str, Any], path: Path) -> None:
+    """Δppl and top-1 along the greedy path, on the search and the validation passages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = r["settings"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    x = [e["validation"]["ratio"] for e in r["path"]]
+    for key, label, marker in (
+        ("search", "search passages", "o"),
+        ("validation", "validation passages", "s"),
+    ):
+        rows = [e[key] for e in r["path"]]
+        ax1.plot(x, [row["dppl"] * 100 for row in rows], marker=marker, label=label)
+        ax2.plot(x, [row["top1"] * 100 for row in rows], marker=marker, label=label)
+    chosen = r["selected"]["index"]
+    for ax in (ax1, ax2):
+        ax.axvline(x[chosen], color="black", linestyle="--", linewidth=1, label="written policy")
+        ax.set_xlabel("compression ratio (measured, vs bf16)")
+        ax.grid(alpha=0.3)
+    b = st["budget_dppl"] * 100
+    ax1.axhspan(
+        -b if st.get("two_sided", True) else ax1.get_ylim()[0],
+        b,
+        color="tab:green",
+        alpha=0.15,
+        label="budget",
+    )
+    ax2.axhspan(st["min_top1"] * 100, 100, color="tab:green", alpha=0.15, label="top-1 floor")
+    ax1.set_ylabel("Δppl (%)")
+    ax2.set_ylabel("top-1 agreement with codec off (%)")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"kakeya tune greedy path: {r['policy']['name']} on {r['model']['name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

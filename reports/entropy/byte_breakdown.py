@@ -61,8 +61,12 @@ def breakdown(policy_name: str, prefixes) -> collections.Counter:
                     parts["skeletons (means)"] += len(value)
                 elif depth == 3:
                     parts[key.rsplit("/", 1)[1]] += len(value)
-            records = sum(len(v) for k, v in sections.items() if k.count("/") in (1, 2) and k != "preconditioner")
-            parts["offset tables"] += len(data) - (12 + header_len + 4) - records - len(sections["preconditioner"])
+            records = sum(
+                len(v) for k, v in sections.items() if k.count("/") in (1, 2) and k != "preconditioner"
+            )
+            parts["offset tables"] += (
+                len(data) - (12 + header_len + 4) - records - len(sections["preconditioner"])
+            )
             parts["stored"] += len(data)
     parts["stored"] += parts["sink (exact, bf16)"] + parts["exact streams"]
     return parts
@@ -76,7 +80,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     prefixes = capture([int(v) for v in args.passages.split(",")], args.ctx)
     print("# Byte breakdown\n")
-    print("command: `python " + " ".join(["reports/entropy/byte_breakdown.py", *(argv or sys.argv[1:])]) + "`\n")
+    print(
+        "command: `python " + " ".join(["reports/entropy/byte_breakdown.py", *(argv or sys.argv[1:])]) + "`\n"
+    )
     print(f"SmolLM2-135M, prefixes of {args.ctx} tokens of WikiText-2 evaluation passages {args.passages}.\n")
     for name in args.policies:
         parts = breakdown(name, prefixes)
