@@ -1069,7 +1069,8 @@ def tune_markdown(r: Mapping[str, Any]) -> str:
     on_val = selected["by"] == "validation"
     for v in r["validation"]:
         label = f"**{v['policy']}**" if v["policy"] == r["policy"]["name"] else f"`{v['policy']}`"
-        lines.append(_row_md(f"{label}, validation{' (selected on)' if on_val else ''}", v))
+        chose = on_val and v["policy"] == r["policy"]["name"]
+        lines.append(_row_md(f"{label}, validation{' (selected on)' if chose else ''}", v))
     if on_val:
         lines += [
             "",
