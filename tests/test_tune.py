@@ -7,6 +7,7 @@ its bf16 copy, so every test below can fail.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -199,6 +200,21 @@ def test_one_sided_budget_allows_only_lower_perplexity_at_zero(llama):
     for rd in one.rounds:
         for c in rd["candidates"]:
             assert c["passes"] == (c["dppl"] <= 0.0 and c["top1"] >= 0.9)
+
+
+def test_a_kl_budget_bounds_every_kept_state_and_compresses_less(llama):
+    loose, _, _ = run_search(llama, budget_dppl=1e9, min_top1=0.0)
+    kl_end = loose.search["kl_mean"]
+    bounded, _, _ = run_search(llama, budget_dppl=1e9, min_top1=0.0, budget_kl=kl_end / 4)
+    kept = [c for rd in bounded.rounds for c in rd["candidates"] if c["kept"]]
+    assert kept and all(c["kl_mean"] <= kl_end / 4 for c in kept)
+    assert bounded.search["ratio"] < loose.search["ratio"]
+    exact, _, _ = run_search(llama, budget_dppl=1e9, min_top1=0.0, budget_kl=0.0)
+    assert set(exact.state.values()) == {0}
+    with pytest.raises(ValueError, match="budget_kl"):
+        TuneSettings(budget_kl=-1.0)
+    old = {k: v for k, v in dataclasses.asdict(TuneSettings()).items() if k != "budget_kl"}
+    assert TuneSettings.from_record(old) == TuneSettings()  # records written before the field
 
 
 def test_unlimited_budget_goes_to_the_bottom_of_the_ladder(llama):
