@@ -10,8 +10,9 @@
 # (ablation of Σ_q and centroids), throughput (codec benchmark), overhead (harness), entropy
 # (uniform-ec under HF and vLLM and on held-out text, the two ~4.9x probes, the entropy-coding
 # benchmark), scales (uniform-ec-log8: evaluation and held-out text, HF and vLLM; the
-# V-step-everywhere probe with log8 scales), tune (kakeya tune with the log8 ladder: selection on
-# the validation passages, then the written policy and the greedy endpoint on the evaluation text).
+# V-step-everywhere probe with log8 scales), tune (the two kakeya tune searches on the log8 ladder,
+# replayed from their records: the written policies and the greedy endpoints on the evaluation text,
+# the KL search's endpoint, preset uniform-ec-log8-tuned, under HF and vLLM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p reports
@@ -55,7 +56,10 @@ for step in "${steps[@]}"; do
                 echo 'one run on the same data. With basis "pca" every block needs a DxD eigendecomposition;'
                 echo "numpy's (LAPACK eigh) takes ~30 ms of the reference's ~260 ms encode at 4096x8x128 (cProfile),"
                 echo "and faer's costs the Rust codec about as much CPU time (perf), so 20x the reference there would need"
-                echo 'the rest of the encode to cost nothing.'
+                echo 'the rest of the encode to cost nothing. The "GEMM floor" column is the two f32 matrix products'
+                echo 'of every pca block alone (Gram matrix, full-rank projection) with numpy'"'"'s BLAS, and "floor x numpy"'
+                echo 'the most an encoder doing only them could gain over the reference. Absolute MB/s differ a lot'
+                echo 'between the virtual machines of different sessions (memcpy too): compare the columns of one run.'
                 echo
                 echo '```'
                 python benchmarks/codec_throughput.py --json reports/codec_throughput.json
@@ -126,7 +130,21 @@ for step in "${steps[@]}"; do
                 --json reports/entropy/eval_tuned_log8.json
             run entropy/eval_tuned_log8_greedy_endpoint kakeya eval \
                 --config reports/entropy/tune_log8/greedy_endpoint.policy.json \
-                --json reports/entropy/eval_tuned_log8_greedy_endpoint.json ;;
+                --json reports/entropy/eval_tuned_log8_greedy_endpoint.json
+            # the second search (KL budget, KL cost), replayed the same way
+            kakeya tune --text-file /tmp/wikitext2_calibration_part.txt --passages 8 --val-passages 8 \
+                --ctx 1024 --n-eval 256 --budget-dppl 0.008 --budget-kl 0.0065 --cost kl \
+                --ladder reports/entropy/ladder_log8.json --sink-tokens 1 --compare uniform-ec-log8 \
+                --out reports/entropy/tune_log8_kl --name tuned-log8-kl --no-progress \
+                --reuse-search reports/entropy/tune_log8_kl/tune.json > /dev/null
+            run entropy/eval_tuned_log8_kl kakeya eval --config reports/entropy/tune_log8_kl/policy.json \
+                --json reports/entropy/eval_tuned_log8_kl.json
+            run entropy/eval_tuned_log8_kl_greedy_endpoint kakeya eval \
+                --config reports/entropy/tune_log8_kl/greedy_endpoint.policy.json \
+                --json reports/entropy/eval_tuned_log8_kl_greedy_endpoint.json
+            run entropy/compare_engines_tuned_log8_kl_greedy_endpoint kakeya compare-engines \
+                --config reports/entropy/tune_log8_kl/greedy_endpoint.policy.json --passages 16 --ctx 1024 \
+                --n-eval 256 --json reports/entropy/compare_engines_tuned_log8_kl_greedy_endpoint.json ;;
         *)
             echo "unknown step: $step" >&2; exit 2 ;;
     esac

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from kakeya_py.tune import (
 )
 
 CTX, N_EVAL = 192, 24
+REPO = Path(__file__).resolve().parents[1]
 
 
 def passages(n: int = 2, first_seed: int = 10) -> list[Passage]:
@@ -143,6 +145,22 @@ def test_the_package_ships_the_presets_folder():
     import kakeya_py.policy as P
 
     assert P.PRESETS_DIR.parent.name == "kakeya_py" and P.PRESETS_DIR.is_dir()
+
+
+def test_the_shipped_tuned_preset_is_the_measured_policy():
+    """``uniform-ec-log8-tuned`` resolves by name and gives every (layer, stream) of SmolLM2
+    the config of the policy measured in reports/entropy (only name and description differ)."""
+    import kakeya_py.policy as P
+
+    assert "uniform-ec-log8-tuned" in P.preset_names()
+    shipped = load_policy("uniform-ec-log8-tuned")
+    measured = load_policy(str(REPO / "reports/entropy/tune_log8_kl/greedy_endpoint.policy.json"))
+    assert shipped.sink_tokens == measured.sink_tokens == 1
+    for layer in range(30):
+        for stream in ("k", "v"):
+            a, b = shipped.config_for(layer, stream, 30), measured.config_for(layer, stream, 30)
+            assert a is not None and a.to_dict() == b.to_dict()
+            assert a.scale_format == "log8" and a.entropy_coding
 
 
 # -- search --------------------------------------------------------------------------------------

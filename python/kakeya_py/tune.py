@@ -1143,8 +1143,8 @@ def tune_markdown(r: Mapping[str, Any]) -> str:
             "",
             "Greedy path (every state measured on the search and on the validation passages):",
             "",
-            "| state | after round | ratio | search Δppl | search top-1 | validation Δppl | validation top-1 | passes there |",
-            "|---|---|---|---|---|---|---|---|",
+            "| state | after round | ratio | search Δppl | top-1 | KL | validation Δppl | top-1 | KL | passes there |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for i, e in enumerate(r["path"]):
             a, v = e["search"], e["validation"]
@@ -1152,22 +1152,22 @@ def tune_markdown(r: Mapping[str, Any]) -> str:
             ok = TuneSettings.from_record(st).ok(v)
             lines.append(
                 f"| {mark}{i}{mark} | {'base' if e['round'] is None else e['round']} | {v['ratio']:.3f}x | "
-                f"{_pct(a['dppl'])} | {a['top1'] * 100:.2f}% | {_pct(v['dppl'])} | {v['top1'] * 100:.2f}% | "
-                f"{'yes' if ok else 'no'} |"
+                f"{_pct(a['dppl'])} | {a['top1'] * 100:.2f}% | {a['kl_mean']:.4f} | {_pct(v['dppl'])} | "
+                f"{v['top1'] * 100:.2f}% | {v['kl_mean']:.4f} | {'yes' if ok else 'no'} |"
             )
         lines += ["", "![greedy path](tune_path.png)"]
     return "\n".join(lines) + "\n"
 
 
 def plot_path(r: Mapping[str, Any], path: Path) -> None:
-    """Δppl and top-1 along the greedy path, on the search and the validation passages."""
+    """Δppl, top-1 and mean KL along the greedy path, on the search and the validation passages."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     st = r["settings"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.6))
     x = [e["validation"]["ratio"] for e in r["path"]]
     for key, label, marker in (
         ("search", "search passages", "o"),
@@ -1176,8 +1176,9 @@ def plot_path(r: Mapping[str, Any], path: Path) -> None:
         rows = [e[key] for e in r["path"]]
         ax1.plot(x, [row["dppl"] * 100 for row in rows], marker=marker, label=label)
         ax2.plot(x, [row["top1"] * 100 for row in rows], marker=marker, label=label)
+        ax3.plot(x, [row["kl_mean"] for row in rows], marker=marker, label=label)
     chosen = r["selected"]["index"]
-    for ax in (ax1, ax2):
+    for ax in (ax1, ax2, ax3):
         ax.axvline(x[chosen], color="black", linestyle="--", linewidth=1, label="written policy")
         ax.set_xlabel("compression ratio (measured, vs bf16)")
         ax.grid(alpha=0.3)
@@ -1190,6 +1191,10 @@ def plot_path(r: Mapping[str, Any], path: Path) -> None:
         label="budget",
     )
     ax2.axhspan(st["min_top1"] * 100, 100, color="tab:green", alpha=0.15, label="top-1 floor")
+    if st.get("budget_kl") is not None:
+        ax3.axhspan(0, st["budget_kl"], color="tab:green", alpha=0.15, label="KL budget")
+    ax3.set_ylabel("mean KL(ref ‖ codec)")
+    ax3.legend(fontsize=8)
     ax1.set_ylabel("Δppl (%)")
     ax2.set_ylabel("top-1 agreement with codec off (%)")
     ax1.legend(fontsize=8)
