@@ -2,7 +2,7 @@
 # Regenerates every report under reports/ on the default model and text (SmolLM2-135M,
 # WikiText-2). Each report records the command that produced it.
 #
-#   bash scripts/make_reports.sh            # everything (about an hour on 2 CPU cores)
+#   bash scripts/make_reports.sh            # everything (about two and a half hours on 2 CPU cores)
 #   bash scripts/make_reports.sh eval engines memory   # only the named steps
 #
 # Steps: eval (HF, recommended preset), engines (codec-off HF vs vLLM), compare
