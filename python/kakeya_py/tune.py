@@ -81,7 +81,7 @@ Outputs (``--out DIR``): ``policy.json`` (complete policy; ``kakeya eval --confi
 DIR/policy.json``; the description records the budget and the command), ``tune.json``
 (settings, passages, sensitivity, every round's candidates with their measurements,
 final and validation results, the path and the selection), ``tune.md`` (summary and
-command), ``tune_path.png`` (Δppl and top-1 along the path on both passage sets). ``--save-preset NAME``
+command), ``tune_path.png`` (Δppl, top-1 and KL along the path on both passage sets). ``--save-preset NAME``
 also writes ``kakeya_py/presets/NAME.json``, which ``load_policy(NAME)`` resolves.
 """
 
@@ -606,20 +606,19 @@ def replay(previous: Mapping[str, Any]) -> TuneResult:
     """The :class:`TuneResult` an earlier record (``tune.json``) describes, without
     measuring anything (``--reuse-search``)."""
     state: State = {(int(la), s): r for s in STREAMS for la, r in previous["rungs"][s].items()}
-    rounds = [dict(rd) for rd in previous["rounds"]]
-    kept = [c for rd in rounds for c in rd["candidates"] if c["kept"]]
     result = TuneResult(
         state=state,
         pairs=sorted(state, key=lambda p: (p[0], STREAMS.index(p[1]))),
         base=dict(previous["base"]),
         sensitivity=[dict(e) for e in previous["sensitivity"]],
-        rounds=rounds,
-        search=dict(kept[-1]) if kept else dict(previous["base"]),
+        rounds=[dict(rd) for rd in previous["rounds"]],
+        search={},
         stop_reason=previous["stop_reason"],
         encodes=0,
         seconds=0.0,
     )
-    greedy_path(result)  # checks that the rounds lead to the recorded rungs
+    # the path checks that the rounds lead to the recorded rungs; its end is the search result
+    result.search = greedy_path(result)[-1]["search"]
     return result
 
 
@@ -970,18 +969,9 @@ def cmd_tune(args) -> int:
 
     # 3. the written policy, through PolicyCodec, on the search and the held-out passages
     codec.clear()
-    runner.forget()
     winner_codec = PolicyCodec(policy, info.num_layers, sigma_q=sigma, threads=args.threads)
-    (search_row,), _ = measure(
-        runner,
-        search_p,
-        [Variant(name, codec_transform(winner_codec))],
-        seed=args.seed,
-        progress=progress,
-        desc="final (search passages)",
-    )
-    runner.forget()
-    val_variants = [Variant(name, codec_transform(winner_codec))]
+    winner = Variant(name, codec_transform(winner_codec))
+    val_variants = [winner]
     for c, pol in zip(compare, compare_policies, strict=True):
         s_c = sigma if pol.sigma_q is None else None
         if pol.sigma_q is not None:
@@ -993,10 +983,21 @@ def cmd_tune(args) -> int:
             )
         pc = PolicyCodec(pol, info.num_layers, sigma_q=s_c, threads=args.threads)
         val_variants.append(Variant(c, codec_transform(pc), k_position=pol.k_position))
-    validation: list[dict[str, Any]] = []
-    if val_p:
-        vrows, _ = measure(runner, val_p, val_variants, seed=args.seed, progress=progress, desc="validation")
-        validation = [{"policy": v.name, **r} for v, r in zip(val_variants, vrows, strict=True)]
+
+    def final(passages, variants, desc: str) -> list[dict[str, Any]]:
+        rows, _ = measure(runner, passages, variants, seed=args.seed, progress=progress, desc=desc)
+        runner.forget()
+        return rows
+
+    # the runner still holds the prefills of the passages it measured last (validation after
+    # a selection, search otherwise): measure those first so that none is computed twice
+    vrows: list[dict[str, Any]] = []
+    if select == "validation":
+        vrows = final(val_p, val_variants, "validation")
+    (search_row,) = final(search_p, [winner], "final (search passages)")
+    if select != "validation" and val_p:
+        vrows = final(val_p, val_variants, "validation")
+    validation = [{"policy": v.name, **r} for v, r in zip(val_variants, vrows, strict=True)] if vrows else []
 
     record = {
         "command": command,
