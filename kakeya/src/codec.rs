@@ -256,7 +256,7 @@ fn read_allocation(
 
 fn round_scale(s: f32, dtype: ScaleDtype) -> f32 {
     match dtype {
-        ScaleDtype::F16 => half::f16::from_f32(s).to_f32(),
+        ScaleDtype::F16 => crate::f16::round(s),
         ScaleDtype::F32 => s,
         // The nearest level (block records round their scales together instead).
         ScaleDtype::Log8 => log_scale::quantize(&[s]).values[0],
@@ -469,18 +469,25 @@ pub fn encode(
 
     // Hot job closures are `#[inline(always)]` so that they compile into the AVX2 copy of
     // `simd::dispatch`, which `map_jobs` runs every job in.
-    let head_rows: Vec<Vec<f32>> = map_jobs(
-        threads,
-        heads,
-        #[inline(always)]
-        |h| {
-            let rows = input.head_rows(h);
-            match &l_hat {
-                Some(l) => right_multiply(&rows, dim, &l[h]),
-                None => rows,
-            }
-        },
-    );
+    // Whole heads are gathered only where something works on them whole: the shared basis
+    // and the pre-conditioner (one product per head); blocks otherwise gather their own rows.
+    let whole_heads = config.share_basis || l_hat.is_some();
+    let head_rows: Vec<Vec<f32>> = if whole_heads {
+        map_jobs(
+            threads,
+            heads,
+            #[inline(always)]
+            |h| {
+                let rows = input.head_rows(h);
+                match &l_hat {
+                    Some(l) => right_multiply(&rows, dim, &l[h]),
+                    None => rows,
+                }
+            },
+        )
+    } else {
+        Vec::new()
+    };
     let shared: Vec<Skeleton> = if config.share_basis && tokens > 0 {
         map_jobs(threads, heads, |h| {
             pca::fit(&head_rows[h], dim, config, h, SHARED_BLOCK_KEY)
@@ -495,7 +502,12 @@ pub fn encode(
         let (h, b) = (job / per_head, job % per_head);
         let start = b * config.block_size;
         let end = (start + config.block_size).min(tokens);
-        (h, b, &head_rows[h][start * dim..end * dim])
+        let rows = if whole_heads {
+            head_rows[h][start * dim..end * dim].to_vec()
+        } else {
+            input.block_rows(h, start..end)
+        };
+        (h, b, rows)
     };
     let variance = config.allocation == Allocation::Variance;
     let mut rotated: Vec<RotatedBlock> = map_jobs(
@@ -503,16 +515,19 @@ pub fn encode(
         heads * per_head,
         #[inline(always)]
         |job| {
-            let (h, b, rows) = block_rows(job);
+            let (h, b, mut rows) = block_rows(job);
             let n = rows.len() / dim;
             let own = if config.share_basis {
+                pca::center(&mut rows, &shared[h].mean);
                 None
             } else {
-                Some(pca::fit(rows, dim, config, h, b as u64)?)
+                let (sk, centered) = pca::fit_centered(rows, dim, config, h, b as u64)?;
+                rows = centered;
+                Some(sk)
             };
             let sk = own.as_ref().unwrap_or_else(|| &shared[h]);
             let rank = sk.rank;
-            let coef = pca::coefficients(rows, dim, sk);
+            let coef = pca::project(rows, dim, sk);
             let (rotated, scales) = if variance {
                 (coef, Vec::new())
             } else {
@@ -1141,7 +1156,7 @@ impl Encoded {
                 let pairs = r.take_array(count, 4, "outliers")?;
                 for p in pairs.chunks_exact(4) {
                     let idx = usize::from(u16::from_le_bytes([p[0], p[1]]));
-                    let value = half::f16::from_bits(u16::from_le_bytes([p[2], p[3]])).to_f32();
+                    let value = crate::f16::to_f32(u16::from_le_bytes([p[2], p[3]]));
                     if idx >= rows_here * padded || !value.is_finite() {
                         return Err(CodecError::Corrupt(format!(
                             "outlier ({idx}, {value}) outside a segment of {rows_here} rows × {padded}"

@@ -52,7 +52,7 @@ impl SkeletonDtype {
     /// `v` rounded to this storage type.
     pub fn round(self, v: f64) -> f32 {
         match self {
-            Self::F16 => half::f16::from_f64(v).to_f32(),
+            Self::F16 => crate::f16::to_f32(crate::f16::from_f64(v)),
             Self::F32 => v as f32,
         }
     }

@@ -110,7 +110,7 @@ impl Writer {
     }
     /// Appends an IEEE half.
     pub fn f16(&mut self, v: f32) {
-        self.u16(half::f16::from_f32(v).to_bits());
+        self.u16(crate::f16::from_f32(v));
     }
     /// Appends values in the skeleton dtype (already rounded, so exact).
     pub fn skeleton_values(&mut self, values: &[f32], dtype: SkeletonDtype) {
@@ -212,7 +212,7 @@ pub fn read_floats(bytes: &[u8], size: usize, what: &str) -> Result<Vec<f32>> {
     let values: Vec<f32> = match size {
         2 => bytes
             .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .map(|c| crate::f16::to_f32(u16::from_le_bytes([c[0], c[1]])))
             .collect(),
         _ => bytes
             .chunks_exact(4)

@@ -1,7 +1,8 @@
 //! PCA skeleton of a block: rounded mean plus an orthonormal basis, exact or randomized.
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par, Side};
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::{Accum, Mat, MatRef, Par};
 
 use crate::config::{Basis, CodecConfig, PcaMethod, SkeletonDtype};
 use crate::error::{CodecError, Result};
@@ -33,11 +34,12 @@ impl Skeleton {
 struct Components {
     /// Eigenvalues (squared singular values), descending.
     values: Vec<f64>,
-    /// `D × k` matrix whose columns are the components.
-    vectors: Mat<f64>,
+    /// The components as rows: `k × D`, row-major.
+    vectors_t: Vec<f32>,
 }
 
 /// Fits the skeleton of `n` rows of `dim` values (row-major `rows`).
+#[inline(always)]
 pub fn fit(
     rows: &[f32],
     dim: usize,
@@ -45,26 +47,37 @@ pub fn fit(
     head: usize,
     block_key: u64,
 ) -> Result<Skeleton> {
+    Ok(fit_centered(rows.to_vec(), dim, config, head, block_key)?.0)
+}
+
+/// [`fit`] on rows the caller hands over, returned centred on the stored mean (what
+/// [`coefficients`] projects), so an encoder makes no second copy.
+#[inline(always)]
+pub fn fit_centered(
+    mut rows: Vec<f32>,
+    dim: usize,
+    config: &CodecConfig,
+    head: usize,
+    block_key: u64,
+) -> Result<(Skeleton, Vec<f32>)> {
     let n = rows.len() / dim;
     let dtype = config.skeleton_dtype;
-    let mean = rounded_mean(rows, dim, dtype);
+    let mean = rounded_mean(&rows, dim, dtype);
+    center(&mut rows, &mean);
     if config.basis == Basis::None {
-        return Ok(Skeleton {
+        let skeleton = Skeleton {
             rank: dim,
             mean,
             basis_t: Vec::new(),
-        });
+        };
+        return Ok((skeleton, rows));
     }
-    let mut centered32 = rows.to_vec();
-    for row in centered32.chunks_exact_mut(dim) {
-        row.iter_mut().zip(&mean).for_each(|(v, m)| *v -= m);
-    }
-    let total = crate::simd::sum_squares(&centered32);
+    let total = crate::simd::sum_squares(&rows);
 
     let components = match config.pca {
-        PcaMethod::Exact => exact_components(&centered32, n, dim)?,
+        PcaMethod::Exact => exact_components(&rows, n, dim)?,
         PcaMethod::Randomized => {
-            let centered = Mat::<f64>::from_fn(n, dim, |i, j| f64::from(centered32[i * dim + j]));
+            let centered = Mat::<f64>::from_fn(n, dim, |i, j| f64::from(rows[i * dim + j]));
             let target = config.rank.or(config.rank_cap).unwrap_or(dim);
             let width = (target + config.oversampling).clamp(1, dim);
             randomized_components(centered.as_ref(), width, config, head, block_key)?
@@ -73,24 +86,33 @@ pub fn fit(
     let rank = choose_rank(&components.values, total, n, dim, config);
 
     let mut basis_t = Vec::with_capacity(rank * dim);
-    for k in 0..rank {
-        let col = components.vectors.col(k);
+    for row in components.vectors_t.chunks_exact(dim).take(rank) {
         let mut peak = 0usize;
         for i in 1..dim {
-            if col[i].abs() > col[peak].abs() {
+            if row[i].abs() > row[peak].abs() {
                 peak = i;
             }
         }
-        let sign = if col[peak] < 0.0 { -1.0 } else { 1.0 };
-        basis_t.extend((0..dim).map(|i| dtype.round(sign * col[i])));
+        let sign = if row[peak] < 0.0 { -1.0 } else { 1.0 };
+        basis_t.extend(row.iter().map(|&v| dtype.round(f64::from(sign * v))));
     }
-    Ok(Skeleton {
+    let skeleton = Skeleton {
         rank,
         mean,
         basis_t,
-    })
+    };
+    Ok((skeleton, rows))
 }
 
+/// Subtracts `mean` from every row.
+#[inline(always)]
+pub fn center(rows: &mut [f32], mean: &[f32]) {
+    for row in rows.chunks_exact_mut(mean.len()) {
+        row.iter_mut().zip(mean).for_each(|(v, m)| *v -= m);
+    }
+}
+
+#[inline(always)]
 fn rounded_mean(rows: &[f32], dim: usize, dtype: SkeletonDtype) -> Vec<f32> {
     let n = rows.len() / dim;
     let mut sum = vec![0.0f64; dim];
@@ -130,32 +152,37 @@ fn choose_rank(values: &[f64], total: f64, n: usize, dim: usize, config: &CodecC
     cap
 }
 
-/// Eigenpairs of the Gram matrix `AᵀA` of the centred rows. The product runs in f32
-/// (the SIMD kernel is twice as fast as f64 and its rounding is far below the f16 basis);
-/// the eigendecomposition runs in f64.
+/// Eigenpairs of the Gram matrix `AᵀA` of the centred rows, all in f32 (its rounding is far
+/// below that of the f16 basis): the product with faer's SIMD kernels, the decomposition
+/// with [`crate::eigen`].
+#[inline(always)]
 fn exact_components(centered: &[f32], n: usize, dim: usize) -> Result<Components> {
     let a = MatRef::from_row_major_slice(centered, n, dim);
-    let mut gram32 = Mat::<f32>::zeros(dim, dim);
-    matmul(
-        gram32.as_mut(),
+    // Only the lower triangle: half the product.
+    let mut gram = Mat::<f32>::zeros(dim, dim);
+    triangular::matmul(
+        gram.as_mut(),
+        BlockStructure::TriangularLower,
         Accum::Replace,
         a.transpose(),
+        BlockStructure::Rectangular,
         a,
+        BlockStructure::Rectangular,
         1.0f32,
         Par::Seq,
     );
-    let gram = Mat::<f64>::from_fn(dim, dim, |i, j| {
-        0.5 * (f64::from(gram32[(i, j)]) + f64::from(gram32[(j, i)]))
-    });
-    let eigen = gram
-        .self_adjoint_eigen(Side::Lower)
-        .map_err(|e| CodecError::Numerical(format!("eigendecomposition failed: {e:?}")))?;
-    let s = eigen.S().column_vector();
-    let u = eigen.U();
-    // faer sorts ascending; the codec wants strongest first.
-    let values = (0..dim).rev().map(|i| s[i].max(0.0)).collect();
-    let vectors = Mat::from_fn(dim, dim, |i, k| u[(i, dim - 1 - k)]);
-    Ok(Components { values, vectors })
+    let mut sym = vec![0.0f32; dim * dim];
+    for i in 0..dim {
+        for j in 0..=i {
+            sym[i * dim + j] = gram[(i, j)];
+            sym[j * dim + i] = gram[(i, j)];
+        }
+    }
+    let eigen = crate::eigen::symmetric_eigen(&mut sym, dim)?;
+    Ok(Components {
+        values: eigen.values.into_iter().map(|v| v.max(0.0)).collect(),
+        vectors_t: eigen.vectors,
+    })
 }
 
 fn orthonormal_columns(m: MatRef<'_, f64>) -> Mat<f64> {
@@ -191,23 +218,29 @@ fn randomized_components(
         .map_err(|e| CodecError::Numerical(format!("SVD of the sketch failed: {e:?}")))?;
     let s = svd.S().column_vector();
     let values = (0..s.nrows()).map(|i| s[i] * s[i]).collect();
-    Ok(Components {
-        values,
-        vectors: svd.V().to_owned(),
-    })
+    let v = svd.V();
+    let vectors_t = (0..v.ncols())
+        .flat_map(|k| (0..dim).map(move |i| v[(i, k)] as f32))
+        .collect();
+    Ok(Components { values, vectors_t })
 }
 
 /// `c = (x − μ̂) Û` for every row: `n × r` coefficients, row-major.
+#[inline(always)]
 pub fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
-    let n = rows.len() / dim;
-    let r = skeleton.rank;
-    let mut centered = Vec::with_capacity(rows.len());
-    for row in rows.chunks_exact(dim) {
-        centered.extend(row.iter().zip(&skeleton.mean).map(|(v, m)| v - m));
-    }
+    let mut centered = rows.to_vec();
+    center(&mut centered, &skeleton.mean);
+    project(centered, dim, skeleton)
+}
+
+/// `c = y Û` for centred rows `y` (returned as they are for the identity basis).
+#[inline(always)]
+pub fn project(centered: Vec<f32>, dim: usize, skeleton: &Skeleton) -> Vec<f32> {
     if skeleton.has_identity_basis() {
         return centered;
     }
+    let n = centered.len() / dim;
+    let r = skeleton.rank;
     let mut coef = vec![0.0f32; n * r];
     if r > 0 && n > 0 {
         let x = MatRef::from_row_major_slice(&centered, n, dim);
@@ -219,6 +252,7 @@ pub fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
 }
 
 /// `x̂ = μ̂ + c Ûᵀ` for `n` rows of `r` coefficients: `n × D`, row-major.
+#[inline(always)]
 pub fn reconstruct(coef: &[f32], n: usize, skeleton: &Skeleton) -> Vec<f32> {
     let dim = skeleton.mean.len();
     let r = skeleton.rank;

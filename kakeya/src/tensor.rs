@@ -1,6 +1,6 @@
 //! Input and output tensors `[tokens, kv_heads, head_dim]` in f32, f16 or bf16.
 
-use half::{bf16, f16};
+use half::bf16;
 use serde::{Deserialize, Serialize};
 
 use crate::config::MAX_HEAD_DIM;
@@ -99,7 +99,7 @@ impl Elements<'_> {
     pub fn get(&self, i: usize) -> f32 {
         match self {
             Self::F32(v) => v[i],
-            Self::F16(v) => f16::from_bits(v[i]).to_f32(),
+            Self::F16(v) => crate::f16::to_f32(v[i]),
             Self::Bf16(v) => bf16::from_bits(v[i]).to_f32(),
         }
     }
@@ -118,7 +118,7 @@ impl OwnedElements {
     pub fn from_f32(values: Vec<f32>, dtype: DType) -> Self {
         match dtype {
             DType::F32 => Self::F32(values),
-            DType::F16 => Self::F16(values.iter().map(|&v| f16::from_f32(v).to_bits()).collect()),
+            DType::F16 => Self::F16(values.iter().map(|&v| crate::f16::from_f32(v)).collect()),
             DType::Bf16 => Self::Bf16(
                 values
                     .iter()
@@ -265,9 +265,15 @@ impl<'a> TensorView<'a> {
     /// Rows of head `head` as a dense `[tokens, head_dim]` f32 matrix (row-major).
     #[inline(always)]
     pub fn head_rows(&self, head: usize) -> Vec<f32> {
-        let [tokens, heads, dim] = self.shape;
-        let mut out = Vec::with_capacity(tokens * dim);
-        for t in 0..tokens {
+        self.block_rows(head, 0..self.shape[0])
+    }
+
+    /// Rows `tokens` of head `head` as a dense f32 matrix (row-major).
+    #[inline(always)]
+    pub fn block_rows(&self, head: usize, tokens: std::ops::Range<usize>) -> Vec<f32> {
+        let [_, heads, dim] = self.shape;
+        let mut out = Vec::with_capacity(tokens.len() * dim);
+        for t in tokens {
             let start = (t * heads + head) * dim;
             match self.elements {
                 Elements::F32(v) => out.extend_from_slice(&v[start..start + dim]),
