@@ -18,6 +18,63 @@ use crate::parallel::{for_each_chunk_mut, map_jobs};
 use crate::pca::{self, Skeleton, SHARED_BLOCK_KEY};
 use crate::tensor::{checked_numel, DType, OwnedElements, TensorView};
 
+/// The decoded `[tokens, heads, dim]` buffer while block jobs fill it in parallel: the job of
+/// (head `h`, block `b`) writes only head `h`'s values in block `b`'s token rows.
+struct BlockRows {
+    ptr: *mut f32,
+    len: usize,
+    heads: usize,
+    dim: usize,
+}
+
+// SAFETY: jobs write disjoint elements (see `rows`) of a buffer that outlives them.
+unsafe impl Sync for BlockRows {}
+
+impl BlockRows {
+    /// Head `h`'s values at tokens `first..first + n`: `n × dim` with row stride `heads · dim`.
+    ///
+    /// # Safety
+    /// No two matrices alive at once may share a (token, head) pair.
+    unsafe fn rows(&self, first: usize, n: usize, h: usize) -> MatMut<'_, f32> {
+        let (heads, dim) = (self.heads, self.dim);
+        assert!(n > 0 && h < heads && ((first + n - 1) * heads + h + 1) * dim <= self.len);
+        MatMut::from_raw_parts_mut(
+            self.ptr.add((first * heads + h) * dim),
+            n,
+            dim,
+            (heads * dim) as isize,
+            1,
+        )
+    }
+
+    /// Head `h`'s `dim` values at token `t`.
+    ///
+    /// # Safety
+    /// As for [`BlockRows::rows`].
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, t: usize, h: usize) -> &mut [f32] {
+        let at = (t * self.heads + h) * self.dim;
+        assert!(h < self.heads && at + self.dim <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(at), self.dim)
+    }
+}
+
+/// `M = H_P diag(σ) B / √P` (`P × D`), `B` = the basis rows zero-padded to `P`: the inverse
+/// rotation and the basis in one matrix, so a block decodes as `μ̂ + y M`.
+#[inline(always)]
+fn unrotated_basis(basis_t: &[f32], rank: usize, dim: usize, signs: &[f32]) -> Vec<f32> {
+    let padded = signs.len();
+    let norm = 1.0 / (padded as f32).sqrt();
+    let mut m = vec![0.0f32; padded * dim];
+    for (j, (row, &s)) in m.chunks_exact_mut(dim).zip(signs).take(rank).enumerate() {
+        row.iter_mut()
+            .zip(&basis_t[j * dim..(j + 1) * dim])
+            .for_each(|(v, &u)| *v = s * norm * u);
+    }
+    hadamard::fwht_rows(&mut m, dim);
+    m
+}
+
 const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
 const F16_MAX: f32 = 65504.0;
 const SEGMENT_CODES: usize = 65536;
@@ -1183,9 +1240,14 @@ impl Encoded {
         Ok((record, r.position()))
     }
 
+    /// Decodes block `job` into its rows of `out`: `x̂ = μ̂ + y M` with `y` the scaled codes
+    /// and `M` the inverse rotation folded into the basis (and the inverse pre-conditioner
+    /// into both), one matrix product per block; the per-row inverse rotation remains
+    /// where the basis is the identity.
     #[inline(always)]
-    fn decode_block(&self, job: usize) -> Result<Vec<f32>> {
+    fn decode_block(&self, job: usize, out: &BlockRows) -> Result<()> {
         let config = &self.header.config;
+        let [_, _, dim] = self.header.shape;
         let per_head = self.header.blocks_per_head;
         let (h, b) = (job / per_head, job % per_head);
         let n = self.block_len(b);
@@ -1202,15 +1264,18 @@ impl Encoded {
             .own_skeleton
             .as_ref()
             .unwrap_or_else(|| &self.shared[h]);
+        let identity = sk.has_identity_basis();
         let padded = hadamard::padded_len(sk.rank);
-        let identity_basis = sk.has_identity_basis() && padded == sk.rank;
-        let mut coef = vec![0.0f32; if identity_basis { 0 } else { n * sk.rank }];
-        if config.allocation == Allocation::Variance {
+        // y: n × width; map: width × D (None: y's first D columns are the rows).
+        let (y, width, mut map) = if config.allocation == Allocation::Variance {
             let alloc = record
                 .own_alloc
                 .as_ref()
                 .unwrap_or_else(|| &self.shared_alloc[h]);
+            let mut coef = vec![0.0f32; n * sk.rank];
             dequantize_variance(&record, alloc, sk.rank, &mut coef);
+            let map = (!identity).then(|| sk.basis_t.clone());
+            (coef, sk.rank, map)
         } else if padded > 0 {
             let quantizer = quantizer_for(config);
             let mut z = vec![0.0f32; n * padded];
@@ -1222,29 +1287,70 @@ impl Encoded {
                 z[i] = v;
             }
             let signs = hadamard::signs(config.seed, padded);
-            for (i, (row, &s)) in z.chunks_exact_mut(padded).zip(&record.scales).enumerate() {
+            for (row, &s) in z.chunks_exact_mut(padded).zip(&record.scales) {
                 row.iter_mut().for_each(|v| *v *= s);
-                hadamard::unrotate(row, &signs);
-                if identity_basis {
-                    // basis "none" at a power-of-two head dim: the row is the coefficient
-                    // vector itself, finished in place.
-                    row.iter_mut().zip(&sk.mean).for_each(|(v, m)| *v += m);
-                } else {
-                    coef[i * sk.rank..(i + 1) * sk.rank].copy_from_slice(&row[..sk.rank]);
+                if identity {
+                    hadamard::unrotate(row, &signs);
                 }
             }
-            if identity_basis {
-                return Ok(match &self.preconditioner {
-                    Some(l) => right_multiply(&z, sk.mean.len(), &l[h].1),
-                    None => z,
-                });
+            let map = (!identity).then(|| unrotated_basis(&sk.basis_t, sk.rank, dim, &signs));
+            (z, padded, map)
+        } else {
+            (Vec::new(), 0, Some(Vec::new()))
+        };
+        let mut mean = sk.mean.clone();
+        let mut width = width;
+        if let Some(l) = &self.preconditioner {
+            let inverse = MatRef::from_row_major_slice(&l[h].1, dim, dim);
+            let folded = match &map {
+                Some(m) => {
+                    let mut folded = vec![0.0f32; width * dim];
+                    if width > 0 {
+                        matmul(
+                            MatMut::from_row_major_slice_mut(&mut folded, width, dim),
+                            Accum::Replace,
+                            MatRef::from_row_major_slice(m, width, dim),
+                            inverse,
+                            1.0f32,
+                            Par::Seq,
+                        );
+                    }
+                    folded
+                }
+                None => {
+                    width = width.max(dim);
+                    let mut folded = vec![0.0f32; width * dim];
+                    folded[..dim * dim].copy_from_slice(&l[h].1);
+                    folded
+                }
+            };
+            map = Some(folded);
+            mean = right_multiply(&mean, dim, &l[h].1);
+        }
+        let first = b * config.block_size;
+        // SAFETY (the `rows` and `row` calls): jobs and (head, block) pairs are one to one,
+        // so no other job touches these rows, and each view ends before the next begins.
+        match &map {
+            Some(m) if width > 0 => matmul(
+                unsafe { out.rows(first, n, h) },
+                Accum::Replace,
+                MatRef::from_row_major_slice(&y, n, width),
+                MatRef::from_row_major_slice(m, width, dim),
+                1.0f32,
+                Par::Seq,
+            ),
+            Some(_) => (0..n).for_each(|i| unsafe { out.row(first + i, h) }.fill(0.0)),
+            None => {
+                for (i, values) in y.chunks_exact(width).enumerate() {
+                    unsafe { out.row(first + i, h) }.copy_from_slice(&values[..dim]);
+                }
             }
         }
-        let rows = pca::reconstruct(&coef, n, sk);
-        Ok(match &self.preconditioner {
-            Some(l) => right_multiply(&rows, sk.mean.len(), &l[h].1),
-            None => rows,
-        })
+        for i in 0..n {
+            let row = unsafe { out.row(first + i, h) };
+            row.iter_mut().zip(&mean).for_each(|(v, m)| *v += m);
+        }
+        Ok(())
     }
 
     /// The decoded tensor's buffer, zeroed; an allocation failure is an error, not an abort.
@@ -1352,27 +1458,24 @@ impl Encoded {
         self.decode_blocks(threads)
     }
 
-    /// Decodes block by block, then interleaves the blocks' rows into the output.
+    /// Decodes block by block, each job writing its rows of the output.
     fn decode_blocks(&self, threads: Option<usize>) -> Result<Vec<f32>> {
         let [_, heads, dim] = self.header.shape;
-        let per_head = self.header.blocks_per_head;
-        let blocks: Vec<Vec<f32>> = map_jobs(
+        let mut out = self.zeroed_output()?;
+        let rows = BlockRows {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            heads,
+            dim,
+        };
+        map_jobs(
             threads,
             self.blocks.len(),
             #[inline(always)]
-            |job| self.decode_block(job),
+            |job| self.decode_block(job, &rows),
         )
         .into_iter()
-        .collect::<Result<_>>()?;
-        let mut out = self.zeroed_output()?;
-        for (job, rows) in blocks.iter().enumerate() {
-            let (h, b) = (job / per_head, job % per_head);
-            let first = b * self.header.config.block_size;
-            for (i, row) in rows.chunks_exact(dim).enumerate() {
-                let at = ((first + i) * heads + h) * dim;
-                out[at..at + dim].copy_from_slice(row);
-            }
-        }
+        .collect::<Result<()>>()?;
         Ok(out)
     }
 

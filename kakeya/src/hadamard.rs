@@ -48,6 +48,26 @@ pub fn fwht(x: &mut [f32]) {
     }
 }
 
+/// `H_P X` for `X` = `P` rows of `width` values (row-major): the butterflies of [`fwht`]
+/// with whole rows for values.
+#[inline(always)]
+pub fn fwht_rows(x: &mut [f32], width: usize) {
+    let p = x.len() / width.max(1);
+    debug_assert!(p.is_power_of_two() || p == 0);
+    let mut half = 1;
+    while half < p {
+        for block in x.chunks_exact_mut(2 * half * width) {
+            let (lo, hi) = block.split_at_mut(half * width);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                let (u, v) = (*a, *b);
+                *a = u + v;
+                *b = u - v;
+            }
+        }
+        half *= 2;
+    }
+}
+
 /// `y = H (σ ⊙ x) / √P` in place.
 #[inline(always)]
 pub fn rotate(x: &mut [f32], signs: &[f32]) {
@@ -79,6 +99,20 @@ mod tests {
             [0, 1, 2, 3, 5, 64, 65].map(padded_len),
             [0, 1, 2, 4, 8, 64, 128]
         );
+    }
+
+    #[test]
+    fn row_butterflies_transform_every_column() {
+        let (p, width) = (16usize, 5usize);
+        let x: Vec<f32> = (0..p * width).map(|i| (i as f32 * 0.37).cos()).collect();
+        let mut rows = x.clone();
+        fwht_rows(&mut rows, width);
+        for j in 0..width {
+            let mut col: Vec<f32> = (0..p).map(|i| x[i * width + j]).collect();
+            fwht(&mut col);
+            let got: Vec<f32> = (0..p).map(|i| rows[i * width + j]).collect();
+            assert_eq!(got, col, "column {j}");
+        }
     }
 
     #[test]
