@@ -1,5 +1,36 @@
 //! Dense bit packing of `bits`-wide codes, least-significant bit first.
 
+/// Whole groups of eight `B`-bit codes (one `u32`) to values: each lane selects its entry
+/// among the at most 16 of the table by comparisons, which vectorise, where indexing the
+/// table is one scalar load per value. Returns the number of groups done.
+#[inline(always)]
+fn lookup_small_groups<const B: usize>(packed: &[u8], table: &[f32], out: &mut [f32]) -> usize {
+    let entries = 1usize << B;
+    let mut t = [0.0f32; 16];
+    t[..entries].copy_from_slice(&table[..entries]);
+    let groups = (out.len() / 8).min(packed.len() / B);
+    for (values, bytes) in out
+        .chunks_exact_mut(8)
+        .zip(packed.chunks_exact(B))
+        .take(groups)
+    {
+        let mut word = [0u8; 4];
+        word[..B].copy_from_slice(bytes);
+        let word = u32::from_le_bytes(word);
+        let codes: [u32; 8] = std::array::from_fn(|i| (word >> (i * B)) & ((1 << B) - 1));
+        let mut v = [t[0]; 8];
+        for (k, &entry) in t.iter().enumerate().take(entries).skip(1) {
+            for (value, &code) in v.iter_mut().zip(&codes) {
+                if code == k as u32 {
+                    *value = entry;
+                }
+            }
+        }
+        values.copy_from_slice(&v);
+    }
+    groups
+}
+
 /// Bytes needed for `count` codes of `bits` bits.
 pub fn packed_len(count: usize, bits: u8) -> usize {
     (count * usize::from(bits)).div_ceil(8)
@@ -46,20 +77,29 @@ pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
 pub fn unpack_lookup(packed: &[u8], bits: u8, table: &[f32], out: &mut [f32]) {
     let mask = (1u64 << bits) - 1;
     let width = usize::from(bits);
-    // Eight codes fill exactly `bits` bytes: whole groups come out of one u64.
-    let groups = (out.len() / 8).min(packed.len() / width);
-    for (values, bytes) in out
-        .chunks_exact_mut(8)
-        .zip(packed.chunks_exact(width))
-        .take(groups)
-    {
-        let mut word = [0u8; 8];
-        word[..width].copy_from_slice(bytes);
-        let word = u64::from_le_bytes(word);
-        for (i, v) in values.iter_mut().enumerate() {
-            *v = table[((word >> (i * width)) & mask) as usize];
+    let groups = match bits {
+        1 => lookup_small_groups::<1>(packed, table, out),
+        2 => lookup_small_groups::<2>(packed, table, out),
+        3 => lookup_small_groups::<3>(packed, table, out),
+        4 => lookup_small_groups::<4>(packed, table, out),
+        _ => {
+            // Eight codes fill exactly `bits` bytes: whole groups come out of one u64.
+            let groups = (out.len() / 8).min(packed.len() / width);
+            for (values, bytes) in out
+                .chunks_exact_mut(8)
+                .zip(packed.chunks_exact(width))
+                .take(groups)
+            {
+                let mut word = [0u8; 8];
+                word[..width].copy_from_slice(bytes);
+                let word = u64::from_le_bytes(word);
+                for (i, v) in values.iter_mut().enumerate() {
+                    *v = table[((word >> (i * width)) & mask) as usize];
+                }
+            }
+            groups
         }
-    }
+    };
     let mut acc: u64 = 0;
     let mut available = 0usize;
     let mut bytes = packed[groups * width..].iter();

@@ -417,6 +417,7 @@ fn prepare_preconditioner(
     Ok(Some(out))
 }
 
+#[inline(always)]
 fn write_skeleton(w: &mut Writer, sk: &Skeleton, dtype: SkeletonDtype) {
     w.u16(sk.rank as u16);
     w.skeleton_values(&sk.mean, dtype);

@@ -50,6 +50,7 @@ impl SkeletonDtype {
     }
 
     /// `v` rounded to this storage type.
+    #[inline(always)]
     pub fn round(self, v: f64) -> f32 {
         match self {
             Self::F16 => crate::f16::to_f32(crate::f16::from_f64(v)),

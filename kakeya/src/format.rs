@@ -97,6 +97,7 @@ pub struct Writer {
 
 impl Writer {
     /// Appends a u16.
+    #[inline(always)]
     pub fn u16(&mut self, v: u16) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
@@ -109,10 +110,12 @@ impl Writer {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
     /// Appends an IEEE half.
+    #[inline(always)]
     pub fn f16(&mut self, v: f32) {
         self.u16(crate::f16::from_f32(v));
     }
     /// Appends values in the skeleton dtype (already rounded, so exact).
+    #[inline(always)]
     pub fn skeleton_values(&mut self, values: &[f32], dtype: SkeletonDtype) {
         for &v in values {
             match dtype {
@@ -208,6 +211,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes `count` finite values stored as f16 (`size == 2`) or f32 (`size == 4`).
+#[inline(always)]
 pub fn read_floats(bytes: &[u8], size: usize, what: &str) -> Result<Vec<f32>> {
     let values: Vec<f32> = match size {
         2 => bytes
