@@ -458,8 +458,7 @@ fn read_skeleton(r: &mut Reader<'_>, dim: usize, config: &CodecConfig) -> Result
     })
 }
 
-/// Pads and rotates each row; returns the rows and their scales `sqrt(mean y²)`, per row
-/// or (`block_scale`) one over the whole block, repeated for every row.
+/// Pads and rotates each row; returns the rows and their scales (see [`row_scales`]).
 #[inline(always)]
 fn rotate_rows(
     coef: Vec<f32>,
@@ -479,21 +478,60 @@ fn rotate_rows(
         }
         out
     };
-    let mut scales = vec![0.0f32; n];
-    let mut block_power = 0.0f64;
-    for (i, row) in rotated.chunks_exact_mut(padded.max(1)).take(n).enumerate() {
-        if padded == 0 {
-            break;
+    if padded > 0 {
+        for row in rotated.chunks_exact_mut(padded) {
+            hadamard::rotate(row, &signs);
         }
-        hadamard::rotate(row, &signs);
+    }
+    let scales = row_scales(&rotated, n, padded, block_scale);
+    (rotated, scales)
+}
+
+/// `y = (x − μ̂) Mᵀ` for centred rows: the coefficients and their rotation in one product,
+/// `M` being the decoder's [`unrotated_basis`] (`Mᵀ = [Û 0] diag(σ) H_P / √P`). Returns the
+/// rows and their scales (see [`row_scales`]).
+#[inline(always)]
+fn project_rotated(
+    centered: &[f32],
+    dim: usize,
+    sk: &Skeleton,
+    seed: u64,
+    block_scale: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let n = centered.len() / dim;
+    let padded = hadamard::padded_len(sk.rank);
+    let m = unrotated_basis(&sk.basis_t, sk.rank, dim, &hadamard::signs(seed, padded));
+    let mut rotated = vec![0.0f32; n * padded];
+    matmul(
+        MatMut::from_row_major_slice_mut(&mut rotated, n, padded),
+        Accum::Replace,
+        MatRef::from_row_major_slice(centered, n, dim),
+        MatRef::from_row_major_slice(&m, padded, dim).transpose(),
+        1.0f32,
+        Par::Seq,
+    );
+    let scales = row_scales(&rotated, n, padded, block_scale);
+    (rotated, scales)
+}
+
+/// Scales `sqrt(mean y²)` of `n` rotated rows of `padded` values, per row or
+/// (`block_scale`) one over the whole block, repeated for every row.
+#[inline(always)]
+fn row_scales(rotated: &[f32], n: usize, padded: usize, block_scale: bool) -> Vec<f32> {
+    let mut scales = vec![0.0f32; n];
+    if padded == 0 {
+        return scales;
+    }
+    let mut block_power = 0.0f64;
+    for (s, row) in scales.iter_mut().zip(rotated.chunks_exact(padded)) {
         let power = crate::simd::sum_squares(row);
-        scales[i] = (power / padded as f64).sqrt() as f32;
+        *s = (power / padded as f64).sqrt() as f32;
         block_power += power;
     }
-    if block_scale && padded > 0 {
+    if block_scale {
         scales.fill((block_power / (n * padded) as f64).sqrt() as f32);
     }
-    (rotated, scales)
+    scales
 }
 
 /// Encodes `input` with `config`. `preconditioner` is `L` as `[H, D, D]` row-major
@@ -585,17 +623,19 @@ pub fn encode(
             };
             let sk = own.as_ref().unwrap_or_else(|| &shared[h]);
             let rank = sk.rank;
-            let coef = pca::project(rows, dim, sk);
+            let block_scale = config.scale_granularity == ScaleGranularity::Block;
             let (rotated, scales) = if variance {
-                (coef, Vec::new())
-            } else {
+                (pca::project(rows, dim, sk), Vec::new())
+            } else if sk.has_identity_basis() || rank == 0 {
                 rotate_rows(
-                    coef,
+                    pca::project(rows, dim, sk),
                     n,
                     rank,
                     config.seed,
-                    config.scale_granularity == ScaleGranularity::Block,
+                    block_scale,
                 )
+            } else {
+                project_rotated(&rows, dim, sk, config.seed, block_scale)
             };
             Ok(RotatedBlock {
                 own_skeleton: own,

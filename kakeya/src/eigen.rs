@@ -118,6 +118,10 @@ fn tridiagonalize(a: &mut [f32], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
 #[inline(always)]
 fn implicit_ql(d: &mut [f64], e: &mut [f64], z: &mut [f32], n: usize) -> Result<()> {
     const MAX_ITERATIONS: usize = 64;
+    // The matrix came from f32 rows: an off-diagonal below f32 precision of its neighbours
+    // moves no eigenvalue beyond that rounding (single-precision LAPACK's test), and
+    // deflating there saves the sweeps an f64 tolerance would spend.
+    let tolerance = f64::from(f32::EPSILON);
     let mut rotations: Vec<(f32, f32)> = Vec::with_capacity(n);
     for l in 0..n {
         let mut iterations = 0;
@@ -125,7 +129,7 @@ fn implicit_ql(d: &mut [f64], e: &mut [f64], z: &mut [f32], n: usize) -> Result<
             let mut m = l;
             while m + 1 < n {
                 let dd = d[m].abs() + d[m + 1].abs();
-                if e[m].abs() <= f64::EPSILON * dd {
+                if e[m].abs() <= tolerance * dd {
                     break;
                 }
                 m += 1;
@@ -156,8 +160,9 @@ fn implicit_ql(d: &mut [f64], e: &mut [f64], z: &mut [f32], n: usize) -> Result<
                     underflow = true;
                     break;
                 }
-                s = f / r;
-                c = g / r;
+                let inv = 1.0 / r;
+                s = f * inv;
+                c = g * inv;
                 g = d[i + 1] - p;
                 let r = (d[i] - g) * s + 2.0 * c * b;
                 p = s * r;
