@@ -264,7 +264,16 @@ fn back_transform(reflectors: &[f32], tau: &[f32], z: &mut [f32], n: usize) {
                 v[(j + i, j)] = x;
             }
         }
-        // T upper triangular: T[j][j] = τ_j, T[..j, j] = −τ_j T[..j, ..j] Vᵀ[..j] v_j.
+        // T upper triangular: T[j][j] = τ_j, T[..j, j] = −τ_j T[..j, ..j] (VᵀV)[..j, j].
+        let mut gram = Mat::<f32>::zeros(b, b);
+        matmul(
+            gram.as_mut(),
+            Accum::Replace,
+            v.transpose(),
+            v.as_ref(),
+            1.0,
+            Par::Seq,
+        );
         let mut t = Mat::<f32>::zeros(b, b);
         for j in 0..b {
             let tj = tau[k0 + j];
@@ -272,11 +281,8 @@ fn back_transform(reflectors: &[f32], tau: &[f32], z: &mut [f32], n: usize) {
             if tj == 0.0 {
                 continue;
             }
-            let w: Vec<f32> = (0..j)
-                .map(|i| (j..m).map(|r| v[(r, i)] * v[(r, j)]).sum::<f32>())
-                .collect();
             for i in 0..j {
-                let acc: f32 = (i..j).map(|l| t[(i, l)] * w[l]).sum();
+                let acc: f32 = (i..j).map(|l| t[(i, l)] * gram[(l, j)]).sum();
                 t[(i, j)] = -tj * acc;
             }
         }
