@@ -53,13 +53,15 @@ for step in "${steps[@]}"; do
                 echo
                 echo 'Rust codec with its AVX2 dispatch, the same codec held to the baseline instruction set'
                 echo '(same bytes), the numpy reference (tests/reference_codec.py) and a memory copy, measured in'
-                echo 'one run on the same data. With basis "pca" every block needs a DxD eigendecomposition;'
-                echo "numpy's (LAPACK eigh) takes ~30 ms of the reference's ~260 ms encode at 4096x8x128 (cProfile),"
-                echo "and faer's costs the Rust codec about as much CPU time (perf), so 20x the reference there would need"
-                echo 'the rest of the encode to cost nothing. The "GEMM floor" column is the two f32 matrix products'
-                echo 'of every pca block alone (Gram matrix, full-rank projection) with numpy'"'"'s BLAS, and "floor x numpy"'
-                echo 'the most an encoder doing only them could gain over the reference. Absolute MB/s differ a lot'
-                echo 'between the virtual machines of different sessions (memcpy too): compare the columns of one run.'
+                echo 'one run on the same data; each Rust timing is the best of a window before and one after the'
+                echo 'reference'"'"'s. With basis "pca" every block of 1024 tokens needs a DxD Gram matrix, its'
+                echo 'eigendecomposition (kakeya/src/eigen.rs: Householder tridiagonalization, implicit QL, blocked'
+                echo 'back transform) and a projection that also applies the rotation; the decoder folds the inverse'
+                echo 'rotation into the basis, one product per block. The "GEMM floor" column is the two f32 matrix'
+                echo 'products of every pca block alone (Gram matrix, full-rank projection) with numpy'"'"'s BLAS, and'
+                echo '"floor x numpy" the most an encoder doing only them could gain over the reference; the'
+                echo 'eigendecompositions come on top. Absolute MB/s differ a lot between the virtual machines of'
+                echo 'different sessions and within one session (memcpy too): compare the columns of one run.'
                 echo
                 echo '```'
                 python benchmarks/codec_throughput.py --json reports/codec_throughput.json
