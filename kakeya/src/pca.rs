@@ -51,7 +51,7 @@ pub fn fit(
 }
 
 /// [`fit`] on rows the caller hands over, returned centred on the stored mean (what
-/// [`coefficients`] projects), so an encoder makes no second copy.
+/// [`project`] takes), so an encoder makes no second copy.
 #[inline(always)]
 pub fn fit_centered(
     mut rows: Vec<f32>,
