@@ -333,6 +333,12 @@ def test_bad_inputs_raise_clear_errors():
         kp.encode(bad, {"bits": 3})
     with pytest.raises(kp.ConfigError, match="threads"):
         kp.encode(gaussian((4, 1, 4)), cfg, threads=0)
+    # Finite but too large for the pca Gram matrix in f32; basis "none" still encodes it.
+    huge = gaussian((300, 2, 16)) * np.float32(1e18)
+    with pytest.raises(kp.NumericalError, match="overflows f32"):
+        kp.encode(huge, cfg)
+    back = kp.decode(kp.encode(huge, kp.CodecConfig(basis="none", skeleton_dtype="f32")))
+    assert np.isfinite(back).all()
 
 
 def test_corrupt_bytes_raise():

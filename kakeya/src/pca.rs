@@ -171,6 +171,12 @@ fn exact_components(centered: &[f32], n: usize, dim: usize) -> Result<Components
         1.0f32,
         Par::Seq,
     );
+    if (0..dim).any(|i| (0..=i).any(|j| !gram[(i, j)].is_finite())) {
+        return Err(CodecError::Numerical(format!(
+            "the Gram matrix of a block of {n} rows overflows f32: its values are too large \
+             for basis \"pca\" (about 1e19 / sqrt(rows) fits); rescale the input or use basis \"none\""
+        )));
+    }
     let mut sym = vec![0.0f32; dim * dim];
     for i in 0..dim {
         for j in 0..=i {
