@@ -1,36 +1,5 @@
 //! Dense bit packing of `bits`-wide codes, least-significant bit first.
 
-/// Whole groups of eight `B`-bit codes (one `u32`) to values: each lane selects its entry
-/// among the at most 16 of the table by comparisons, which vectorise, where indexing the
-/// table is one scalar load per value. Returns the number of groups done.
-#[inline(always)]
-fn lookup_small_groups<const B: usize>(packed: &[u8], table: &[f32], out: &mut [f32]) -> usize {
-    let entries = 1usize << B;
-    let mut t = [0.0f32; 16];
-    t[..entries].copy_from_slice(&table[..entries]);
-    let groups = (out.len() / 8).min(packed.len() / B);
-    for (values, bytes) in out
-        .chunks_exact_mut(8)
-        .zip(packed.chunks_exact(B))
-        .take(groups)
-    {
-        let mut word = [0u8; 4];
-        word[..B].copy_from_slice(bytes);
-        let word = u32::from_le_bytes(word);
-        let codes: [u32; 8] = std::array::from_fn(|i| (word >> (i * B)) & ((1 << B) - 1));
-        let mut v = [t[0]; 8];
-        for (k, &entry) in t.iter().enumerate().take(entries).skip(1) {
-            for (value, &code) in v.iter_mut().zip(&codes) {
-                if code == k as u32 {
-                    *value = entry;
-                }
-            }
-        }
-        values.copy_from_slice(&v);
-    }
-    groups
-}
-
 /// Bytes needed for `count` codes of `bits` bits.
 pub fn packed_len(count: usize, bits: u8) -> usize {
     (count * usize::from(bits)).div_ceil(8)
@@ -78,27 +47,11 @@ pub fn unpack_lookup(packed: &[u8], bits: u8, table: &[f32], out: &mut [f32]) {
     let mask = (1u64 << bits) - 1;
     let width = usize::from(bits);
     let groups = match bits {
-        1 => lookup_small_groups::<1>(packed, table, out),
-        2 => lookup_small_groups::<2>(packed, table, out),
-        3 => lookup_small_groups::<3>(packed, table, out),
-        4 => lookup_small_groups::<4>(packed, table, out),
-        _ => {
-            // Eight codes fill exactly `bits` bytes: whole groups come out of one u64.
-            let groups = (out.len() / 8).min(packed.len() / width);
-            for (values, bytes) in out
-                .chunks_exact_mut(8)
-                .zip(packed.chunks_exact(width))
-                .take(groups)
-            {
-                let mut word = [0u8; 8];
-                word[..width].copy_from_slice(bytes);
-                let word = u64::from_le_bytes(word);
-                for (i, v) in values.iter_mut().enumerate() {
-                    *v = table[((word >> (i * width)) & mask) as usize];
-                }
-            }
-            groups
-        }
+        1 => lookup_small::<1>(packed, table, out),
+        2 => lookup_small::<2>(packed, table, out),
+        3 => lookup_small::<3>(packed, table, out),
+        4 => lookup_small::<4>(packed, table, out),
+        _ => lookup_gather(packed, bits, table, out),
     };
     let mut acc: u64 = 0;
     let mut available = 0usize;
@@ -112,6 +65,79 @@ pub fn unpack_lookup(packed: &[u8], bits: u8, table: &[f32], out: &mut [f32]) {
         acc >>= width;
         available -= width;
     }
+}
+
+/// Whole groups of eight `B`-bit codes (`B ≤ 4`) to values, with AVX2 table permutes where
+/// [`crate::simd::enabled`], else by indexing (the same values: a lookup is exact).
+#[inline(always)]
+fn lookup_small<const B: usize>(packed: &[u8], table: &[f32], out: &mut [f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::enabled() {
+        // SAFETY: `enabled` checked that the CPU has AVX2.
+        return unsafe { lookup_small_avx2::<B>(packed, table, out) };
+    }
+    lookup_gather(packed, B as u8, table, out)
+}
+
+/// Whole groups of eight codes (exactly `bits` bytes, one `u64`) to values by indexing.
+#[inline(always)]
+fn lookup_gather(packed: &[u8], bits: u8, table: &[f32], out: &mut [f32]) -> usize {
+    let mask = (1u64 << bits) - 1;
+    let width = usize::from(bits);
+    let groups = (out.len() / 8).min(packed.len() / width);
+    for (values, bytes) in out
+        .chunks_exact_mut(8)
+        .zip(packed.chunks_exact(width))
+        .take(groups)
+    {
+        let mut word = [0u8; 8];
+        word[..width].copy_from_slice(bytes);
+        let word = u64::from_le_bytes(word);
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = table[((word >> (i * width)) & mask) as usize];
+        }
+    }
+    groups
+}
+
+/// Eight codes at a time index a register holding the table with `vpermps` (entries 8–15 in
+/// a second one, chosen by bit 3).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn lookup_small_avx2<const B: usize>(
+    packed: &[u8],
+    table: &[f32],
+    out: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let entries = 1usize << B;
+    let mut t = [0.0f32; 16];
+    t[..entries].copy_from_slice(&table[..entries]);
+    let (lo, hi) = (
+        _mm256_loadu_ps(t.as_ptr()),
+        _mm256_loadu_ps(t.as_ptr().add(8)),
+    );
+    let b = B as i32;
+    let shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    let mask = _mm256_set1_epi32((1 << B) - 1);
+    let groups = (out.len() / 8).min(packed.len() / B);
+    for (values, bytes) in out
+        .chunks_exact_mut(8)
+        .zip(packed.chunks_exact(B))
+        .take(groups)
+    {
+        let mut word = [0u8; 4];
+        word[..B].copy_from_slice(bytes);
+        let word = _mm256_set1_epi32(i32::from_le_bytes(word));
+        let codes = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), mask);
+        let mut v = _mm256_permutevar8x32_ps(lo, codes);
+        if B == 4 {
+            let high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(codes));
+            v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, codes), high);
+        }
+        _mm256_storeu_ps(values.as_mut_ptr(), v);
+    }
+    groups
 }
 
 /// Bytes needed for `rows` rows of codes whose widths are `widths` (one per component).
