@@ -1340,7 +1340,6 @@ impl Encoded {
             (Vec::new(), 0, Some(Vec::new()))
         };
         let mut mean = sk.mean.clone();
-        let mut width = width;
         if let Some(l) = &self.preconditioner {
             let inverse = MatRef::from_row_major_slice(&l[h].1, dim, dim);
             let folded = match &map {
@@ -1359,7 +1358,8 @@ impl Encoded {
                     folded
                 }
                 None => {
-                    width = width.max(dim);
+                    // An identity basis has rank D, so y has at least D columns; the rest
+                    // (Hadamard padding) get zero rows.
                     let mut folded = vec![0.0f32; width * dim];
                     folded[..dim * dim].copy_from_slice(&l[h].1);
                     folded

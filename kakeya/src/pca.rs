@@ -231,14 +231,6 @@ fn randomized_components(
     Ok(Components { values, vectors_t })
 }
 
-/// `c = (x − μ̂) Û` for every row: `n × r` coefficients, row-major.
-#[inline(always)]
-pub fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
-    let mut centered = rows.to_vec();
-    center(&mut centered, &skeleton.mean);
-    project(centered, dim, skeleton)
-}
-
 /// `c = y Û` for centred rows `y` (returned as they are for the identity basis).
 #[inline(always)]
 pub fn project(centered: Vec<f32>, dim: usize, skeleton: &Skeleton) -> Vec<f32> {
@@ -257,36 +249,42 @@ pub fn project(centered: Vec<f32>, dim: usize, skeleton: &Skeleton) -> Vec<f32> 
     coef
 }
 
-/// `x̂ = μ̂ + c Ûᵀ` for `n` rows of `r` coefficients: `n × D`, row-major.
-#[inline(always)]
-pub fn reconstruct(coef: &[f32], n: usize, skeleton: &Skeleton) -> Vec<f32> {
-    let dim = skeleton.mean.len();
-    let r = skeleton.rank;
-    if skeleton.has_identity_basis() {
-        let mut out = coef.to_vec();
-        for row in out.chunks_exact_mut(dim) {
-            row.iter_mut()
-                .zip(&skeleton.mean)
-                .for_each(|(v, m)| *v += m);
-        }
-        return out;
-    }
-    let mut out: Vec<f32> = Vec::with_capacity(n * dim);
-    for _ in 0..n {
-        out.extend_from_slice(&skeleton.mean);
-    }
-    if r > 0 && n > 0 {
-        let c = MatRef::from_row_major_slice(coef, n, r);
-        let basis = MatRef::from_row_major_slice(&skeleton.basis_t, r, dim);
-        let dst = faer::MatMut::from_row_major_slice_mut(&mut out, n, dim);
-        matmul(dst, Accum::Add, c, basis, 1.0f32, Par::Seq);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `c = (x − μ̂) Û` for every row: `n × r` coefficients, row-major.
+    fn coefficients(rows: &[f32], dim: usize, skeleton: &Skeleton) -> Vec<f32> {
+        let mut centered = rows.to_vec();
+        center(&mut centered, &skeleton.mean);
+        project(centered, dim, skeleton)
+    }
+
+    /// `x̂ = μ̂ + c Ûᵀ` for `n` rows of `r` coefficients: `n × D`, row-major.
+    fn reconstruct(coef: &[f32], n: usize, skeleton: &Skeleton) -> Vec<f32> {
+        let dim = skeleton.mean.len();
+        let r = skeleton.rank;
+        if skeleton.has_identity_basis() {
+            let mut out = coef.to_vec();
+            for row in out.chunks_exact_mut(dim) {
+                row.iter_mut()
+                    .zip(&skeleton.mean)
+                    .for_each(|(v, m)| *v += m);
+            }
+            return out;
+        }
+        let mut out: Vec<f32> = Vec::with_capacity(n * dim);
+        for _ in 0..n {
+            out.extend_from_slice(&skeleton.mean);
+        }
+        if r > 0 && n > 0 {
+            let c = MatRef::from_row_major_slice(coef, n, r);
+            let basis = MatRef::from_row_major_slice(&skeleton.basis_t, r, dim);
+            let dst = faer::MatMut::from_row_major_slice_mut(&mut out, n, dim);
+            matmul(dst, Accum::Add, c, basis, 1.0f32, Par::Seq);
+        }
+        out
+    }
 
     fn lowrank_rows(n: usize, dim: usize, rank: usize) -> Vec<f32> {
         let mut g = vec![0.0f64; n * rank + rank * dim];
