@@ -60,7 +60,9 @@ for step in "${steps[@]}"; do
                 echo 'rotation into the basis, one product per block. The "GEMM floor" column is the two f32 matrix'
                 echo 'products of every pca block alone (Gram matrix, full-rank projection) with numpy'"'"'s BLAS, and'
                 echo '"floor x numpy" the most an encoder doing only them could gain over the reference; the'
-                echo 'eigendecompositions come on top. Absolute MB/s differ a lot between the virtual machines of'
+                echo 'eigendecompositions come on top: "+eigh" adds LAPACK'"'"'s eigensolver (numpy.linalg.eigh, f32) on'
+                echo 'every block'"'"'s Gram matrix, an encoder doing only the linear algebra with this machine'"'"'s BLAS'
+                echo 'and LAPACK and no quantization. Absolute MB/s differ a lot between the virtual machines of'
                 echo 'different sessions and within one session (memcpy too): compare the columns of one run.'
                 echo
                 echo '```'

@@ -3,12 +3,14 @@
 //!
 //! Householder tridiagonalization, implicit QL with Wilkinson shifts, and back
 //! transformation, as in EISPACK's `tred2`/`tql2`, laid out for row-major SIMD: the matrix
-//! is kept whole (both triangles) so every product runs along contiguous rows, and the
+//! is kept whole (both triangles) so every product runs along contiguous rows (a step's
+//! matrix-vector product as a sum of rows, in the previous step's update pass), and the
 //! eigenvectors are rows, so the Givens rotations of a QL sweep run along contiguous rows
 //! (as one wave per sweep); faer's general solver, which it replaces, spent most of its time
 //! in a tridiagonalization that does not vectorise at these sizes. The rows are processed in
-//! f32 with fixed-order partial sums ([`crate::simd::dot`]), the QL recurrence in f64, so the
-//! result is the same bits with or without AVX2 and for any thread count.
+//! f32 in a fixed order (element-wise, or the partial sums of [`crate::simd::dot`]), the QL
+//! recurrence in f64, so the result is the same bits with or without AVX2 and for any thread
+//! count.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, Par};
@@ -58,50 +60,87 @@ pub fn symmetric_eigen(a: &mut [f32], n: usize) -> Result<SymmetricEigen> {
 /// `H_k = I − τ_k v_k v_kᵀ`. Returns the diagonal, the off-diagonal (`e[i]` couples `i` and
 /// `i + 1`; `e[n − 1] = 0`) and the `τ_k`; `v_k` is left in row `k` of `a`, at columns
 /// `k + 1..n` (`v_k[0] = 1`).
+///
+/// Step `k` updates the trailing matrix `A′ −= v wᵀ + w vᵀ`, `w = p − (τ/2)(pᵀv) v`, with
+/// `p = τ A′ v`. As `A′` is symmetric, `A′v = Σⱼ vⱼ (row j)`: the next step's `p` accumulates
+/// row by row, in the same pass as this step's update and from the updated values still in
+/// registers. One pass over the trailing matrix per step, and no horizontal sums.
 #[inline(always)]
 fn tridiagonalize(a: &mut [f32], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
     let mut diag = vec![0.0f64; n];
     let mut offdiag = vec![0.0f64; n];
-    let mut tau = vec![0.0f32; n.saturating_sub(2)];
+    let steps = n.saturating_sub(2);
+    let mut tau = vec![0.0f32; steps];
+    // p (and the next step's) aligned with the rows of the trailing matrix: `p[c]` belongs to
+    // column `k + 1 + c`.
     let mut p = vec![0.0f32; n];
-    for k in 0..n.saturating_sub(2) {
+    let mut next_p = vec![0.0f32; n];
+    if steps > 0 {
+        // Row k right of the diagonal is column k below it (the matrix is kept symmetric).
+        (offdiag[0], tau[0]) = reflect(&mut a[1..n]);
+        let (head, trailing) = a.split_at(n);
+        let v = &head[1..n];
+        for (row, &vj) in trailing.chunks_exact(n).zip(v) {
+            for (pc, &x) in p[..n - 1].iter_mut().zip(&row[1..]) {
+                *pc += vj * x;
+            }
+        }
+        p[..n - 1].iter_mut().for_each(|x| *x *= tau[0]);
+    }
+    for k in 0..steps {
         diag[k] = f64::from(a[k * n + k]);
         let m = n - k - 1;
-        // Row k right of the diagonal is column k below it (the matrix is kept symmetric).
-        let (x0, sigma) = {
-            let x = &a[k * n + k + 1..(k + 1) * n];
-            (f64::from(x[0]), crate::simd::sum_squares(&x[1..]))
-        };
-        if sigma == 0.0 {
-            offdiag[k] = x0;
-            tau[k] = 0.0;
-            continue;
-        }
-        let norm = (x0 * x0 + sigma).sqrt();
-        let beta = if x0 > 0.0 { -norm } else { norm };
-        offdiag[k] = beta;
-        tau[k] = ((beta - x0) / beta) as f32;
-        let inv = (1.0 / (x0 - beta)) as f32;
-        let v = &mut a[k * n + k + 1..(k + 1) * n];
-        v[0] = 1.0;
-        v[1..].iter_mut().for_each(|x| *x *= inv);
-
-        // p = τ A' v, w = p − (τ/2)(pᵀv) v, A' −= v wᵀ + w vᵀ, with A' = a[k+1.., k+1..].
-        let (head, trailing) = a.split_at_mut((k + 1) * n);
-        let v = &head[k * n + k + 1..(k + 1) * n];
         let t = tau[k];
-        for (i, pi) in p[..m].iter_mut().enumerate() {
-            *pi = t * dot(&trailing[i * n + k + 1..(i + 1) * n], v);
+        let (head, rest) = a.split_at_mut((k + 1) * n);
+        let v = &head[k * n + k + 1..(k + 1) * n];
+        if t != 0.0 {
+            let half = 0.5 * t * dot(&p[..m], v);
+            for (pc, &vc) in p[..m].iter_mut().zip(v) {
+                *pc -= half * vc;
+            }
         }
-        let half = 0.5 * t * dot(&p[..m], v);
-        for (pi, &vi) in p[..m].iter_mut().zip(v) {
-            *pi -= half * vi;
+        // Row k + 1 first: it holds the next reflector.
+        let (next_row, trailing) = rest.split_at_mut(n);
+        if t != 0.0 {
+            update_row(&mut next_row[k + 1..n], v, &p[..m], v[0], p[0]);
         }
-        for i in 0..m {
-            let row = &mut trailing[i * n + k + 1..(i + 1) * n];
-            let (vi, wi) = (v[i], p[i]);
-            for ((r, &vj), &wj) in row.iter_mut().zip(v).zip(&p[..m]) {
-                *r -= vi * wj + wi * vj;
+        let next_tau = if k + 1 < steps {
+            let (e, nt) = reflect(&mut next_row[k + 2..n]);
+            (offdiag[k + 1], tau[k + 1]) = (e, nt);
+            nt
+        } else {
+            0.0
+        };
+        let next_v = &next_row[k + 2..n];
+        let acc = &mut next_p[..m];
+        acc.fill(0.0);
+        for (i, row) in trailing.chunks_exact_mut(n).take(m - 1).enumerate() {
+            let row = &mut row[k + 1..n];
+            let (vi, wi) = (v[i + 1], p[i + 1]);
+            let vn = if next_tau != 0.0 { next_v[i] } else { 0.0 };
+            match (t != 0.0, next_tau != 0.0) {
+                (true, true) => {
+                    for (((r, &vc), &wc), pc) in
+                        row.iter_mut().zip(v).zip(&p[..m]).zip(acc.iter_mut())
+                    {
+                        let x = *r - (vi * wc + wi * vc);
+                        *r = x;
+                        *pc += vn * x;
+                    }
+                }
+                (true, false) => update_row(row, v, &p[..m], vi, wi),
+                (false, true) => {
+                    for (&x, pc) in row.iter().zip(acc.iter_mut()) {
+                        *pc += vn * x;
+                    }
+                }
+                (false, false) => {}
+            }
+        }
+        // acc[c] belongs to column k + 1 + c; the next step's p starts at column k + 2.
+        if next_tau != 0.0 {
+            for c in 0..m - 1 {
+                p[c] = next_tau * acc[c + 1];
             }
         }
     }
@@ -111,6 +150,32 @@ fn tridiagonalize(a: &mut [f32], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
     }
     diag[n - 1] = f64::from(a[n * n - 1]);
     (diag, offdiag, tau)
+}
+
+/// The Householder reflector that takes `x` (a row right of the diagonal) to `β e₀`:
+/// returns `(β, τ)` and leaves `v` (`v[0] = 1`) in `x`; `τ = 0` (and `x` untouched) when
+/// `x` is already `x₀ e₀`.
+#[inline(always)]
+fn reflect(x: &mut [f32]) -> (f64, f32) {
+    let x0 = f64::from(x[0]);
+    let sigma = crate::simd::sum_squares(&x[1..]);
+    if sigma == 0.0 {
+        return (x0, 0.0);
+    }
+    let norm = (x0 * x0 + sigma).sqrt();
+    let beta = if x0 > 0.0 { -norm } else { norm };
+    let inv = (1.0 / (x0 - beta)) as f32;
+    x[0] = 1.0;
+    x[1..].iter_mut().for_each(|v| *v *= inv);
+    (beta, ((beta - x0) / beta) as f32)
+}
+
+/// `row −= vᵢ wᵀ + wᵢ vᵀ`.
+#[inline(always)]
+fn update_row(row: &mut [f32], v: &[f32], w: &[f32], vi: f32, wi: f32) {
+    for ((r, &vj), &wj) in row.iter_mut().zip(v).zip(w) {
+        *r -= vi * wj + wi * vj;
+    }
 }
 
 /// Eigenvalues (into `d`) and eigenvectors (rows of `z`, rotated in place) of the
@@ -160,11 +225,13 @@ fn implicit_ql(d: &mut [f64], e: &mut [f64], z: &mut [f32], n: usize) -> Result<
                     underflow = true;
                     break;
                 }
-                let inv = 1.0 / r;
-                s = f * inv;
-                c = g * inv;
+                // Divisions rather than one reciprocal and products, and 2b ready before c:
+                // the recurrence is a single dependency chain, which each shortens.
+                let twice_b = b + b;
+                s = f / r;
+                c = g / r;
                 g = d[i + 1] - p;
-                let r = (d[i] - g) * s + 2.0 * c * b;
+                let r = (d[i] - g) * s + c * twice_b;
                 p = s * r;
                 d[i + 1] = g + p;
                 g = c * r - b;

@@ -72,7 +72,13 @@ pub fn fit_centered(
         };
         return Ok((skeleton, rows));
     }
-    let total = crate::simd::sum_squares(&rows);
+    // The total variance only decides a rank by `variance_ratio`: a pass over the block
+    // saved otherwise.
+    let total = if config.rank.is_none() && config.variance_ratio < 1.0 {
+        crate::simd::sum_squares(&rows)
+    } else {
+        0.0
+    };
 
     let components = match config.pca {
         PcaMethod::Exact => exact_components(&rows, n, dim)?,
