@@ -91,8 +91,13 @@ pub fn fit_centered(
     };
     let rank = choose_rank(&components.values, total, n, dim, config);
 
-    let mut basis_t = Vec::with_capacity(rank * dim);
-    for row in components.vectors_t.chunks_exact(dim).take(rank) {
+    // Plain loops into a sized buffer: `Vec::extend` over a mapping iterator is not
+    // inlined, and would run outside the caller's AVX2 copy.
+    let mut basis_t = vec![0.0f32; rank * dim];
+    for (out, row) in basis_t
+        .chunks_exact_mut(dim)
+        .zip(components.vectors_t.chunks_exact(dim))
+    {
         let mut peak = 0usize;
         for i in 1..dim {
             if row[i].abs() > row[peak].abs() {
@@ -100,7 +105,9 @@ pub fn fit_centered(
             }
         }
         let sign = if row[peak] < 0.0 { -1.0 } else { 1.0 };
-        basis_t.extend(row.iter().map(|&v| dtype.round(f64::from(sign * v))));
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o = dtype.round_f32(sign * v);
+        }
     }
     let skeleton = Skeleton {
         rank,
