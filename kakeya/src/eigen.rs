@@ -460,6 +460,39 @@ mod tests {
     }
 
     #[test]
+    fn handles_reflectors_that_are_trivial_for_some_steps_only() {
+        // Rows 0..4 already tridiagonal (τ = 0 for the first steps), coupled through row 4 to
+        // a dense symmetric block, so later steps reflect.
+        for n in [9usize, 16, 40] {
+            let dense = random_symmetric(n, 9, |k| 1.0 + (k % 5) as f64 * 0.7);
+            let mut a = vec![0.0f64; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    let (lo, hi) = (i.min(j), i.max(j));
+                    a[i * n + j] = if hi < 4 || lo >= 4 {
+                        if hi < 4 && hi - lo > 1 {
+                            0.0
+                        } else if hi < 4 {
+                            if i == j {
+                                2.0 + i as f64
+                            } else {
+                                0.5
+                            }
+                        } else {
+                            dense[i * n + j]
+                        }
+                    } else if lo == 3 && hi == 4 {
+                        0.3
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            check(&a, n, 1e-5);
+        }
+    }
+
+    #[test]
     fn handles_diagonal_zero_and_tridiagonal_input() {
         let n = 6;
         let diagonal: Vec<f64> = (0..n * n)
