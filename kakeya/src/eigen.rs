@@ -71,10 +71,10 @@ fn tridiagonalize(a: &mut [f32], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
     let mut offdiag = vec![0.0f64; n];
     let steps = n.saturating_sub(2);
     let mut tau = vec![0.0f32; steps];
-    // p (and the next step's) aligned with the rows of the trailing matrix: `p[c]` belongs to
-    // column `k + 1 + c`.
+    // At step k, `p[c]` belongs to column `k + 1 + c`; `sums` gathers the next step's `A″v`
+    // aligned with this step's rows (`sums[0]`, column k + 1, lies outside `A″`).
     let mut p = vec![0.0f32; n];
-    let mut next_p = vec![0.0f32; n];
+    let mut sums = vec![0.0f32; n];
     if steps > 0 {
         // Row k right of the diagonal is column k below it (the matrix is kept symmetric).
         (offdiag[0], tau[0]) = reflect(&mut a[1..n]);
@@ -112,7 +112,7 @@ fn tridiagonalize(a: &mut [f32], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
             0.0
         };
         let next_v = &next_row[k + 2..n];
-        let acc = &mut next_p[..m];
+        let acc = &mut sums[..m];
         acc.fill(0.0);
         for (i, row) in trailing.chunks_exact_mut(n).take(m - 1).enumerate() {
             let row = &mut row[k + 1..n];
@@ -461,31 +461,19 @@ mod tests {
 
     #[test]
     fn handles_reflectors_that_are_trivial_for_some_steps_only() {
-        // Rows 0..4 already tridiagonal (τ = 0 for the first steps), coupled through row 4 to
-        // a dense symmetric block, so later steps reflect.
+        // Rows 0..4 already tridiagonal (τ = 0 for the first steps), coupled through (3, 4)
+        // to a dense symmetric block, so the later steps reflect.
         for n in [9usize, 16, 40] {
             let dense = random_symmetric(n, 9, |k| 1.0 + (k % 5) as f64 * 0.7);
             let mut a = vec![0.0f64; n * n];
-            for i in 0..n {
-                for j in 0..n {
-                    let (lo, hi) = (i.min(j), i.max(j));
-                    a[i * n + j] = if hi < 4 || lo >= 4 {
-                        if hi < 4 && hi - lo > 1 {
-                            0.0
-                        } else if hi < 4 {
-                            if i == j {
-                                2.0 + i as f64
-                            } else {
-                                0.5
-                            }
-                        } else {
-                            dense[i * n + j]
-                        }
-                    } else if lo == 3 && hi == 4 {
-                        0.3
-                    } else {
-                        0.0
-                    };
+            for i in 0..4 {
+                a[i * n + i] = 2.0 + i as f64;
+                a[i * n + i + 1] = if i < 3 { 0.5 } else { 0.3 };
+                a[(i + 1) * n + i] = a[i * n + i + 1];
+            }
+            for i in 4..n {
+                for j in 4..n {
+                    a[i * n + j] = dense[i * n + j];
                 }
             }
             check(&a, n, 1e-5);
