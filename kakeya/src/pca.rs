@@ -72,13 +72,6 @@ pub fn fit_centered(
         };
         return Ok((skeleton, rows));
     }
-    // The total variance only decides a rank by `variance_ratio`: a pass over the block
-    // saved otherwise.
-    let total = if config.rank.is_none() && config.variance_ratio < 1.0 {
-        crate::simd::sum_squares(&rows)
-    } else {
-        0.0
-    };
 
     let components = match config.pca {
         PcaMethod::Exact => exact_components(&rows, n, dim)?,
@@ -89,6 +82,8 @@ pub fn fit_centered(
             randomized_components(centered.as_ref(), width, config, head, block_key)?
         }
     };
+    // The total variance (a pass over the block) is taken only if a rank rule needs it.
+    let total = || crate::simd::sum_squares(&rows);
     let rank = choose_rank(&components.values, total, n, dim, config);
 
     // Plain loops into a sized buffer: `Vec::extend` over a mapping iterator is not
@@ -139,8 +134,15 @@ fn rounded_mean(rows: &[f32], dim: usize, dtype: SkeletonDtype) -> Vec<f32> {
         .collect()
 }
 
-/// Rank rules of docs/codec.md.
-fn choose_rank(values: &[f64], total: f64, n: usize, dim: usize, config: &CodecConfig) -> usize {
+/// Rank rules of docs/codec.md; `total` gives the block's total variance.
+#[inline(always)]
+fn choose_rank(
+    values: &[f64],
+    total: impl FnOnce() -> f64,
+    n: usize,
+    dim: usize,
+    config: &CodecConfig,
+) -> usize {
     let cap = dim
         .min(n)
         .min(config.rank_cap.unwrap_or(dim))
@@ -151,6 +153,7 @@ fn choose_rank(values: &[f64], total: f64, n: usize, dim: usize, config: &CodecC
     if config.variance_ratio >= 1.0 {
         return cap;
     }
+    let total = total();
     if total <= 0.0 {
         return 0;
     }
