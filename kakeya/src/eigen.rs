@@ -91,17 +91,16 @@ fn tridiagonalize(a: &mut [f32], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
         diag[k] = f64::from(a[k * n + k]);
         let m = n - k - 1;
         let t = tau[k];
+        let reflects = t != 0.0;
         let (head, rest) = a.split_at_mut((k + 1) * n);
         let v = &head[k * n + k + 1..(k + 1) * n];
-        if t != 0.0 {
+        // Row k + 1 first: it holds the next reflector.
+        let (next_row, trailing) = rest.split_at_mut(n);
+        if reflects {
             let half = 0.5 * t * dot(&p[..m], v);
             for (pc, &vc) in p[..m].iter_mut().zip(v) {
                 *pc -= half * vc;
             }
-        }
-        // Row k + 1 first: it holds the next reflector.
-        let (next_row, trailing) = rest.split_at_mut(n);
-        if t != 0.0 {
             update_row(&mut next_row[k + 1..n], v, &p[..m], v[0], p[0]);
         }
         let next_tau = if k + 1 < steps {
@@ -111,14 +110,14 @@ fn tridiagonalize(a: &mut [f32], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
         } else {
             0.0
         };
+        let next_reflects = next_tau != 0.0;
         let next_v = &next_row[k + 2..n];
         let acc = &mut sums[..m];
         acc.fill(0.0);
         for (i, row) in trailing.chunks_exact_mut(n).take(m - 1).enumerate() {
             let row = &mut row[k + 1..n];
-            let (vi, wi) = (v[i + 1], p[i + 1]);
-            let vn = if next_tau != 0.0 { next_v[i] } else { 0.0 };
-            match (t != 0.0, next_tau != 0.0) {
+            let (vi, wi, vn) = (v[i + 1], p[i + 1], next_v[i]);
+            match (reflects, next_reflects) {
                 (true, true) => {
                     for (((r, &vc), &wc), pc) in
                         row.iter_mut().zip(v).zip(&p[..m]).zip(acc.iter_mut())
@@ -138,7 +137,7 @@ fn tridiagonalize(a: &mut [f32], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
             }
         }
         // acc[c] belongs to column k + 1 + c; the next step's p starts at column k + 2.
-        if next_tau != 0.0 {
+        if next_reflects {
             for c in 0..m - 1 {
                 p[c] = next_tau * acc[c + 1];
             }
