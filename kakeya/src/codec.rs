@@ -81,7 +81,7 @@ const SEGMENT_CODES: usize = 65536;
 
 /// A serialized encoding plus what was parsed from it. The bytes are the truth:
 /// [`Encoded::nbytes`] and [`Encoded::ratio`] are measured from them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
     bytes: Vec<u8>,
     header: Header,
@@ -544,7 +544,6 @@ pub fn encode(
     threads: Option<usize>,
 ) -> Result<Encoded> {
     config.validate()?;
-    crate::simd::dispatch(|| input.check_finite())?;
     let [tokens, heads, dim] = input.shape;
     let mut header = Header {
         shape: input.shape,
@@ -556,6 +555,13 @@ pub fn encode(
         library: format!("kakeya {}", env!("CARGO_PKG_VERSION")),
         version: format::version_for(config),
     };
+    // Whole heads are gathered only where something works on them whole: the shared basis
+    // and the pre-conditioner (one product per head); blocks otherwise gather their own rows
+    // and check them there, which saves a pass over the input.
+    let whole_heads = config.share_basis || config.metric == Metric::InnerProduct;
+    if config.identity || whole_heads {
+        crate::simd::dispatch(|| input.check_finite())?;
+    }
     if config.identity {
         return Encoded::from_bytes(assemble(&header, &input.elements.to_le_bytes()));
     }
@@ -565,9 +571,6 @@ pub fn encode(
 
     // Hot job closures are `#[inline(always)]` so that they compile into the AVX2 copy of
     // `simd::dispatch`, which `map_jobs` runs every job in.
-    // Whole heads are gathered only where something works on them whole: the shared basis
-    // and the pre-conditioner (one product per head); blocks otherwise gather their own rows.
-    let whole_heads = config.share_basis || l_hat.is_some();
     let head_rows: Vec<Vec<f32>> = if whole_heads {
         map_jobs(
             threads,
@@ -594,16 +597,19 @@ pub fn encode(
         Vec::new()
     };
 
-    let block_rows = |job: usize| {
+    let block_rows = |job: usize| -> Result<(usize, usize, Vec<f32>)> {
         let (h, b) = (job / per_head, job % per_head);
         let start = b * config.block_size;
         let end = (start + config.block_size).min(tokens);
-        let rows = if whole_heads {
-            head_rows[h][start * dim..end * dim].to_vec()
-        } else {
-            input.block_rows(h, start..end)
-        };
-        (h, b, rows)
+        if whole_heads {
+            return Ok((h, b, head_rows[h][start * dim..end * dim].to_vec()));
+        }
+        let rows = input.block_rows(h, start..end);
+        if !crate::tensor::all_finite(&rows) {
+            // The error names the input's first non-finite value, whichever block saw one.
+            input.check_finite()?;
+        }
+        Ok((h, b, rows))
     };
     let variance = config.allocation == Allocation::Variance;
     let mut rotated: Vec<RotatedBlock> = map_jobs(
@@ -611,7 +617,7 @@ pub fn encode(
         heads * per_head,
         #[inline(always)]
         |job| {
-            let (h, b, mut rows) = block_rows(job);
+            let (h, b, mut rows) = block_rows(job)?;
             let n = rows.len() / dim;
             let own = if config.share_basis {
                 pca::center(&mut rows, &shared[h].mean);
@@ -730,14 +736,21 @@ pub fn encode(
         )
     };
 
-    let mut body = Writer::default();
+    // The output is written once, in place: preamble and header, then the body.
+    let json = serde_json::to_vec(&header).expect("a header always serialises");
+    let body_start = format::PREAMBLE_LEN + json.len();
+    let mut out = Writer::default();
+    out.buf.extend_from_slice(MAGIC);
+    out.u16(header.version);
+    out.u32(json.len() as u32);
+    out.buf.extend_from_slice(&json);
     if let Some(l) = &l_hat {
         for m in l {
             let tri: Vec<f32> = (0..dim)
                 .flat_map(|i| (0..=i).map(move |j| (i, j)))
                 .map(|(i, j)| m[i * dim + j])
                 .collect();
-            body.skeleton_values(&tri, config.skeleton_dtype);
+            out.skeleton_values(&tri, config.skeleton_dtype);
         }
     }
     let mut skeleton_records = Vec::with_capacity(shared.len());
@@ -750,32 +763,57 @@ pub fn encode(
         skeleton_records.push(w.buf);
     }
     let table_len = 8 * (shared.len() + records.len());
-    let mut offset = body.buf.len() + table_len;
+    let mut offset = out.buf.len() - body_start + table_len;
     let mut shared_offsets = Vec::with_capacity(shared.len());
-    let mut block_offsets = Vec::with_capacity(records.len());
+    let mut blocks = Vec::with_capacity(records.len());
     for h in 0..heads {
         if let Some(rec) = skeleton_records.get(h) {
-            shared_offsets.push(offset as u64);
+            shared_offsets.push(offset);
             offset += rec.len();
         }
         for rec in &records[h * per_head..(h + 1) * per_head] {
-            block_offsets.push(offset as u64);
+            blocks.push((offset, offset + rec.len()));
             offset += rec.len();
         }
     }
+    out.buf
+        .reserve_exact(offset + body_start + 4 - out.buf.len());
     shared_offsets
         .iter()
-        .chain(&block_offsets)
-        .for_each(|&o| body.u64(o));
+        .chain(blocks.iter().map(|(start, _)| start))
+        .for_each(|&o| out.u64(o as u64));
     for h in 0..heads {
         if let Some(rec) = skeleton_records.get(h) {
-            body.buf.extend_from_slice(rec);
+            out.buf.extend_from_slice(rec);
         }
         for rec in &records[h * per_head..(h + 1) * per_head] {
-            body.buf.extend_from_slice(rec);
+            out.buf.extend_from_slice(rec);
         }
     }
-    Encoded::from_bytes(assemble(&header, &body.buf))
+    let crc = crc32fast::hash(&out.buf);
+    out.u32(crc);
+    // What `from_bytes` would parse back, from what the encoder holds (tested equal).
+    let shared_alloc = if config.share_basis {
+        allocs
+    } else {
+        Vec::new()
+    };
+    Ok(Encoded {
+        bytes: out.buf,
+        header,
+        body_start,
+        preconditioner: l_hat.map(|l| {
+            l.into_iter()
+                .map(|m| {
+                    let inv = lower_triangular_inverse(&m, dim);
+                    (m, inv)
+                })
+                .collect()
+        }),
+        shared,
+        shared_alloc,
+        blocks,
+    })
 }
 
 #[inline(always)]

@@ -219,6 +219,12 @@ fn first_all_ones<T: Copy>(
     })
 }
 
+/// Whether every value is finite (f32 rows gathered from an input).
+#[inline(always)]
+pub fn all_finite(values: &[f32]) -> bool {
+    first_all_ones(values, |x| x.to_bits() & 0x7F80_0000, 0x7F80_0000).is_none()
+}
+
 impl<'a> TensorView<'a> {
     /// A view after checking that the buffer matches the shape.
     pub fn new(elements: Elements<'a>, shape: [usize; 3]) -> Result<Self> {
