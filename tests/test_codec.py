@@ -333,12 +333,20 @@ def test_bad_inputs_raise_clear_errors():
         kp.encode(bad, {"bits": 3})
     with pytest.raises(kp.ConfigError, match="threads"):
         kp.encode(gaussian((4, 1, 4)), cfg, threads=0)
-    # Finite but too large for the pca Gram matrix in f32; basis "none" still encodes it.
-    huge = gaussian((300, 2, 16)) * np.float32(1e18)
-    with pytest.raises(kp.NumericalError, match="overflows f32"):
+    # Finite, but its mean leaves the f16 skeleton's range; an f32 skeleton holds it, and
+    # the error is that of the same data at unit scale.
+    unit = gaussian((300, 2, 16))
+    huge = unit * np.float32(1e18)
+    with pytest.raises(kp.NumericalError, match='skeleton_dtype "f32"'):
         kp.encode(huge, cfg)
-    back = kp.decode(kp.encode(huge, kp.CodecConfig(basis="none", skeleton_dtype="f32")))
-    assert np.isfinite(back).all()
+    f32_skeleton = kp.CodecConfig(skeleton_dtype="f32")
+    unit_error = np.linalg.norm(kp.roundtrip(unit, f32_skeleton)[0] - unit)
+    huge_error = np.linalg.norm(kp.roundtrip(huge, f32_skeleton)[0].astype(np.float64) / 1e18 - unit)
+    assert huge_error == pytest.approx(unit_error, rel=0.05)
+    # Near f32's limit, centring overflows: an error, not a corrupt encoding.
+    edge = np.clip(unit, -3.3, 3.3) * np.float32(1e38)
+    with pytest.raises(kp.NumericalError, match="1e38"):
+        kp.encode(edge, f32_skeleton)
 
 
 def test_corrupt_bytes_raise():

@@ -690,6 +690,16 @@ pub fn encode(
         }
     }
 
+    let finite = |s: &f32| s.is_finite();
+    if !(rotated.iter().all(|b| b.scales.iter().all(finite))
+        && allocs.iter().all(|a| a.sigma.iter().all(finite)))
+    {
+        return Err(CodecError::Numerical(
+            "a scale overflows f32: input values beyond about 1e38 (near f32's limit) \
+             cannot be centred and rotated; rescale the input"
+                .into(),
+        ));
+    }
     let fits_f16 = |s: &f32| *s == 0.0 || (F16_MIN_NORMAL..=F16_MAX).contains(s);
     if config.scale_format == ScaleFormat::Log8 {
         header.scale_dtype = ScaleDtype::Log8;
@@ -850,7 +860,12 @@ fn quantize_block(
         .enumerate()
     {
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        z.iter_mut().zip(row).for_each(|(z, &y)| *z = y * inv);
+        if inv.is_finite() {
+            z.iter_mut().zip(row).for_each(|(z, &y)| *z = y * inv);
+        } else {
+            // A subnormal scale, whose reciprocal overflows f32.
+            z.iter_mut().zip(row).for_each(|(z, &y)| *z = y / s);
+        }
         q.codes(&z, row_codes);
         if let Some(t) = config.outlier_threshold {
             for (j, &zj) in z.iter().enumerate() {

@@ -62,7 +62,7 @@ pub fn fit_centered(
 ) -> Result<(Skeleton, Vec<f32>)> {
     let n = rows.len() / dim;
     let dtype = config.skeleton_dtype;
-    let mean = rounded_mean(&rows, dim, dtype);
+    let mean = rounded_mean(&rows, dim, dtype)?;
     center(&mut rows, &mean);
     if config.basis == Basis::None {
         let skeleton = Skeleton {
@@ -76,6 +76,9 @@ pub fn fit_centered(
     let components = match config.pca {
         PcaMethod::Exact => exact_components(&rows, n, dim)?,
         PcaMethod::Randomized => {
+            if !crate::tensor::all_finite(&rows) {
+                return Err(centring_overflow());
+            }
             let centered = Mat::<f64>::from_fn(n, dim, |i, j| f64::from(rows[i * dim + j]));
             let target = config.rank.or(config.rank_cap).unwrap_or(dim);
             let width = (target + config.oversampling).clamp(1, dim);
@@ -112,6 +115,15 @@ pub fn fit_centered(
     Ok((skeleton, rows))
 }
 
+/// Finite rows whose centring overflowed (values within a mean's distance of f32's limit).
+fn centring_overflow() -> CodecError {
+    CodecError::Numerical(
+        "centring a block overflows f32: input values beyond about 1e38 (near f32's limit); \
+         rescale the input"
+            .into(),
+    )
+}
+
 /// Subtracts `mean` from every row.
 #[inline(always)]
 pub fn center(rows: &mut [f32], mean: &[f32]) {
@@ -120,8 +132,10 @@ pub fn center(rows: &mut [f32], mean: &[f32]) {
     }
 }
 
+/// The mean of the rows, rounded to the skeleton dtype; an error where an f16 mean would
+/// leave that type's range (an f32 mean of finite rows cannot), which no decoder could use.
 #[inline(always)]
-fn rounded_mean(rows: &[f32], dim: usize, dtype: SkeletonDtype) -> Vec<f32> {
+fn rounded_mean(rows: &[f32], dim: usize, dtype: SkeletonDtype) -> Result<Vec<f32>> {
     let n = rows.len() / dim;
     let mut sum = vec![0.0f64; dim];
     for row in rows.chunks_exact(dim) {
@@ -129,9 +143,18 @@ fn rounded_mean(rows: &[f32], dim: usize, dtype: SkeletonDtype) -> Vec<f32> {
             *s += f64::from(v);
         }
     }
-    sum.iter()
+    let mean: Vec<f32> = sum
+        .iter()
         .map(|s| dtype.round(s / n.max(1) as f64))
-        .collect()
+        .collect();
+    if let Some(i) = mean.iter().position(|m| !m.is_finite()) {
+        return Err(CodecError::Numerical(format!(
+            "a block's mean is {:e} at dim {i}, beyond skeleton_dtype \"f16\" (±65504); \
+             use skeleton_dtype \"f32\"",
+            sum[i] / n as f64
+        )));
+    }
+    Ok(mean)
 }
 
 /// Rank rules of docs/codec.md; `total` gives the block's total variance.
@@ -173,8 +196,51 @@ fn choose_rank(
 /// with [`crate::eigen`].
 #[inline(always)]
 fn exact_components(centered: &[f32], n: usize, dim: usize) -> Result<Components> {
-    let a = MatRef::from_row_major_slice(centered, n, dim);
-    // Only the lower triangle: half the product.
+    let mut gram = lower_gram(centered, n, dim);
+    // The diagonal holds the column energies. Far from f32's middle range the products or
+    // the decomposition would underflow or overflow: the Gram matrix is then taken of the
+    // rows scaled by a power of two (exact) and the eigenvalues scaled back in f64.
+    let largest = (0..dim).map(|i| gram[(i, i)]).fold(0.0f32, f32::max);
+    let mut value_scale = 1.0f64;
+    let all_zero = || centered.iter().all(|&v| v == 0.0);
+    if !(GRAM_RANGE.contains(&largest) || (largest == 0.0 && all_zero())) {
+        let peak = centered.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        if !peak.is_finite() {
+            return Err(centring_overflow());
+        }
+        let exponent = -(f64::from(peak).log2().floor());
+        let factor = exponent.exp2();
+        let scaled: Vec<f32> = centered
+            .iter()
+            .map(|&v| (f64::from(v) * factor) as f32)
+            .collect();
+        gram = lower_gram(&scaled, n, dim);
+        value_scale = (-2.0 * exponent).exp2();
+    }
+    let mut sym = vec![0.0f32; dim * dim];
+    for i in 0..dim {
+        for j in 0..=i {
+            sym[i * dim + j] = gram[(i, j)];
+            sym[j * dim + i] = gram[(i, j)];
+        }
+    }
+    let eigen = crate::eigen::symmetric_eigen(&mut sym, dim)?;
+    Ok(Components {
+        values: eigen
+            .values
+            .into_iter()
+            .map(|v| v.max(0.0) * value_scale)
+            .collect(),
+        vectors_t: eigen.vectors,
+    })
+}
+
+/// Column energies (Gram diagonal) within which the exact PCA works on the rows as given.
+const GRAM_RANGE: std::ops::RangeInclusive<f32> = 1e-18..=1e18;
+
+/// The lower triangle of `AᵀA` (half the product) for `n` rows of `dim` values.
+fn lower_gram(rows: &[f32], n: usize, dim: usize) -> Mat<f32> {
+    let a = MatRef::from_row_major_slice(rows, n, dim);
     let mut gram = Mat::<f32>::zeros(dim, dim);
     triangular::matmul(
         gram.as_mut(),
@@ -187,24 +253,7 @@ fn exact_components(centered: &[f32], n: usize, dim: usize) -> Result<Components
         1.0f32,
         Par::Seq,
     );
-    if (0..dim).any(|i| (0..=i).any(|j| !gram[(i, j)].is_finite())) {
-        return Err(CodecError::Numerical(format!(
-            "the Gram matrix of a block of {n} rows overflows f32: its values are too large \
-             for basis \"pca\" (about 1e19 / sqrt(rows) fits); rescale the input or use basis \"none\""
-        )));
-    }
-    let mut sym = vec![0.0f32; dim * dim];
-    for i in 0..dim {
-        for j in 0..=i {
-            sym[i * dim + j] = gram[(i, j)];
-            sym[j * dim + i] = gram[(i, j)];
-        }
-    }
-    let eigen = crate::eigen::symmetric_eigen(&mut sym, dim)?;
-    Ok(Components {
-        values: eigen.values.into_iter().map(|v| v.max(0.0)).collect(),
-        vectors_t: eigen.vectors,
-    })
+    gram
 }
 
 fn orthonormal_columns(m: MatRef<'_, f64>) -> Mat<f64> {

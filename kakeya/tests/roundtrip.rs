@@ -288,6 +288,101 @@ fn huge_values_fall_back_to_f32_scales() {
     assert!(relative_error(&x, &y, shape, None) < 1.3 * lloyd_mse(4));
 }
 
+/// The error of data at any magnitude f32 holds, subnormal to 1e37, is that of the same
+/// data at unit scale (the PCA rescales a Gram matrix out of f32's middle range; a
+/// subnormal scale, whose reciprocal overflows, divides).
+#[test]
+fn error_does_not_depend_on_the_magnitude() {
+    let shape = [96, 2, 16];
+    let unit = gaussian(shape.iter().product(), 21);
+    let base = CodecConfig {
+        bits: 3,
+        block_size: 48,
+        skeleton_dtype: kakeya::SkeletonDtype::F32,
+        ..Default::default()
+    };
+    let configs = [
+        base.clone(),
+        CodecConfig {
+            pca: PcaMethod::Randomized,
+            ..base.clone()
+        },
+        CodecConfig {
+            share_basis: true,
+            ..base.clone()
+        },
+        CodecConfig {
+            bits: 1,
+            outlier_threshold: Some(1.5),
+            ..base.clone()
+        },
+        CodecConfig {
+            allocation: Allocation::Variance,
+            ..base.clone()
+        },
+        CodecConfig {
+            basis: Basis::None,
+            ..base.clone()
+        },
+    ];
+    for config in &configs {
+        let (y, _) = roundtrip(&unit, shape, config, None);
+        let reference = relative_error(&unit, &y, shape, None);
+        for scale in [1e-40f64, 1e-30, 1e-20, 1e20, 1e30, 1e37] {
+            let x: Vec<f32> = unit
+                .iter()
+                .map(|&v| (f64::from(v) * scale) as f32)
+                .collect();
+            let (y, _) = roundtrip(&x, shape, config, None);
+            let back: Vec<f32> = y.iter().map(|&v| (f64::from(v) / scale) as f32).collect();
+            let err = relative_error(&unit, &back, shape, None);
+            assert!(
+                (err - reference).abs() < 0.05 * reference,
+                "scale {scale:e}, {config:?}: relative error {err} against {reference} at scale 1"
+            );
+        }
+    }
+}
+
+#[test]
+fn magnitudes_beyond_the_stored_types_are_errors() {
+    let shape = [64, 1, 16];
+    let numerical = |x: &[f32], config: &CodecConfig| -> String {
+        let view = TensorView::new(Elements::F32(x), shape).unwrap();
+        match encode(view, config, None, None) {
+            Err(CodecError::Numerical(message)) => message,
+            other => panic!("{config:?}: expected a numerical error, got {other:?}"),
+        }
+    };
+    // An f16 mean beyond ±65504.
+    let offset: Vec<f32> = gaussian(64 * 16, 3).iter().map(|v| v + 1e5).collect();
+    for basis in [Basis::Pca, Basis::None] {
+        let config = CodecConfig {
+            basis,
+            ..Default::default()
+        };
+        assert!(numerical(&offset, &config).contains("skeleton_dtype \"f32\""));
+    }
+    // Finite, but centring or rotating them overflows f32.
+    let edge: Vec<f32> = gaussian(64 * 16, 4)
+        .iter()
+        .map(|v| (v * 1e38).clamp(-3.3e38, 3.3e38))
+        .collect();
+    for (pca, basis) in [
+        (PcaMethod::Exact, Basis::Pca),
+        (PcaMethod::Randomized, Basis::Pca),
+        (PcaMethod::Exact, Basis::None),
+    ] {
+        let config = CodecConfig {
+            pca,
+            basis,
+            skeleton_dtype: kakeya::SkeletonDtype::F32,
+            ..Default::default()
+        };
+        assert!(numerical(&edge, &config).contains("1e38"));
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors() {
     let x = vec![0.0f32; 2 * 2 * 4];
