@@ -939,7 +939,7 @@ def encode(
         "shape": [t, nh, d],
         "dtype": in_dtype,
         "config": cfg,
-        "scale_dtype": "f16",
+        "scale_dtype": "log8" if cfg["scale_format"] == "log8" else "f16",
         "preconditioner": False,
         "blocks_per_head": nblocks,
         "library": LIBRARY,

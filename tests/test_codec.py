@@ -349,6 +349,15 @@ def test_bad_inputs_raise_clear_errors():
         kp.encode(edge, f32_skeleton)
 
 
+def test_half_inputs_at_their_limit_decode_finite():
+    # Quantization error past 65504 saturates instead of decoding to inf.
+    x = torch.from_numpy(np.clip(gaussian((64, 2, 32), seed=11) * 40000, -65504, 65504)).half()
+    y, _ = kp.roundtrip(x, kp.CodecConfig(bits=2))
+    assert y.dtype == torch.float16
+    assert torch.isfinite(y).all()
+    assert (y.abs() == 65504).any()
+
+
 def test_corrupt_bytes_raise():
     data = kp.encode(gaussian((64, 2, 16)), kp.CodecConfig()).to_bytes()
     with pytest.raises(kp.CorruptDataError, match="magic"):

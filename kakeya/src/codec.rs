@@ -549,7 +549,12 @@ pub fn encode(
         shape: input.shape,
         dtype: input.elements.dtype(),
         config: config.clone(),
-        scale_dtype: ScaleDtype::F16,
+        // f16 may still become f32 below, where a scale leaves its range.
+        scale_dtype: if config.scale_format == ScaleFormat::Log8 {
+            ScaleDtype::Log8
+        } else {
+            ScaleDtype::F16
+        },
         preconditioner: false,
         blocks_per_head: tokens.div_ceil(config.block_size),
         library: format!("kakeya {}", env!("CARGO_PKG_VERSION")),
@@ -701,10 +706,9 @@ pub fn encode(
         ));
     }
     let fits_f16 = |s: &f32| *s == 0.0 || (F16_MIN_NORMAL..=F16_MAX).contains(s);
-    if config.scale_format == ScaleFormat::Log8 {
-        header.scale_dtype = ScaleDtype::Log8;
-    } else if !(rotated.iter().all(|b| b.scales.iter().all(fits_f16))
-        && allocs.iter().all(|a| a.sigma.iter().all(fits_f16)))
+    if header.scale_dtype == ScaleDtype::F16
+        && !(rotated.iter().all(|b| b.scales.iter().all(fits_f16))
+            && allocs.iter().all(|a| a.sigma.iter().all(fits_f16)))
     {
         header.scale_dtype = ScaleDtype::F32;
     }
@@ -1573,13 +1577,17 @@ impl Encoded {
         Ok(out)
     }
 
-    /// Decodes to `dtype` (default: the input's dtype). The identity codec is bit-exact.
+    /// Decodes to `dtype` (default: the input's dtype), where a value beyond the type's
+    /// largest finite one saturates there. The identity codec is bit-exact.
     pub fn decode_as(&self, dtype: Option<DType>, threads: Option<usize>) -> Result<OwnedElements> {
         let dtype = dtype.unwrap_or(self.header.dtype);
         if self.header.config.identity {
             return Ok(self.raw_identity().cast(dtype));
         }
-        Ok(OwnedElements::from_f32(self.decode(threads)?, dtype))
+        Ok(OwnedElements::from_f32_saturating(
+            self.decode(threads)?,
+            dtype,
+        ))
     }
 
     fn raw_identity(&self) -> OwnedElements {

@@ -163,9 +163,18 @@ fn reflect(x: &mut [f32]) -> (f64, f32) {
     }
     let norm = (x0 * x0 + sigma).sqrt();
     let beta = if x0 > 0.0 { -norm } else { norm };
-    let inv = (1.0 / (x0 - beta)) as f32;
+    let inv = 1.0 / (x0 - beta);
     x[0] = 1.0;
-    x[1..].iter_mut().for_each(|v| *v *= inv);
+    if (inv as f32).is_finite() {
+        let inv = inv as f32;
+        x[1..].iter_mut().for_each(|v| *v *= inv);
+    } else {
+        // A subnormal row (rounding residue of a rank-deficient matrix): its reciprocal
+        // norm overflows f32, and 0 · ∞ would turn the whole decomposition into NaN.
+        x[1..]
+            .iter_mut()
+            .for_each(|v| *v = (f64::from(*v) * inv) as f32);
+    }
     (beta, ((beta - x0) / beta) as f32)
 }
 

@@ -114,6 +114,33 @@ impl Elements<'_> {
 }
 
 impl OwnedElements {
+    /// [`OwnedElements::from_f32`], with values beyond `dtype`'s largest finite value
+    /// clamped to it instead of becoming infinite: a decoder's error can carry a value
+    /// next to the limit of the input's type past it.
+    pub fn from_f32_saturating(values: Vec<f32>, dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => Self::F32(values),
+            DType::F16 => {
+                let limit = 65504.0f32;
+                Self::F16(
+                    values
+                        .iter()
+                        .map(|&v| crate::f16::from_f32(v.clamp(-limit, limit)))
+                        .collect(),
+                )
+            }
+            DType::Bf16 => {
+                let limit = bf16::MAX.to_f32();
+                Self::Bf16(
+                    values
+                        .iter()
+                        .map(|&v| bf16::from_f32(v.clamp(-limit, limit)).to_bits())
+                        .collect(),
+                )
+            }
+        }
+    }
+
     /// Converts f32 values to `dtype`, rounding to nearest even.
     pub fn from_f32(values: Vec<f32>, dtype: DType) -> Self {
         match dtype {
