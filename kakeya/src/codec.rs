@@ -1120,6 +1120,19 @@ impl Encoded {
                     want
                 )));
             }
+            // The encoder refuses non-finite input, so such a value means the bytes are bad.
+            let raw = OwnedElements::from_le_bytes(body, header.dtype);
+            if let Err(CodecError::NonFinite {
+                token,
+                head,
+                dim,
+                value,
+            }) = TensorView::new(raw.view(), header.shape)?.check_finite()
+            {
+                return Err(CodecError::Corrupt(format!(
+                    "identity body holds {value} at token {token}, head {head}, dim {dim}"
+                )));
+            }
             enc.bytes = bytes;
             return Ok(enc);
         }

@@ -170,6 +170,16 @@ fn identity_is_bit_exact_for_every_dtype() {
             .decode_as(None, None)
             .unwrap();
         assert_eq!(back.view().to_le_bytes(), input.to_le_bytes());
+        // A non-finite value (its exponent bits all ones) can only come from bad bytes.
+        let mut forged = enc.as_bytes().to_vec();
+        let last = forged.len() - 5;
+        forged[last] |= 0x7F;
+        forged[last - 1] |= 0xF0;
+        let forged = Encoded::from_bytes(with_fixed_crc(forged));
+        assert!(
+            matches!(forged, Err(CodecError::Corrupt(ref m)) if m.contains("identity body")),
+            "{forged:?}"
+        );
     }
 }
 
