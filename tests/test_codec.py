@@ -329,6 +329,8 @@ def test_bad_inputs_raise_clear_errors():
     inf[0, 0, 0] = float("inf")
     with pytest.raises(kp.NonFiniteError):
         kp.encode(inf, cfg)
+    with pytest.raises(kp.DTypeError, match="meta device"):
+        kp.encode(torch.empty(4, 2, 8, device="meta"), cfg)
     with pytest.raises(TypeError):
         kp.encode(bad, {"bits": 3})
     with pytest.raises(kp.ConfigError, match="threads"):

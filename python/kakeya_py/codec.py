@@ -79,6 +79,8 @@ def _torch_raw(x: Any) -> tuple[np.ndarray, str]:
     if not x.is_contiguous():
         raise ShapeError(f"input must be contiguous (got stride {tuple(x.stride())}); call .contiguous()")
     host = x.detach()
+    if host.device.type == "meta":
+        raise DTypeError("a tensor on the meta device holds no values to encode")
     if host.device.type != "cpu":
         host = host.cpu()
     name = names[x.dtype]
