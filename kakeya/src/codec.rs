@@ -403,10 +403,14 @@ fn prepare_preconditioner(
                 }
                 let r = dtype.round(f64::from(v));
                 if !r.is_finite() || (i == j && r <= 0.0) {
+                    let rule = if r.is_finite() {
+                        "the diagonal must be > 0"
+                    } else {
+                        "every entry must be finite"
+                    };
                     return Err(CodecError::Preconditioner(format!(
-                        "head {h}: L[{i}][{j}] = {v} is {} once stored as {:?}; the diagonal must be > 0 \
-                         (use skeleton_dtype=\"f32\" for large or tiny values)",
-                        r, dtype
+                        "head {h}: L[{i}][{j}] = {v} is {r} once stored as {dtype:?}; {rule} \
+                         (use skeleton_dtype=\"f32\" for large or tiny values)"
                     )));
                 }
                 rounded[i * dim + j] = r;

@@ -531,6 +531,18 @@ fn bad_inputs_are_errors() {
         ),
         Err(CodecError::Preconditioner(_))
     ));
+    // Entries the f16 skeleton cannot hold: each error names the rule it breaks.
+    for (at, value, rule) in [
+        (4, 1e30, "every entry must be finite"),
+        (5, 1e-9, "diagonal must be > 0"),
+    ] {
+        let mut l = random_lower(2, 4, 1);
+        l[at] = value;
+        match encode(view, &ip, Some(&l), None) {
+            Err(CodecError::Preconditioner(m)) => assert!(m.contains(rule), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 #[test]
