@@ -271,6 +271,26 @@ def test_torch_tensors_roundtrip_with_their_dtype(dtype):
     assert relative_error(t.float().numpy(), lossy.float().numpy()) < 0.02
 
 
+def test_encoded_pickles_compares_and_converts_to_bytes():
+    import pickle
+
+    x = gaussian((64, 2, 16))
+    for source in (x, torch.from_numpy(x).bfloat16()):
+        enc = kp.encode(source, kp.CodecConfig(bits=2))
+        back = pickle.loads(pickle.dumps(enc))
+        assert back == enc and hash(back) == hash(enc)
+        assert bytes(back) == enc.to_bytes()
+        # The copy decodes to the caller's type, dtype and values, as the original does.
+        a, b = kp.decode(enc), kp.decode(back)
+        assert type(a) is type(b) and a.dtype == b.dtype
+        assert (
+            np.asarray(a.float() if torch.is_tensor(a) else a)
+            == np.asarray(b.float() if torch.is_tensor(b) else b)
+        ).all()
+    assert kp.encode(x, kp.CodecConfig(bits=2)) != kp.encode(x, kp.CodecConfig(bits=3))
+    assert kp.encode(x, kp.CodecConfig()) != x.tobytes()
+
+
 def test_identity_is_exact_and_ratio_is_measured():
     x = gaussian((300, 3, 64))
     enc = kp.encode(x, kp.preset("identity"))

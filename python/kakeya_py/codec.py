@@ -106,6 +106,10 @@ def _as_f32_array(matrix: Any) -> np.ndarray:
     return np.ascontiguousarray(matrix, dtype=np.float32)
 
 
+def _rebuild_encoded(data: bytes, origin: dict[str, Any]) -> Encoded:
+    return Encoded(_kakeya.Encoded.from_bytes(data), origin)
+
+
 class Encoded:
     """An encoding: its bytes are the measured size of what was compressed.
 
@@ -162,6 +166,22 @@ class Encoded:
 
     def __len__(self) -> int:
         return self.nbytes
+
+    def __bytes__(self) -> bytes:
+        return self.to_bytes()
+
+    def __eq__(self, other: object) -> bool:
+        """Equal encodings are the same bytes (whatever type each decodes to)."""
+        if not isinstance(other, Encoded):
+            return NotImplemented
+        return self.to_bytes() == other.to_bytes()
+
+    def __hash__(self) -> int:
+        return hash(self.to_bytes())
+
+    def __reduce__(self):
+        # Pickles as its bytes, plus what decode needs to return the caller's type and device.
+        return (_rebuild_encoded, (self.to_bytes(), self._origin))
 
     def __repr__(self) -> str:
         return (
