@@ -76,7 +76,6 @@ fn unrotated_basis(basis_t: &[f32], rank: usize, dim: usize, signs: &[f32]) -> V
 }
 
 const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
-const F16_MAX: f32 = 65504.0;
 const SEGMENT_CODES: usize = 65536;
 
 /// A serialized encoding plus what was parsed from it. The bytes are the truth:
@@ -709,7 +708,7 @@ pub fn encode(
                 .into(),
         ));
     }
-    let fits_f16 = |s: &f32| *s == 0.0 || (F16_MIN_NORMAL..=F16_MAX).contains(s);
+    let fits_f16 = |s: &f32| *s == 0.0 || (F16_MIN_NORMAL..=crate::f16::MAX).contains(s);
     if header.scale_dtype == ScaleDtype::F16
         && !(rotated.iter().all(|b| b.scales.iter().all(fits_f16))
             && allocs.iter().all(|a| a.sigma.iter().all(fits_f16)))

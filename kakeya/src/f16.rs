@@ -5,6 +5,9 @@
 //! f16 rounding of a 128 × 128 basis cost as much as its eigendecomposition. These
 //! functions inline into their callers and give the same bits as `half` (tested against it).
 
+/// The largest finite half, as f32.
+pub const MAX: f32 = 65504.0;
+
 /// `v` as the bits of the nearest half (ties to even; NaN stays NaN, overflow gives ±∞).
 #[inline(always)]
 pub fn from_f32(v: f32) -> u16 {

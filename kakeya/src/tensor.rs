@@ -118,38 +118,33 @@ impl OwnedElements {
     /// clamped to it instead of becoming infinite: a decoder's error can carry a value
     /// next to the limit of the input's type past it.
     pub fn from_f32_saturating(values: Vec<f32>, dtype: DType) -> Self {
-        match dtype {
-            DType::F32 => Self::F32(values),
-            DType::F16 => {
-                let limit = 65504.0f32;
-                Self::F16(
-                    values
-                        .iter()
-                        .map(|&v| crate::f16::from_f32(v.clamp(-limit, limit)))
-                        .collect(),
-                )
-            }
-            DType::Bf16 => {
-                let limit = bf16::MAX.to_f32();
-                Self::Bf16(
-                    values
-                        .iter()
-                        .map(|&v| bf16::from_f32(v.clamp(-limit, limit)).to_bits())
-                        .collect(),
-                )
-            }
-        }
+        let limit = match dtype {
+            DType::F32 => f32::INFINITY,
+            DType::F16 => crate::f16::MAX,
+            DType::Bf16 => bf16::MAX.to_f32(),
+        };
+        Self::from_f32_clamped(values, dtype, limit)
     }
 
     /// Converts f32 values to `dtype`, rounding to nearest even.
     pub fn from_f32(values: Vec<f32>, dtype: DType) -> Self {
+        Self::from_f32_clamped(values, dtype, f32::INFINITY)
+    }
+
+    /// Converts f32 values, clamped to `±limit`, to `dtype` (an infinite limit clamps nothing).
+    fn from_f32_clamped(values: Vec<f32>, dtype: DType, limit: f32) -> Self {
         match dtype {
             DType::F32 => Self::F32(values),
-            DType::F16 => Self::F16(values.iter().map(|&v| crate::f16::from_f32(v)).collect()),
+            DType::F16 => Self::F16(
+                values
+                    .iter()
+                    .map(|&v| crate::f16::from_f32(v.clamp(-limit, limit)))
+                    .collect(),
+            ),
             DType::Bf16 => Self::Bf16(
                 values
                     .iter()
-                    .map(|&v| bf16::from_f32(v).to_bits())
+                    .map(|&v| bf16::from_f32(v.clamp(-limit, limit)).to_bits())
                     .collect(),
             ),
         }
