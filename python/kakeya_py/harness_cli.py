@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from . import policy as _policy
+
 DEFAULT_CONFIG = "recommended"
 DEFAULT_DTYPE = "float32"
 
@@ -79,6 +81,9 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="measure a codec policy's quality cost (Δppl, top-1, KL, ...)")
     p.add_argument("--engine", default="hf", help="evaluation engine (default hf)")
     add_eval_args(p)
+    for action in p._actions:
+        if action.dest == "json":
+            action.help = "write the full result here (default: runs/eval_CONFIG_ENGINE_TIME.json)"
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("attribution", help="Δppl with the codec on one layer at a time, and per stream")
@@ -144,6 +149,8 @@ def prepare_policy(args, info, text: dict[str, Any] | None = None):
         k_position="post_rope" if args.post_rope_k else None,
         sigma_q=args.sigma_q,
     )
+    # per-layer settings made for another model, or layers it lacks: refused (--force-model: dropped)
+    policy, _ = _policy.fit_to_model(policy, info, force=getattr(args, "force_model", False))
     sigma = None
     if policy.sigma_q:
         sigma = load_sigma_q(
@@ -298,6 +305,10 @@ def cmd_eval(args) -> int:
 
     if args.engine not in ENGINES:
         raise SystemExit(f"unknown engine {args.engine!r}; available: {sorted(ENGINES)}")
+    if args.json is None:  # the main job writes outside tracked files: runs/ is ignored by git
+        from .cli_args import run_path
+
+        args.json = run_path("eval", args.config, args.engine)
     record = resolve(ENGINES[args.engine])(args)
     emit(record, eval_markdown(record), args.json)
     return 0

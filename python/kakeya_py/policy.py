@@ -76,6 +76,11 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 # except on the 7 layers where 3-bit V costs most KL (``kakeya attribution --streams v
 # --rank-by kl``, reports/basis/attribution_v3.md).
 _V4_LAYERS = (4, 5, 7, 8, 18, 20, 23)
+#: The model a preset with per-layer settings was made for (``Policy.model``): using it on a
+#: model of another shape is refused unless ``--force-model`` (:func:`fit_to_model`).
+SMOLLM2_135M = {"name": "smollm2-135m", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
+#: The preset ``kakeya eval`` uses on a model other than the one ``recommended`` was made for.
+DEFAULT_AGNOSTIC_PRESET = "k4v4-sink1-nobasis"
 _MEAN_ONLY = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0, "basis": "none"}
 # ``uniform-ec``: the same per-layer budget, each Lloyd-Max table replaced by the uniform step of
 # equal Gaussian MSE (step^2/12 = 0.009497 at 4 bits, 0.03454 at 3 bits) and the codes
@@ -94,6 +99,7 @@ def _uniform_ec(stream: dict[str, Any]) -> dict[str, Any]:
         "overrides": {
             str(layer): {"v": {"bits": 5, "uniform_step": LLOYD_MAX_4BIT_STEP}} for layer in _V4_LAYERS
         },
+        "model": dict(SMOLLM2_135M),
         "sink_tokens": 1,
     }
 
@@ -111,6 +117,7 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
         "k": {"bits": 4, **_MEAN_ONLY},
         "v": {"bits": 3, **_MEAN_ONLY},
         "overrides": {str(layer): {"v": {"bits": 4}} for layer in _V4_LAYERS},
+        "model": dict(SMOLLM2_135M),
         "sink_tokens": 1,
     },
     "uniform-ec": {
@@ -145,6 +152,7 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
         "k": dict(_SHARED_4BIT),
         "v": dict(_SHARED_4BIT),
         "overrides": {str(layer): {"k": None} for layer in range(12, 30)},
+        "model": dict(SMOLLM2_135M),
     },
 }
 
@@ -164,9 +172,13 @@ class Policy:
     sigma_q: str | None = None
     description: str = ""
     sink_tokens: int = 0  # leading positions of each sequence kept exact (attention sinks)
+    #: the model its per-layer settings were made for: ``{name, num_layers, num_kv_heads,
+    #: head_dim}`` or None (model-agnostic); see :func:`fit_to_model`
+    model: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.streams = parse_streams(self.streams)
+        self.model = check_model_record(self.model)
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
         if self.k_position not in K_POSITIONS:
@@ -188,6 +200,7 @@ class Policy:
     def from_dict(cls, d: Mapping[str, Any], *, name: str | None = None) -> Policy:
         known = {"name", "description", "k", "v", "exact_layers", "overrides", "layers", "streams"}
         known |= {"k_position", "sigma_q", "sink_tokens"}
+        known |= {"model"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown policy fields {sorted(unknown)}; expected some of {sorted(known)}")
@@ -203,6 +216,7 @@ class Policy:
             k_position=d.get("k_position", "pre_rope"),
             sigma_q=d.get("sigma_q"),
             sink_tokens=d.get("sink_tokens", 0),
+            model=d.get("model"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +232,7 @@ class Policy:
             "k_position": self.k_position,
             "sigma_q": self.sigma_q,
             "sink_tokens": self.sink_tokens,
+            "model": copy.deepcopy(self.model),
         }
 
     def with_changes(
@@ -276,6 +291,87 @@ class Policy:
         ]
 
 
+# -- the model a policy was made for ------------------------------------------------------
+MODEL_FIELDS = ("name", "num_layers", "num_kv_heads", "head_dim")
+
+
+class PolicyModelError(ValueError):
+    """A policy's per-layer settings do not fit the model (``--force-model`` applies what fits)."""
+
+
+def check_model_record(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A validated copy of a policy's ``model`` record (None stays None)."""
+    if record is None:
+        return None
+    if not isinstance(record, Mapping):
+        raise ValueError(f"policy 'model' must be an object with {list(MODEL_FIELDS)}, got {record!r}")
+    if set(record) != set(MODEL_FIELDS):
+        raise ValueError(
+            f"policy 'model' must have exactly the keys {list(MODEL_FIELDS)}, got {sorted(record)}"
+        )
+    for key in MODEL_FIELDS[1:]:
+        if not isinstance(record[key], int) or isinstance(record[key], bool) or record[key] < 1:
+            raise ValueError(f"policy 'model'.{key} must be an integer >= 1, got {record[key]!r}")
+    return {key: record[key] for key in MODEL_FIELDS}
+
+
+def model_record(model: Any) -> dict[str, Any]:
+    """The ``model`` record of a :class:`~kakeya_py.models.ModelInfo` or ``ModelShape``."""
+    return {"name": str(model.name), **{key: int(getattr(model, key)) for key in MODEL_FIELDS[1:]}}
+
+
+def _shape_text(rec: Mapping[str, Any]) -> str:
+    return f"{rec['num_layers']} layers, {rec['num_kv_heads']} kv heads, head_dim {rec['head_dim']}"
+
+
+def fit_to_model(policy: Policy, model: Any, *, force: bool = False) -> tuple[Policy, list[str]]:
+    """``(policy, dropped)``: ``policy`` checked against ``model`` (anything with ``name``,
+    ``num_layers``, ``num_kv_heads``, ``head_dim``).
+
+    It does not fit when it records another model shape (``Policy.model``) or names layers
+    outside ``[-num_layers, num_layers)`` in ``overrides``, ``layers`` or ``exact_layers``.
+    Then :class:`PolicyModelError` names the mismatch, unless ``force``: the settings that
+    fit are kept, the others dropped, and ``dropped`` says what was dropped or mismatched
+    (for a warning; the policy's description records it too).
+    """
+    n = int(model.num_layers)
+    here = model_record(model)
+    made = policy.model
+    diffs = [key for key in MODEL_FIELDS[1:] if made is not None and made[key] != here[key]]
+    outside = {
+        "overrides": sorted(k for k in policy.overrides if not -n <= k < n),
+        "layers": sorted(i for i in (policy.layers or []) if not -n <= i < n),
+        "exact_layers": sorted(i for i in policy.exact_layers if not -n <= i < n),
+    }
+    outside = {k: v for k, v in outside.items() if v}
+    if not diffs and not outside:
+        return policy, []
+    problems = []
+    if diffs:
+        problems.append(
+            f"it was made for {made['name']} ({_shape_text(made)}); {here['name']} has {_shape_text(here)}"
+        )
+    problems += [f"its {key} name layers {idx} outside the model's {n}" for key, idx in outside.items()]
+    if not force:
+        raise PolicyModelError(
+            f"policy {policy.name!r} does not fit model {here['name']!r}: {'; '.join(problems)}. Use a "
+            f"model-agnostic preset ({', '.join(agnostic_presets())}) or --force-model to apply what fits"
+        )
+    new = copy.deepcopy(policy)
+    new.overrides = {k: v for k, v in new.overrides.items() if -n <= k < n}
+    if new.layers is not None:
+        new.layers = [i for i in new.layers if -n <= i < n]
+    new.exact_layers = [i for i in new.exact_layers if -n <= i < n]
+    dropped = [f"{key} for layers {idx}" for key, idx in outside.items()]
+    if diffs:
+        dropped.append(
+            f"nothing else, but the kept settings were chosen for {made['name']} ({_shape_text(made)})"
+        )
+    note = f"--force-model onto {here['name']} ({_shape_text(here)}): dropped {'; '.join(dropped)}"
+    new.description = f"{new.description} [{note}]".strip()
+    return new, dropped
+
+
 def _layer_list(spec: str | Iterable[int]) -> list[int]:
     if isinstance(spec, str):
         spec = spec.strip()
@@ -300,6 +396,44 @@ def preset_names() -> list[str]:
     """Built-in presets and the saved ones in :data:`PRESETS_DIR`."""
     saved = {p.stem for p in PRESETS_DIR.glob("*.json")} if PRESETS_DIR.is_dir() else set()
     return sorted(set(POLICY_PRESETS) | saved)
+
+
+#: One line per built-in preset for ``--help`` (saved presets use their description).
+PRESET_SUMMARIES = {
+    "identity": "every codec stage bypassed: exact; stores the model's dtype (0.5x on float32)",
+    "recommended": "K 4-bit, V 3-bit (4-bit on 7 layers), mean only, sink exact: 4.03x ACCEPT",
+    "uniform-ec": "recommended's budget as uniform steps, codes entropy-coded: 4.47x ACCEPT",
+    "uniform-ec-log8": "uniform-ec with one-byte log scales: 4.70x ACCEPT",
+    "k4v4-sink1-nobasis": "K and V 4-bit on every layer, mean only, sink exact: 3.67x ACCEPT",
+    "k4v4-sink1": "K and V 4-bit on every layer, one PCA basis per head, sink exact: 3.00x",
+    "k4early-v4": "the first recommended: V 4-bit, K 4-bit on layers 0-11 only: 1.88x",
+    "uniform-ec-log8-tuned": "uniform-ec-log8 with per-layer steps from kakeya tune: 5.15x ACCEPT",
+}
+
+
+def preset_info(name: str) -> tuple[str, dict[str, Any] | None]:
+    """``(one-line summary, model record or None)`` of a preset, without building it."""
+    if name in POLICY_PRESETS:
+        d = POLICY_PRESETS[name]
+    else:
+        d = json.loads((PRESETS_DIR / f"{name}.json").read_text())
+    summary = PRESET_SUMMARIES.get(name) or str(d.get("description", "")).split(". ")[0]
+    return (summary if len(summary) <= 90 else summary[:87] + "..."), d.get("model")
+
+
+def agnostic_presets() -> list[str]:
+    """Presets without per-layer settings for one model: usable on any model."""
+    return [name for name in preset_names() if preset_info(name)[1] is None]
+
+
+def presets_help() -> str:
+    """The preset list of ``--help``: one line each, the model-specific ones marked."""
+    lines = []
+    for name in preset_names():
+        summary, model = preset_info(name)
+        only = f" [{model['name']} only]" if model else ""
+        lines.append(f"  {name:<21} {summary}{only}")
+    return "\n".join(lines)
 
 
 def preset_policy(name: str) -> Policy:

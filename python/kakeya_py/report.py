@@ -37,6 +37,25 @@ def _header(r: dict[str, Any], title: str) -> list[str]:
     ]
 
 
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def ratio_note(r: dict[str, Any]) -> str:
+    """Why ``identity`` is not 1x on a model that is not bf16: it stores the model's values as they are."""
+    cfg = r.get("config") or {}
+    streams = [cfg.get(s) for s in ("k", "v") if cfg.get(s) is not None]
+    dtype = (r.get("model") or {}).get("dtype") or r.get("dtype")
+    if not streams or not all(s.get("identity") for s in streams) or dtype not in _DTYPE_BYTES:
+        return ""
+    size = _DTYPE_BYTES[dtype]
+    if dtype == "bfloat16":
+        return ""
+    return (
+        f"; identity stores the model's dtype ({dtype}, {size} bytes per value) verbatim: at most "
+        f"{2 / size:.2f}x against bf16"
+    )
+
+
 def eval_markdown(r: dict[str, Any]) -> str:
     """The summary of ``kakeya eval``."""
     lines = _header(r, "kakeya eval")
@@ -60,7 +79,8 @@ def eval_markdown(r: dict[str, Any]) -> str:
         ("log-prob Pearson", fmt_num(r["logprob_pearson"], 6)),
         (
             "compression ratio (measured)",
-            f"{fmt_ratio(r['ratio_measured'])} (K {fmt_ratio(r['ratio_k'])}, V {fmt_ratio(r['ratio_v'])})",
+            f"{fmt_ratio(r['ratio_measured'])} (K {fmt_ratio(r['ratio_k'])}, V {fmt_ratio(r['ratio_v'])})"
+            + ratio_note(r),
         ),
         ("eval tokens", str(r["eval_tokens"])),
     ]

@@ -966,6 +966,7 @@ def cmd_tune(args) -> int:
         k_position=k_position,
         sink_tokens=args.sink_tokens,
     )
+    policy.model = _policy.model_record(info)  # its per-layer steps fit this model only
 
     # 3. the written policy, through PolicyCodec, on the search and the held-out passages
     codec.clear()
