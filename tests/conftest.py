@@ -72,6 +72,28 @@ def save_tiny_llama(folder, **overrides) -> None:
     ).save_pretrained(folder)
 
 
+def save_tiny(folder, arch: str, **overrides) -> None:
+    """:func:`save_tiny_llama` for any of :data:`ARCHS`: ``tiny_config(arch)`` with ``overrides``
+    (seed 0, Q/K/V scaled) and the same word-level tokenizer, saved as an HF folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = tiny_config(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg.architectures = [type(AutoModelForCausalLM.from_config(cfg)).__name__]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _scale_qkv(model)
+    model.save_pretrained(folder)
+    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(TINY["vocab_size"])}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2"
+    ).save_pretrained(folder)
+
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 

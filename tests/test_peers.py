@@ -276,15 +276,18 @@ def test_sweep_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert [p.name for p in (out / "points").glob("*.json")] == ["int3.json"]
 
 
-def test_sweep_rejects_unknown_methods_and_config(tmp_path):
+def test_sweep_rejects_unknown_methods_and_config(tmp_path, capsys):
     from kakeya_py.cli import main
 
-    with pytest.raises(ValueError, match="unknown peer method"):
-        main(["sweep", "--methods", "int4,awq-4", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--methods"):
-        main(["sweep", "--config", "identity", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="twice"):
-        main(["sweep", "--methods", "int4,int4", "--out", str(tmp_path)])
+    for argv, words in (
+        (["--methods", "int4,awq-4"], "unknown peer method"),
+        (["--config", "identity"], "takes --methods"),
+        (["--methods", "int4,int4"], "twice"),
+    ):
+        assert main(["sweep", *argv, "--out", str(tmp_path)]) == 2  # before any model loads
+        err = capsys.readouterr().err
+        assert err.startswith("kakeya sweep: error: argument --") and err.count("\n") == 1, err
+        assert words in err, err
 
 
 @pytest.mark.slow

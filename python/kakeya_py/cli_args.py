@@ -253,9 +253,14 @@ def _kakeya_methods(args) -> list[str]:
     return out
 
 
-def _check_methods(args) -> None:
+def _check_methods(args, argv: Sequence[str]) -> None:
     if getattr(args, "command", None) != "sweep":
         return
+    for name in ("--config", "--json"):
+        if explicit(argv, name):
+            raise UsageError(
+                name, "kakeya sweep takes --methods (e.g. kakeya:my_policy.json) and --out instead"
+            )
     from .sweep_cli import family_of, split_methods
 
     try:
@@ -273,7 +278,7 @@ def check_args(args, argv: Sequence[str] = ()) -> None:
     _check_counts(args)
     _check_dtype(args)
     _check_policy_args(args)
-    _check_methods(args)
+    _check_methods(args, argv)
     _check_text(args)
     _check_model_name(args)
 
