@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod allocation;
+pub mod attention;
 pub mod bitpack;
 mod codec;
 pub mod config;

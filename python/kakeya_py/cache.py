@@ -53,10 +53,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .codec import CodecConfig, Encoded, decode, encode
+from . import _kakeya
+from .cache_attention import (
+    PendingAttention,
+    attention_name,
+    capture_hook,
+    ensure_registered,
+    kernel_supports,
+)
+from .codec import CodecConfig, decode, encode
 from .hooks import find_attention_sites
 from .policy import Policy, load_policy
 
@@ -159,7 +168,7 @@ class _Chunk:
 
     start: int
     length: int
-    encodings: list[Encoded]
+    encodings: list[Any]  # Encoded, or kakeya_py._kakeya.AttnChunk on kernel layers
     decoded: torch.Tensor | None = None  # kept decoded [b, h, n, d] (within the budget)
 
     @property
@@ -173,6 +182,8 @@ class _Stream:
 
     config: CodecConfig | None
     rope: bool  # encode pre-RoPE (K only)
+    rope_mean: bool = False  # RoPE-mean layout (K on kernel layers): encode RoPE_p(x - mean_pre)
+    kernel: bool = False  # chunks held as AttnChunk for the attention kernel
     sink: torch.Tensor | None = None  # [b, h, n, d], exact, the first positions
     chunks: list[_Chunk] = field(default_factory=list)
     window: torch.Tensor | None = None  # [b, h, n, d], exact
@@ -197,12 +208,22 @@ class KakeyaLayer(CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, cache: KakeyaCache, layer_idx: int, k_config, v_config, k_rope: bool):
+    def __init__(
+        self,
+        cache: KakeyaCache,
+        layer_idx: int,
+        k_config,
+        v_config,
+        k_rope: bool,
+        kernel: bool = False,
+        k_rope_mean: bool = False,
+    ):
         super().__init__()
         self._cache = weakref.proxy(cache)
         self.layer_idx = layer_idx
-        self.k = _Stream(k_config, k_rope)
-        self.v = _Stream(v_config, False)
+        self.kernel = kernel
+        self.k = _Stream(k_config, k_rope and not kernel, rope_mean=kernel and k_rope_mean, kernel=kernel)
+        self.v = _Stream(v_config, False, kernel=kernel)
         self.cumulative_length = 0
 
     def __repr__(self) -> str:
@@ -210,10 +231,11 @@ class KakeyaLayer(CacheLayerMixin):
             if s.config is None:
                 return "exact"
             c = s.config
-            return "identity" if c.identity else f"{c.bits}-bit" + (" pre-RoPE" if s.rope else "")
+            layout = " pre-RoPE" if s.rope else " RoPE-mean" if s.rope_mean else ""
+            return "identity" if c.identity else f"{c.bits}-bit" + layout
 
         return (
-            f"KakeyaLayer({self.layer_idx}, k={cfg(self.k)}, v={cfg(self.v)}, "
+            f"KakeyaLayer({self.layer_idx}, k={cfg(self.k)}, v={cfg(self.v)}, kernel={self.kernel}, "
             f"tokens={self.cumulative_length}, encoded={self.k.encoded_tokens})"
         )
 
@@ -228,11 +250,37 @@ class KakeyaLayer(CacheLayerMixin):
         start = self.cumulative_length
         n = key_states.shape[-2]
         cache = self._cache
-        if self.k.rope:
+        if self.k.rope or self.k.rope_mean:
             cos, sin = cache._take_rope(self.layer_idx, n)
-            cache._rope.append(start, cos, sin)
-        keys = self._materialize(self.k, key_states)
-        values = self._materialize(self.v, value_states)
+            if self.k.rope:
+                cache._rope.append(start, cos, sin)
+            else:
+                cache._append_rope_half(start, cos, sin)
+        if self.kernel and self.k.chunks:
+            # exact parts only; the attention function reads the chunks through the kernel
+            if cache._pending.get(self.layer_idx) is not None:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: the previous step's compressed attention was never run; the "
+                    "model's attention implementation must be the one KakeyaCache selected "
+                    f"(model.config._attn_implementation = {cache._attn_name!r})"
+                )
+            batch = key_states.shape[0]
+            cache._pending[self.layer_idx] = PendingAttention(
+                layer=self,
+                k_chunks=[[c.encodings[b] for c in self.k.chunks] for b in range(batch)],
+                v_chunks=[[c.encodings[b] for c in self.v.chunks] for b in range(batch)],
+                n_sink=self.k.sink_tokens,
+                n_compressed=self.k.encoded_tokens,
+                rope=cache._rope_half if self.k.rope_mean else None,
+                threads=cache.threads,
+                k_snapshot=list(self.k.chunks),
+                v_snapshot=list(self.v.chunks),
+            )
+            keys = self._exact(self.k, key_states)
+            values = self._exact(self.v, value_states)
+        else:
+            keys = self._materialize(self.k, key_states)
+            values = self._materialize(self.v, value_states)
         self.cumulative_length += n
         for stream, new in ((self.k, key_states), (self.v, value_states)):
             self._append(stream, new)
@@ -322,6 +370,10 @@ class KakeyaLayer(CacheLayerMixin):
         return
 
     # -- internals ---------------------------------------------------------------------
+    def _exact(self, s: _Stream, new: torch.Tensor) -> torch.Tensor:
+        parts = [p for p in (s.sink, s.window, new) if p is not None]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
     def _materialize(self, s: _Stream, new: torch.Tensor) -> torch.Tensor:
         decoded = [self._decoded(s, c) for c in s.chunks]
         parts = [p for p in (s.sink, *decoded, s.window) if p is not None]
@@ -348,10 +400,17 @@ class KakeyaLayer(CacheLayerMixin):
         if chunk.decoded is not None:
             return chunk.decoded
         cache = self._cache
-        rows = [decode(e, threads=cache.threads) for e in chunk.encodings]  # each [n, h, d]
+        if s.kernel:
+            rows = [torch.from_numpy(e.decode()) for e in chunk.encodings]  # each [n, h, d] f32
+        else:
+            rows = [decode(e, threads=cache.threads) for e in chunk.encodings]  # each [n, h, d]
         x = torch.stack(rows).permute(0, 2, 1, 3)  # [b, h, n, d]
         if x.device != self.device:
             x = x.to(self.device)
+        if s.rope_mean:
+            cos, sin = cache._rope_half_slice(chunk.start, chunk.start + chunk.length, x.shape[0])
+            mean = torch.stack([torch.from_numpy(e.rope_mean) for e in chunk.encodings]).to(x.device)
+            x = x + rotate_rope(mean[:, :, None, :].expand_as(x), cos.to(x.device), sin.to(x.device))
         if s.rope:
             cos, sin = cache._rope.slice(chunk.start, chunk.start + chunk.length, x.shape[0])
             x = rotate_rope(x, cos.to(x.dtype), sin.to(x.dtype))
@@ -367,13 +426,30 @@ class KakeyaLayer(CacheLayerMixin):
         cut = n - cache.residual_length
         start = s.sink_tokens + s.encoded_tokens
         old, s.window = s.window[..., :cut, :], s.window[..., cut:, :].clone()
+        means = None
         if s.rope:
             cos, sin = cache._rope.slice(start, start + cut, old.shape[0])
             old = unrotate_rope(old, cos.to(old.dtype), sin.to(old.dtype))
+        elif s.rope_mean:
+            # RoPE-mean layout: e_p = RoPE_p(x_p - mean) = k_p - RoPE_p(mean), mean over pre-RoPE x
+            cos, sin = cache._rope_half_slice(start, start + cut, old.shape[0])
+            cos, sin = cos.to(old.device), sin.to(old.device)
+            k = old.to(torch.float32)
+            means = unrotate_rope(k, cos, sin).mean(dim=-2)  # [b, h, d]
+            old = k - rotate_rope(means[:, :, None, :].expand_as(k), cos, sin)
         rows = old.permute(0, 2, 1, 3)  # [b, n, h, d]
         encodings = [
             encode(rows[b].contiguous(), s.config, threads=cache.threads) for b in range(rows.shape[0])
         ]
+        if s.kernel:
+            encodings = [
+                _kakeya.AttnChunk(
+                    e._inner if hasattr(e, "_inner") else e,
+                    start,
+                    None if means is None else np.ascontiguousarray(means[b].cpu().numpy()),
+                )
+                for b, e in enumerate(encodings)
+            ]
         chunk = _Chunk(start, cut, encodings)
         s.chunks.append(chunk)
         cache._maybe_keep_decoded(self, s, chunk)
@@ -430,6 +506,12 @@ class KakeyaCache(Cache):
         k_position: override of the policy's ``k_position`` for lossy K (``None``: the
             policy's); ``"pre_rope"`` here also routes identity K through the RoPE round trip.
         threads: codec threads (``None``: the codec's default, every core).
+        attention: ``"kernel"`` (default): decode steps of layers whose K and V are both
+            lossy mean-only uniform encodings run attention on the codes (Rust kernel; K stored
+            in the RoPE-mean layout when the policy's K is pre-RoPE); other layers decode.
+            ``"decode"``: every layer decodes its chunks each step (the pre-kernel behaviour).
+            The kernel path selects the model's attention implementation ``kakeya_sdpa`` (or
+            ``kakeya_eager``), which is the original one wherever no compressed chunk is read.
 
     Example:
         >>> cache = KakeyaCache("recommended", model, residual_length=64)  # doctest: +SKIP
@@ -448,6 +530,7 @@ class KakeyaCache(Cache):
         decoded_budget_bytes: int | None = 0,
         k_position: str | None = None,
         threads: int | None = None,
+        attention: str = "kernel",
     ):
         if residual_length < 0:
             raise ValueError(f"residual_length must be >= 0, got {residual_length}")
@@ -457,6 +540,8 @@ class KakeyaCache(Cache):
             raise ValueError(f"decoded_budget_bytes must be >= 0 or None, got {decoded_budget_bytes}")
         if k_position not in (None, "pre_rope", "post_rope"):
             raise ValueError(f"k_position must be None, 'pre_rope' or 'post_rope', got {k_position!r}")
+        if attention not in ("kernel", "decode"):
+            raise ValueError(f"attention must be 'kernel' or 'decode', got {attention!r}")
         self.policy = _as_policy(policy)
         if self.policy.sigma_q is not None:
             raise ValueError(
@@ -467,9 +552,15 @@ class KakeyaCache(Cache):
         self.block_tokens = int(block_tokens)
         self.decoded_budget_bytes = decoded_budget_bytes
         self.threads = threads
+        self.attention = attention
         sites = find_attention_sites(model)
         self.num_layers = len(sites)
         self._rope = _RopeTable()
+        self._rope_half = None  # kakeya_py._kakeya.RopeTable (RoPE-mean K layout), made on first use
+        self._pending: dict[int, PendingAttention] = {}
+        self._attn_name: str | None = None
+        # tests: attend kernel layers by decoding their chunks (same bytes, reference path)
+        self._decode_attention_check = False
         self._rope_pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decoded_bytes = 0
         self._transient: dict[int, list[int]] = {}
@@ -486,15 +577,44 @@ class KakeyaCache(Cache):
                     f"layer {site.layer} ({type(site.attn).__name__}) does not use rotate-half RoPE, so pre-RoPE K "
                     "cannot be recovered exactly; use a policy with k_position='post_rope'"
                 )
+            kernel = (
+                attention == "kernel"
+                and kernel_supports(kc, site.head_dim)
+                and kernel_supports(vc, site.head_dim)
+            )
             if rope:
                 rope_layers.append(site)
-            layers.append(KakeyaLayer(self, site.layer, kc, vc, rope))
+            layers.append(KakeyaLayer(self, site.layer, kc, vc, rope, kernel=kernel, k_rope_mean=rope))
         super().__init__(layers=layers)
         self._handles = [
             site.attn.register_forward_pre_hook(_rope_hook(self, site.layer), with_kwargs=True)
             for site in rope_layers
         ]
-        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+        restore = None
+        if any(layer.kernel for layer in layers):
+            restore = self._select_attention(model, sites)
+        self._finalizer = weakref.finalize(self, _remove_handles, self._handles, restore)
+
+    def _select_attention(self, model, sites):
+        """Selects ``kakeya_<original>`` on the model and marks each attention module per call."""
+        ensure_registered()
+        current = getattr(model.config, "_attn_implementation", None)
+        name = attention_name(current)
+        if name is None:
+            raise ValueError(
+                f"the attention kernel wraps 'sdpa' or 'eager' attention, the model uses {current!r}; "
+                "load the model with attn_implementation='sdpa' or pass attention='decode'"
+            )
+        self._attn_name = name
+        if current != name:
+            model.set_attn_implementation(name)
+        users = getattr(model, "_kakeya_attention_users", 0) + 1
+        model._kakeya_attention_users = users
+        for site in sites:
+            self._handles.append(
+                site.attn.register_forward_pre_hook(capture_hook(self), with_kwargs=True)
+            )
+        return (weakref.ref(model), current if current != name else name)
 
     def __repr__(self) -> str:
         return (
@@ -517,17 +637,26 @@ class KakeyaCache(Cache):
     def reset(self):
         super().reset()
         self._rope = _RopeTable()
+        self._rope_half = None
+        self._pending.clear()
         self._rope_pending.clear()
         self._decoded_bytes = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         self._rope.truncate(self.get_seq_length())
+        if self._rope_half is not None:
+            self._rope_half.truncate(self.get_seq_length())
         self._decoded_bytes = self._count_decoded()
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
         self._rope.select_batch(lambda t: t.index_select(0, torch.as_tensor(indices, device=t.device).long()))
+        if self._rope_half is not None:
+            idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+            if idx and isinstance(idx[0], bool):
+                idx = [i for i, keep in enumerate(idx) if keep]
+            self._rope_half.select([int(i) for i in idx])
         self._decoded_bytes = self._count_decoded()
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
@@ -554,13 +683,42 @@ class KakeyaCache(Cache):
             )
         return cos, sin
 
+    def _append_rope_half(self, start: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Records positions for the RoPE-mean K layout (half width: ``cos = cat(f, f)``)."""
+        d = cos.shape[-1]
+        half = d // 2
+        if d % 2 or not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
+            raise RuntimeError(
+                "the RoPE-mean K layout needs rotate-half RoPE with cos = cat(f, f); use attention='decode'"
+            )
+        c = cos[..., :half].to(torch.float32)
+        s = sin[..., :half].to(torch.float32)
+        if c.shape[0] > 1 and bool((c == c[:1]).all()) and bool((s == s[:1]).all()):
+            c, s = c[:1], s[:1]
+        if self._rope_half is None:
+            self._rope_half = _kakeya.RopeTable(half)
+        self._rope_half.append(
+            start, np.ascontiguousarray(c.cpu().numpy()), np.ascontiguousarray(s.cpu().numpy())
+        )
+
+    def _rope_half_slice(self, start: int, end: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-width ``cos, sin`` ``[batch, end - start, d]`` from the RoPE-mean table."""
+        table = self._rope_half
+        cs, ss = [], []
+        for b in range(batch):
+            c, s = table.slice(start, end, 0 if table.rows == 1 else b)
+            cs.append(torch.from_numpy(c))
+            ss.append(torch.from_numpy(s))
+        c, s = torch.stack(cs), torch.stack(ss)
+        return torch.cat((c, c), dim=-1), torch.cat((s, s), dim=-1)
+
     def _note_transient(self, layer: int, is_k: bool, nbytes: int) -> None:
         per = self._transient.setdefault(layer, [0, 0])
         per[0 if is_k else 1] = nbytes
         self.transient_peak_bytes = max(self.transient_peak_bytes, sum(per))
 
     def _maybe_keep_decoded(self, layer: KakeyaLayer, s: _Stream, chunk: _Chunk) -> None:
-        if self.decoded_budget_bytes == 0:
+        if self.decoded_budget_bytes == 0 or s.kernel:
             return
         n, h, d = chunk.encodings[0].shape
         size = len(chunk.encodings) * n * h * d * torch.empty((), dtype=layer.dtype).element_size()
@@ -621,7 +779,7 @@ class KakeyaCache(Cache):
                     "compressed": s.config is not None,
                 }
             per_layer.append(row)
-        out["rope_table_bytes"] = self._rope.nbytes
+        out["rope_table_bytes"] = self._rope.nbytes + (0 if self._rope_half is None else self._rope_half.nbytes)
         out["total_bytes"] = sum(out[k] for k in (*kinds, "rope_table_bytes"))
         out["transient_peak_bytes"] = self.transient_peak_bytes
         out["ratio"] = out["dynamic_cache_bytes"] / out["total_bytes"] if out["total_bytes"] else None
@@ -663,7 +821,18 @@ def _rope_hook(cache: KakeyaCache, layer: int):
     return hook
 
 
-def _remove_handles(handles: list) -> None:
+def _remove_handles(handles: list, restore=None) -> None:
     for h in handles:
         h.remove()
     handles.clear()
+    if restore is not None:
+        ref, original = restore
+        model = ref()
+        if model is None:
+            return
+        users = getattr(model, "_kakeya_attention_users", 1) - 1
+        model._kakeya_attention_users = users
+        if users <= 0 and original != model.config._attn_implementation:
+            from .cache_attention import fallback_of
+
+            model.set_attn_implementation(fallback_of(original))

@@ -12,6 +12,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+mod attention;
+
 // See the workspace Cargo.toml: megabyte block buffers are reused instead of faulted in anew.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -684,6 +686,9 @@ fn _kakeya(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(disable_parallelism_after_fork, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
+    m.add_class::<attention::PyAttnChunk>()?;
+    m.add_class::<attention::PyRopeTable>()?;
+    m.add_function(wrap_pyfunction!(attention::attend_compressed, m)?)?;
     m.add("KakeyaError", py.get_type::<KakeyaError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("ShapeError", py.get_type::<ShapeError>())?;

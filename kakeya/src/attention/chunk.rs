@@ -1,0 +1,224 @@
+//! One encoding held in the form the attention kernel reads ([`AttnChunk`]): per head and
+//! block the mean, the scales, the codes bit-packed at `bits` bits (rANS lanes decoded once
+//! and re-packed) and the outliers; no header, offsets or checksum.
+
+use crate::codec::RowBlock;
+use crate::error::{CodecError, Result};
+use crate::format::ScaleDtype;
+use crate::{bitpack, f16, hadamard, Encoded};
+
+/// Per-row scales as stored: f16 where the encoding's scales are f16 (exact), else f32
+/// (f32 scales and log8 levels, whose values f16 does not hold exactly).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Scales {
+    F16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+impl Scales {
+    /// Scales of rows `from..from + out.len()` as f32.
+    #[inline(always)]
+    pub(crate) fn read(&self, from: usize, out: &mut [f32]) {
+        match self {
+            Self::F16(v) => out
+                .iter_mut()
+                .zip(&v[from..])
+                .for_each(|(o, &h)| *o = f16::to_f32(h)),
+            Self::F32(v) => out.copy_from_slice(&v[from..from + out.len()]),
+        }
+    }
+
+    fn nbytes(&self) -> usize {
+        match self {
+            Self::F16(v) => v.len() * 2,
+            Self::F32(v) => v.len() * 4,
+        }
+    }
+}
+
+/// One block of one head.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HeadBlock {
+    /// First token of the block within the chunk.
+    pub first: usize,
+    /// Tokens in the block.
+    pub rows: usize,
+    /// `μ̂`, `D` values.
+    pub mean: Vec<f32>,
+    pub scales: Scales,
+    /// `rows · D` codes, `bits` bits each, row-major, least-significant bit first.
+    pub codes: Vec<u8>,
+    /// Outlier positions `row · D + j`, increasing, and their f16 values.
+    pub outlier_at: Vec<u32>,
+    pub outlier_z: Vec<u16>,
+}
+
+/// An encoding ready for [`crate::attention::attend`]: what the codec's row decoder reads,
+/// parsed once. Optionally carries the pre-RoPE mean of a K chunk stored in the RoPE-mean
+/// layout (`docs/cache.md`): the encoded values are then `RoPE_p(x_p − μ)` and the key at
+/// position `p` is `RoPE_p(μ) + decode(...)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnChunk {
+    pub(crate) tokens: usize,
+    pub(crate) heads: usize,
+    pub(crate) dim: usize,
+    pub(crate) bits: u8,
+    pub(crate) centroids: Vec<f32>,
+    pub(crate) seed: u64,
+    pub(crate) signs: Vec<f32>,
+    /// Head-major; each head's blocks in token order.
+    pub(crate) blocks: Vec<HeadBlock>,
+    pub(crate) blocks_per_head: usize,
+    /// `[heads, dim]` pre-RoPE mean (RoPE-mean K layout), or none.
+    pub(crate) rope_mean: Option<Vec<f32>>,
+    /// Absolute position of the first token.
+    pub(crate) position: usize,
+}
+
+impl AttnChunk {
+    /// Parses `enc` (a lossy encoding with `basis = "none"`, `allocation = "uniform"`, no
+    /// pre-conditioner and a power-of-two `head_dim` ≥ 8); `position` is the absolute
+    /// position of its first token; `rope_mean`, if given, `[heads, dim]` values.
+    pub fn from_encoded(
+        enc: &Encoded,
+        position: usize,
+        rope_mean: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        let header = enc.header();
+        let [tokens, heads, dim] = header.shape;
+        if !enc.has_row_layout() || dim < 8 {
+            let c = &header.config;
+            return Err(CodecError::InvalidConfig {
+                field: "basis",
+                reason: format!(
+                    "attention on codes needs a lossy encoding with basis \"none\", allocation \
+                     \"uniform\", no pre-conditioner and a power-of-two head_dim >= 8; got \
+                     identity={}, basis={:?}, allocation={:?}, metric={:?}, head_dim={dim}",
+                    c.identity, c.basis, c.allocation, c.metric
+                ),
+            });
+        }
+        if let Some(m) = &rope_mean {
+            if m.len() != heads * dim {
+                return Err(CodecError::Shape(format!(
+                    "rope_mean has {} values, expected heads × dim = {heads} × {dim} = {}",
+                    m.len(),
+                    heads * dim
+                )));
+            }
+            if let Some(bad) = m.iter().find(|v| !v.is_finite()) {
+                return Err(CodecError::Shape(format!(
+                    "rope_mean holds a non-finite value {bad}"
+                )));
+            }
+        }
+        let f16_scales = header.scale_dtype == ScaleDtype::F16;
+        let blocks = enc
+            .row_blocks()?
+            .into_iter()
+            .map(|b: RowBlock| HeadBlock {
+                first: b.first,
+                rows: b.rows,
+                mean: b.mean,
+                scales: if f16_scales {
+                    Scales::F16(b.scales.iter().map(|&s| f16::from_f32(s)).collect())
+                } else {
+                    Scales::F32(b.scales)
+                },
+                codes: b.codes,
+                outlier_at: b.outliers.iter().map(|&(i, _)| i as u32).collect(),
+                outlier_z: b.outliers.iter().map(|&(_, z)| f16::from_f32(z)).collect(),
+            })
+            .collect();
+        let config = &header.config;
+        Ok(Self {
+            tokens,
+            heads,
+            dim,
+            bits: config.bits,
+            centroids: enc.centroid_table(),
+            seed: config.seed,
+            signs: hadamard::signs(config.seed, dim),
+            blocks,
+            blocks_per_head: header.blocks_per_head,
+            rope_mean,
+            position,
+        })
+    }
+
+    /// `[tokens, kv_heads, head_dim]`.
+    pub fn shape(&self) -> [usize; 3] {
+        [self.tokens, self.heads, self.dim]
+    }
+
+    /// Absolute position of the first token.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// The pre-RoPE mean `[heads, dim]` of the RoPE-mean K layout, if any.
+    pub fn rope_mean(&self) -> Option<&[f32]> {
+        self.rope_mean.as_deref()
+    }
+
+    /// Bytes held: codes, scales, outliers (6 bytes each), means, the pre-RoPE mean and the
+    /// centroid table (not the struct and `Vec` headers, a few hundred bytes).
+    pub fn nbytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| b.codes.len() + b.scales.nbytes() + b.outlier_at.len() * 6 + b.mean.len() * 4)
+            .sum();
+        blocks
+            + self.rope_mean.as_ref().map_or(0, |m| m.len() * 4)
+            + self.centroids.len() * 4
+            + self.signs.len() * 4
+    }
+
+    /// The blocks of head `h`, in token order.
+    pub(crate) fn head_blocks(&self, h: usize) -> &[HeadBlock] {
+        &self.blocks[h * self.blocks_per_head..(h + 1) * self.blocks_per_head]
+    }
+
+    /// Dequantizes rows `from..from + n` of `block` (relative to the block) into `out`
+    /// (`n · D` values, rotated domain, unscaled, outliers in place).
+    #[inline(always)]
+    pub(crate) fn dequantize_rows(&self, block: &HeadBlock, from: usize, out: &mut [f32]) {
+        let dim = self.dim;
+        let n = out.len() / dim;
+        let start = from * dim * usize::from(self.bits) / 8;
+        bitpack::unpack_lookup(&block.codes[start..], self.bits, &self.centroids, out);
+        let (lo, hi) = ((from * dim) as u32, ((from + n) * dim) as u32);
+        let first = block.outlier_at.partition_point(|&i| i < lo);
+        for (&at, &z) in block.outlier_at[first..]
+            .iter()
+            .zip(&block.outlier_z[first..])
+            .take_while(|(&at, _)| at < hi)
+        {
+            out[(at - lo) as usize] = f16::to_f32(z);
+        }
+    }
+
+    /// Decodes to f32 `[tokens, heads, dim]`: the codec's decode of the same encoding, the
+    /// same operations in the same order (so the same values); without the pre-RoPE mean.
+    pub fn decode(&self) -> Vec<f32> {
+        let (heads, dim) = (self.heads, self.dim);
+        let mut out = vec![0.0f32; self.tokens * heads * dim];
+        let mut row = vec![0.0f32; dim];
+        let mut scale = [0.0f32; 1];
+        for h in 0..heads {
+            for block in self.head_blocks(h) {
+                for i in 0..block.rows {
+                    self.dequantize_rows(block, i, &mut row);
+                    block.scales.read(i, &mut scale);
+                    row.iter_mut().for_each(|v| *v *= scale[0]);
+                    hadamard::unrotate(&mut row, &self.signs);
+                    row.iter_mut().zip(&block.mean).for_each(|(v, m)| *v += m);
+                    let t = block.first + i;
+                    out[(t * heads + h) * dim..][..dim].copy_from_slice(&row);
+                }
+            }
+        }
+        out
+    }
+}
