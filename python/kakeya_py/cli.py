@@ -35,6 +35,7 @@ COMMAND_MODULES: list[str] = [
     "kakeya_py.engines_cli",
     "kakeya_py.sweep_cli",
     "kakeya_py.tune",
+    "kakeya_py.generation_eval",
 ]
 
 ENGINES: dict[str, str] = {
@@ -108,7 +109,7 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
             help="apply a policy made for another model anyway: the per-layer settings that fit are "
             "kept, the others dropped (a warning lists them)",
         )
-    if "config" in dests or "engine" in dests:
+    if "config" in dests or "engine" in dests or parser.prog == "kakeya":
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         parser.epilog = _help_epilog()
     for action in parser._actions:
