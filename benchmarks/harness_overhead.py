@@ -43,7 +43,7 @@ def main() -> None:
     model, tok, info = load_model(args.model, args.dtype)
     corpus = load_corpus()
     passages = make_passages(
-        tokenize_articles(tok, corpus.part("evaluation")), args.passages + 1, args.ctx, args.n_eval
+        tokenize_articles(tok, corpus.part("validation")), args.passages + 1, args.ctx, args.n_eval
     )
     warmup, passages = passages[:1], passages[1:]
     policy = load_policy(args.config)

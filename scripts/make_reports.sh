@@ -5,7 +5,8 @@
 #   bash scripts/make_reports.sh            # everything (about two and a half hours on 2 CPU cores)
 #   bash scripts/make_reports.sh eval engines memory   # only the named steps
 #
-# Steps: eval (HF, recommended preset), engines (codec-off HF vs vLLM), compare
+# Steps: headline (the presets on the test part of WikiText-2 and on the out-of-domain code text,
+# 64 passages each: the README's headline rows), eval (HF, recommended preset), engines (codec-off HF vs vLLM), compare
 # (compare-engines: the recommended preset under HF and vLLM), memory (KakeyaCache generation benchmark), calibration
 # (ablation of Σ_q and centroids), throughput (codec benchmark), overhead (harness), entropy
 # (uniform-ec under HF and vLLM and on held-out text, the two ~4.9x probes, the entropy-coding
@@ -29,6 +30,14 @@ run() {  # run NAME CMD...: the Markdown summary on stdout to reports/NAME.md
 
 for step in "${steps[@]}"; do
     case $step in
+        headline)  # the README's headline rows: the test part only, 64 passages x (1024 + 256)
+            mkdir -p reports/test
+            for preset in recommended uniform-ec-log8-tuned uniform-ec-log8; do
+                run "test/eval_${preset}" kakeya eval --config "$preset" --passages 64 \
+                    --json "reports/test/eval_${preset}.json"
+                run "test/eval_${preset}_code" kakeya eval --config "$preset" --text code --passages 64 \
+                    --json "reports/test/eval_${preset}_code.json"
+            done ;;
         eval)
             run eval_recommended kakeya eval --json reports/eval_recommended.json ;;
         engines)

@@ -254,6 +254,7 @@ def fake_info(layers=3, kv=2, d=16, name="tiny", sha="a" * 64):
             "head_dim": d,
             "dtype": "float32",
         },
+        name=name,
         num_layers=layers,
         num_kv_heads=kv,
         head_dim=d,
@@ -441,8 +442,8 @@ def test_overlap_with_evaluation_text_is_refused(tmp_path):
 
     corpus = small_corpus()
     split = corpus.split()
-    ok = split.usage("evaluation", [0, 1, 2])
-    bad = split.usage("evaluation", [3, 4])  # article 3 is calibration text
+    ok = split.usage("test", [1, 4])
+    bad = split.usage("validation", [3, 5])  # article 3 is calibration text
     calib = split.usage("calibration", [3, 7])
     cal.check_text_disjoint(calib, ok, "x")
     with pytest.raises(C.CorpusOverlapError):

@@ -178,3 +178,87 @@ def test_bootstrap_single_passage_is_degenerate():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="one length"):
         M.PassageTokens(np.zeros(3), np.zeros(2), np.ones(3, bool))
+
+
+@pytest.mark.parametrize(
+    "dppl, ci, top1, top1_ci, expected",
+    [
+        (0.005, (0.001, 0.009), 0.97, (0.96, 0.98), "ACCEPT"),
+        # the point is inside but the CI reaches past 1%: no longer ACCEPT
+        (0.0088, (0.0031, 0.0156), 0.969, (0.96, 0.975), "MARGINAL"),
+        (-0.005, (-0.011, 0.0), 0.97, (0.96, 0.98), "MARGINAL"),
+        # top-1 above 95% but its CI's lower bound below
+        (0.002, (0.0, 0.004), 0.9517, (0.947, 0.956), "MARGINAL"),
+        (0.05, (0.04, 0.06), 0.99, (0.98, 1.0), "REJECT"),
+        (0.002, (0.0, 0.004), 0.80, (0.78, 0.82), "REJECT"),
+        (0.002, (float("nan"), 0.004), 0.97, (0.96, 0.98), "REJECT"),
+    ],
+)
+def test_verdict_with_uncertainty(dppl, ci, top1, top1_ci, expected):
+    assert M.verdict(dppl, top1, ci, top1_ci) == expected
+
+
+def _passages(rng, misses, tokens=64, noise=0.01):
+    out = []
+    for m in misses:
+        ref = -rng.gamma(2.0, 1.0, tokens)
+        alt = ref + rng.normal(0, noise, tokens)
+        out.append(M.PassageTokens(ref, alt, np.arange(tokens) >= m))
+    return out
+
+
+def test_summary_reports_top1_ci_and_both_verdicts():
+    misses = [0, 6, 1, 5, 2, 4, 3, 3] * 2  # 3 of 64 on average: top-1 95.31%
+    s = M.summarize(_passages(np.random.default_rng(0), misses), seed=3)
+    lo, hi = s["top1_ci95"]
+    assert s["top1"] == pytest.approx(1 - 3 / 64)
+    assert lo < s["top1"] < hi and lo < 0.95
+    # ACCEPT by the old point rule, but top-1's CI reaches below 95%
+    assert s["verdict_point"] == "ACCEPT" and s["verdict"] == "MARGINAL"
+    assert s["verdict"] == M.verdict(s["dppl"], s["top1"], s["dppl_ci95"], s["top1_ci95"])
+    again = M.summarize(_passages(np.random.default_rng(0), misses), seed=3)
+    assert again["top1_ci95"] == s["top1_ci95"]
+    sure = M.summarize(_passages(np.random.default_rng(0), [0, 1] * 8), seed=3)
+    assert sure["top1_ci95"][0] >= 0.95 and sure["verdict"] == "ACCEPT"
+
+
+def test_top1_ci_resamples_passages_like_dppl():
+    # one passage all wrong, three all right: the CI spans the passages' spread
+    lo, hi = M.bootstrap_top1_ci([0, 10, 10, 10], [10, 10, 10, 10], seed=0)
+    assert lo <= 0.5 and hi == 1.0
+    assert M.bootstrap_top1_ci([5, 5], [10, 10]) == (0.5, 0.5)
+
+
+def test_rl_mismatch_metrics_by_hand():
+    ref = np.zeros(200)
+    alt = np.zeros(200)
+    alt[0] = -25.0  # clipped, not vetoed
+    alt[1] = -35.0  # clipped and vetoed
+    alt[2:100] = -0.1
+    p = [
+        M.PassageTokens(ref[:100], alt[:100], np.ones(100, bool)),
+        M.PassageTokens(ref[100:], alt[100:], np.ones(100, bool)),
+    ]
+    s = M.summarize(p)
+    assert s["frac_clipped"] == pytest.approx(2 / 200)
+    assert s["frac_veto"] == pytest.approx(1 / 200)
+    assert s["seq_veto"] == pytest.approx(0.5)
+    # top 1% of 200 tokens = 2 tokens, carrying 60 of 69.8 nats
+    assert s["dlogp_top1pct_mass"] == pytest.approx(60.0 / (60.0 + 98 * 0.1))
+    assert s["seq_log_ratio_mean"] == pytest.approx((-60.0 - 9.8) / 2)
+    assert s["seq_log_ratio_abs_max"] == pytest.approx(69.8)
+    assert "p_alt/p_ref" in s["rho_orientation"]
+
+
+def test_top_mass_edges():
+    assert M.top_mass([0.0, 0.0]) == 0.0
+    assert M.top_mass([1.0, 1.0, 1.0, 1.0], 0.5) == pytest.approx(0.5)
+    with pytest.raises(M.EmptyEvaluationError):
+        M.top_mass([])
+
+
+def test_topk_lower_bound_is_never_the_full_kl():
+    s = {"kl_mean": 0.01, "kl_rmse": 0.02, "kl_p95": 0.03, "kl_max": 0.5, "dppl": 0.0}
+    out = M.as_topk_lower_bound(s)
+    assert out["kl_topk_lb_mean"] == 0.01 and out["kl_topk_lb_max"] == 0.5
+    assert all(out[k] is None for k in M.KL_FIELDS)

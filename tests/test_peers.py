@@ -236,6 +236,7 @@ def test_sweep_end_to_end_on_a_tiny_model(tmp_path, capsys):
     )
     argv = ["sweep", "--model", str(folder), "--text-file", str(text), "--passages", "2", "--ctx", "64"]
     argv += ["--n-eval", "16", "--methods", methods, "--out", str(out), "--no-progress", "--threads", "2"]
+    argv += ["--sink-tokens", "0"]  # the hand counts below; the sink is tested on its own
     assert main(argv) == 0
     points = sorted((out / "points").glob("*.json"))
     records = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in points}
@@ -246,6 +247,7 @@ def test_sweep_end_to_end_on_a_tiny_model(tmp_path, capsys):
         assert r["engine"] == "hf" and r["passages"] == 2 and r["eval_tokens"] == 32
         assert r["version"] == kakeya_py.__version__ and r["command"].startswith("kakeya sweep --model")
         assert r["verdict"] in ("ACCEPT", "MARGINAL", "REJECT")
+        assert r["part"] == "test" and r["text_usage"]["part"] == "test"
     # one shared reference: the identity codec is exact, the others are not
     ident = records["kakeya:identity"]
     assert ident["dppl"] == 0.0 and ident["top1"] == 1.0 and ident["family"] == "kakeya"
@@ -324,3 +326,20 @@ def test_sweep_under_vllm_matches_hf_bytes_and_identity(tmp_path):
     for m in ("int4", "kivi-2(r=0)"):
         assert v[m]["ratio_measured"] == pytest.approx(h[m]["ratio_measured"])
         assert v[m]["dppl"] != 0.0 and v[m]["config"]["peer"]["method"] == m
+
+
+def test_peer_sink_keeps_leading_positions_exact_and_counts_them_at_bf16():
+    import torch
+    from kakeya_py.peers import PeerPolicy, parse_method
+
+    x = torch.randn(40, 2, 16) * 3
+    plain = PeerPolicy(parse_method("int4"), 2)
+    sunk = PeerPolicy(parse_method("int4"), 2, sink_tokens=2)
+    y0, n0 = plain.roundtrip(0, "k", x)
+    y1, n1 = sunk.roundtrip(0, "k", x)
+    assert not torch.equal(y0[:2], x[:2]) and torch.equal(y1[:2], x[:2])
+    assert torch.equal(y1[2:], plain.roundtrip(0, "k", x[2:].contiguous())[0])
+    assert n1 == plain.roundtrip(0, "k", x[2:].contiguous())[1] + 2 * 2 * 16 * 2
+    assert sunk.to_dict()["sink_tokens"] == 2 and PeerPolicy.from_dict(sunk.to_dict()).sink_tokens == 2
+    with pytest.raises(ValueError, match="sink_tokens"):
+        PeerPolicy(parse_method("int4"), 2, sink_tokens=-1)

@@ -1342,6 +1342,15 @@ def calibrated_policy(
         d["description"] = (d.get("description") or "") + ("; " if d.get("description") else "") + note
     if sigma_q is not None:
         d["description"] = (d.get("description") or "") + f"; K whitened by Σ_q {d['sigma_q']}"
+    fits = [centroids.record["text"]] if centroids is not None else []
+    if sigma_q is not None:
+        try:
+            fits.append(json.loads(Path(sigma_q).with_suffix(".json").read_text())["text"])
+        except (OSError, KeyError, ValueError):
+            pass  # a Σ_q without a sidecar is refused where it is loaded (load_sigma_q)
+    d["provenance"] = list(d.get("provenance") or []) + [
+        {"role": "fit", **{k: v for k, v in t.items() if k != "role"}} for t in fits
+    ]
     from .policy import Policy
 
     Policy.from_dict(d)  # validate now

@@ -1,22 +1,35 @@
-"""Evaluation and calibration text: WikiText-2 with a fixed article-level split.
+"""Text for fitting, choosing and reporting: WikiText-2 in three fixed parts, and code.
 
-The corpus is the raw WikiText-2 test split (``wiki.test.raw``, SHA-256 checked). An
+The main corpus is the raw WikiText-2 test split (``wiki.test.raw``, SHA-256 checked). An
 article starts at a line `` = Title = `` (one ``=`` on each side); the file holds 62
 of them (two further lines that start with `` = `` are table legends, not titles).
 
-**Split.** Article ``i`` (0-based, file order) belongs to the *calibration* part when
-``i % 4 == 3`` (15 articles, 93k SmolLM2 tokens) and to the *evaluation* part
-otherwise (47 articles, 209k tokens). The rule depends on nothing but the file, so calibration
-(issue 5) and evaluation agree without sharing state; both record the article indices
-they used and :func:`check_disjoint` refuses an overlap.
+**Three parts** (article ``i``, 0-based, file order), fixed by :data:`TEST_ARTICLES`:
+
+- ``calibration``: ``i % 4 == 3`` (15 articles, ~93k SmolLM2 tokens): fits (Σ_q,
+  centroids) and the search of ``kakeya tune``.
+- ``validation``: the other 22 articles that any committed report before the protocol
+  (December 2026) evaluated on (~99k tokens): every choice among candidates (a tune's
+  selection, a preset, a layer ranking).
+- ``test``: the 25 articles no committed report had touched (~110k tokens): the numbers
+  we publish. Nothing is chosen on it.
+
+The test articles were found once by listing every ``text_usage`` record under
+``reports/`` and ``calibration/`` at that commit; they are pinned here so the split
+depends on nothing but the file. Jobs record the part and articles they used; a policy
+records its ``provenance`` and :func:`check_disjoint` refuses an overlap.
+
+A second, out-of-domain **test** text is code: :func:`load_code_text` reads
+``data/python_stdlib.txt`` (13 CPython 3.11 standard-library modules, one article each,
+SHA-256 checked; ``scripts/make_code_text.py`` rebuilds it). All of it is ``test``.
 
 **Text.** CRLF line endings are normalised to ``\\n``; each article's text is its
 lines, title included, each followed by ``\\n``. Each article is tokenized on its own
-(no special tokens) and the evaluation token stream is the concatenation of the
-evaluation articles in file order.
+(no special tokens) and a part's token stream is the concatenation of its articles in
+file order.
 
-**Passages.** A passage is a window of ``ctx + n_eval + 1`` consecutive tokens of the
-evaluation stream: ``ctx`` context tokens, then ``n_eval`` evaluated positions whose
+**Passages.** A passage is a window of ``ctx + n_eval + 1`` consecutive tokens of a
+part's stream: ``ctx`` context tokens, then ``n_eval`` evaluated positions whose
 targets are the following tokens. The stream holds ``M = len // window`` disjoint
 windows; ``n`` passages take windows ``floor(j * M / n)`` for ``j < n`` (spread over
 the whole part, deterministic, never overlapping). Each passage records the articles
@@ -41,9 +54,30 @@ WIKITEXT_ENV = "KAKEYA_WIKITEXT"
 
 CALIBRATION_MODULUS = 4
 CALIBRATION_REMAINDER = 3
+#: WikiText-2 articles no committed report had evaluated on when the protocol was set.
+TEST_ARTICLES = (1, 4, 9, 10, 12, 13, 17, 20, 21, 25, 28, 29, 32, 34, 38, 44, 45, 48, 49, 52, 53, 54, 58, 60, 61)
+PARTS = ("calibration", "validation", "test")
 SPLIT_RULE = (
-    f"article_index % {CALIBRATION_MODULUS} == {CALIBRATION_REMAINDER} -> calibration, else evaluation"
+    f"article_index % {CALIBRATION_MODULUS} == {CALIBRATION_REMAINDER} -> calibration; "
+    f"index in {list(TEST_ARTICLES)} -> test; else validation"
 )
+
+WIKITEXT_ARTICLES = 62
+
+
+def wikitext_usage(part: str, role: str | None = None) -> dict[str, Any]:
+    """The usage record of a whole WikiText-2 part, without reading the file (presets' provenance)."""
+    articles = tuple(Article(i, "", "") for i in range(WIKITEXT_ARTICLES))
+    rec = Corpus(WIKITEXT_NAME, "", WIKITEXT_SHA256, articles).split().usage(part)
+    return rec if role is None else {"role": role, **rec}
+
+
+CODE_TEXT_SHA256 = "2e7af867ca12eef8409f1549e5438e4ecc27ba83d5ce83c0a1659276cbaee773"
+CODE_TEXT_NAME = "python-stdlib-3.11"
+CODE_TEXT_PATH = Path(__file__).resolve().parent / "data" / "python_stdlib.txt"
+_MODULE_MARKER = re.compile(r"# === module: (\S+) ===")
+#: Built-in texts for ``--text``: WikiText-2 (three parts) and the out-of-domain code (test only).
+TEXTS = ("wikitext", "code")
 
 _TITLE = re.compile(r" = [^=].* = ")
 
@@ -71,21 +105,29 @@ class Corpus:
     source: str
     sha256: str
     articles: tuple[Article, ...]
+    #: "parts" (the WikiText split), "single" (one file: it is every part, the job's record
+    #: names the file's hash) or "test" (out-of-domain text: test only)
+    layout: str = "parts"
 
     def split(self) -> CorpusSplit:
-        """The fixed article-level calibration/evaluation split (see module doc)."""
-        if len(self.articles) == 1:  # a single text file: everything is evaluation text
-            return CorpusSplit(self.name, self.sha256, "single document: evaluation only", (), (0,))
-        cal = tuple(a.index for a in self.articles if a.index % CALIBRATION_MODULUS == CALIBRATION_REMAINDER)
-        ev = tuple(a.index for a in self.articles if a.index % CALIBRATION_MODULUS != CALIBRATION_REMAINDER)
-        return CorpusSplit(self.name, self.sha256, SPLIT_RULE, cal, ev)
+        """The fixed article-level split into calibration / validation / test (module doc)."""
+        idx = tuple(a.index for a in self.articles)
+        if self.layout == "single":
+            return CorpusSplit(self.name, self.sha256, "single document: every part", idx, idx, idx)
+        if self.layout == "test":
+            return CorpusSplit(self.name, self.sha256, "out-of-domain text: test only", (), (), idx)
+        cal = tuple(i for i in idx if i % CALIBRATION_MODULUS == CALIBRATION_REMAINDER)
+        test = tuple(i for i in idx if i not in cal and i in TEST_ARTICLES)
+        val = tuple(i for i in idx if i not in cal and i not in test)
+        return CorpusSplit(self.name, self.sha256, SPLIT_RULE, cal, val, test)
 
     def part(self, name: str) -> list[Article]:
-        """Articles of the ``calibration`` or ``evaluation`` part, in file order."""
-        split = self.split()
-        if name not in ("calibration", "evaluation"):
-            raise ValueError(f"part must be 'calibration' or 'evaluation', got {name!r}")
-        wanted = set(getattr(split, name))
+        """Articles of one part (:data:`PARTS`), in file order."""
+        if name not in PARTS:
+            raise CorpusError(f"part must be one of {', '.join(PARTS)}; got {name!r}")
+        wanted = set(getattr(self.split(), name))
+        if not wanted:
+            raise CorpusError(f"{self.name} has no {name} part ({self.split().rule})")
         return [a for a in self.articles if a.index in wanted]
 
 
@@ -95,16 +137,19 @@ class CorpusSplit:
     sha256: str
     rule: str
     calibration: tuple[int, ...]
-    evaluation: tuple[int, ...]
+    validation: tuple[int, ...]
+    test: tuple[int, ...]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["calibration"] = list(self.calibration)
-        d["evaluation"] = list(self.evaluation)
+        for name in PARTS:
+            d[name] = list(getattr(self, name))
         return d
 
     def usage(self, part: str, articles: Iterable[int] | None = None) -> dict[str, Any]:
         """A record of the text one job used, for its JSON and for :func:`check_disjoint`."""
+        if part not in PARTS:
+            raise CorpusError(f"part must be one of {', '.join(PARTS)}; got {part!r}")
         used = sorted(set(getattr(self, part) if articles is None else articles))
         return {
             "corpus": self.corpus,
@@ -221,12 +266,36 @@ def load_text_file(path: str | os.PathLike) -> Corpus:
         raise CorpusError(f"text file {p} not found")
     raw = p.read_bytes()
     text = raw.decode("utf-8").replace("\r\n", "\n")
-    return Corpus(f"file:{p.name}", str(p.resolve()), _sha256(raw), (Article(0, p.name, text),))
+    return Corpus(f"file:{p.name}", str(p.resolve()), _sha256(raw), (Article(0, p.name, text),), "single")
 
 
-def load_corpus(text_file: str | None = None, wikitext: str | None = None) -> Corpus:
-    """``--text-file`` if given, else WikiText-2 (``--wikitext``, env, default path)."""
-    return load_text_file(text_file) if text_file else load_wikitext(wikitext)
+def load_code_text(path: str | os.PathLike | None = None) -> Corpus:
+    """The out-of-domain test text: 13 Python standard-library modules (module doc)."""
+    p = Path(path) if path is not None else CODE_TEXT_PATH
+    if not p.is_file():
+        raise CorpusError(f"code text not found at {p}; rebuild it with scripts/make_code_text.py")
+    raw = p.read_bytes()
+    digest = _sha256(raw)
+    if digest != CODE_TEXT_SHA256:
+        raise CorpusError(f"{p} has SHA-256 {digest}, expected {CODE_TEXT_SHA256} ({CODE_TEXT_NAME})")
+    lines = raw.decode("utf-8").split("\n")
+    starts = [i for i, line in enumerate(lines) if _MODULE_MARKER.fullmatch(line)]
+    articles = []
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(lines)
+        body = "".join(line + "\n" for line in lines[start:end] if line)
+        articles.append(Article(k, _MODULE_MARKER.fullmatch(lines[start]).group(1), body))
+    return Corpus(CODE_TEXT_NAME, str(p), digest, tuple(articles), "test")
+
+
+def load_corpus(text_file: str | None = None, wikitext: str | None = None, text: str = "wikitext") -> Corpus:
+    """``--text-file`` if given, else the built-in ``text`` (:data:`TEXTS`): WikiText-2
+    (``--wikitext``, env, default path) or the out-of-domain code text."""
+    if text_file:
+        return load_text_file(text_file)
+    if text not in TEXTS:
+        raise CorpusError(f"text must be one of {', '.join(TEXTS)}; got {text!r}")
+    return load_code_text() if text == "code" else load_wikitext(wikitext)
 
 
 @dataclass(frozen=True)
@@ -300,7 +369,7 @@ def make_passages(stream: TokenStream, n: int, ctx: int, n_eval: int) -> list[Pa
     available = len(stream.ids) // width
     if n > available:
         raise CorpusError(
-            f"{n} passages of {width} tokens requested but the evaluation text has {len(stream.ids)} "
+            f"{n} passages of {width} tokens requested but the text has {len(stream.ids)} "
             f"tokens ({available} windows)"
         )
     out = []
@@ -324,9 +393,9 @@ def make_passages(stream: TokenStream, n: int, ctx: int, n_eval: int) -> list[Pa
     return out
 
 
-def evaluation_passages(corpus: Corpus, tokenizer, n: int, ctx: int, n_eval: int) -> list[Passage]:
-    """Passages from the evaluation part of ``corpus``."""
-    return make_passages(tokenize_articles(tokenizer, corpus.part("evaluation")), n, ctx, n_eval)
+def part_passages(corpus: Corpus, tokenizer, part: str, n: int, ctx: int, n_eval: int) -> list[Passage]:
+    """Passages from one part of ``corpus``."""
+    return make_passages(tokenize_articles(tokenizer, corpus.part(part)), n, ctx, n_eval)
 
 
 def calibration_tokens(corpus: Corpus, tokenizer, max_tokens: int | None = None) -> TokenStream:

@@ -129,7 +129,8 @@ def vllm_measure(args, *, engine=None, topk: int | None = None, policy=None):
             text["passages"], policy, args.mode, progress=not args.no_progress, desc=f"vllm {policy.name}"
         )
         record = base_record(args, "vllm", info, policy, text)
-        finish_record(record, M.summarize(tokens, seed=args.seed), ledger, time.perf_counter() - t0)
+        summary = M.as_topk_lower_bound(M.summarize(tokens, seed=args.seed))
+        finish_record(record, summary, ledger, time.perf_counter() - t0)
         record["seconds_reference"] = ref_s
         record["seconds_codec"] = codec_s
         record["vllm"] = _vllm_meta(engine, topk)
@@ -387,9 +388,12 @@ def cmd_compare_engines(args) -> int:
         "ppl_ref",
         "ppl_alt",
         "top1",
+        "top1_ci95",
         "kl_mean",
+        "kl_topk_lb_mean",
         "ess",
         "verdict",
+        "verdict_point",
         "ratio_measured",
         "mode",
         "seconds",
@@ -399,13 +403,18 @@ def cmd_compare_engines(args) -> int:
     record = {k: hf_record[k] for k in base}
     record["engine"] = "hf vs vllm"
     record["mode"] = {"hf": args.mode, "vllm": vargs.mode}
-    record["hf"] = {k: hf_record[k] for k in keep}
-    record["vllm"] = {k: vl_record[k] for k in keep} | {"meta": vl_record["vllm"]}
+    record["hf"] = {k: hf_record.get(k) for k in keep}
+    record["vllm"] = {k: vl_record.get(k) for k in keep} | {"meta": vl_record["vllm"]}
     record["comparison"] = decompose(hf_tokens, vl_tokens, seed=args.seed)
     record["eval_tokens"] = hf_record["eval_tokens"]
     record["seconds"] = time.perf_counter() - t0
     emit(record, compare_markdown(record), args.json)
     return 0
+
+
+def _top1(e: dict[str, Any]) -> str:
+    ci = e.get("top1_ci95")
+    return f"{e['top1'] * 100:.2f}%" + (f" [{ci[0] * 100:.2f}, {ci[1] * 100:.2f}]" if ci else "")
 
 
 def compare_markdown(r: dict[str, Any]) -> str:
@@ -425,15 +434,16 @@ def compare_markdown(r: dict[str, Any]) -> str:
         f"{r['passages']} passages x (ctx {r['ctx']} + {r['n_eval']} evaluated); {r['seconds']:.1f} s",
         "",
         *([f"command: `{r['command']}`", ""] if r.get("command") else []),
-        "| engine | Δppl [95% CI] | ppl off -> on | top-1 | KL mean | ratio | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| engine | Δppl [95% CI] | ppl off -> on | top-1 [95% CI] | KL mean (full vocabulary) "
+        "| KL top-k lower bound | ratio | verdict (point) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, e in (("HF", h), ("vLLM", v)):
         lo, hi = e["dppl_ci95"]
         lines.append(
             f"| {name} | {_pct(e['dppl'])} [{_pct(lo)}, {_pct(hi)}] | {_num(e['ppl_ref'])} -> {_num(e['ppl_alt'])} | "
-            f"{e['top1'] * 100:.2f}% | {_num(e['kl_mean'])} | "
-            f"{_ratio(e['ratio_measured'])} | {e['verdict']} |"
+            f"{_top1(e)} | {_num(e['kl_mean'])} | {_num(e.get('kl_topk_lb_mean'))} | "
+            f"{_ratio(e['ratio_measured'])} | {e['verdict']} ({e.get('verdict_point')}) |"
         )
     lines += [
         "",

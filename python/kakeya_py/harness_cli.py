@@ -36,9 +36,18 @@ DEFAULT_DTYPE = "float32"
 
 # -- arguments --------------------------------------------------------------------------------
 def add_eval_args(
-    p: argparse.ArgumentParser, *, passages: int = 16, ctx: int = 1024, n_eval: int = 256
+    p: argparse.ArgumentParser,
+    *,
+    passages: int = 16,
+    ctx: int = 1024,
+    n_eval: int = 256,
+    part: str = "test",
 ) -> None:
-    """The flags shared by ``eval`` and the diagnostics (and by other engines)."""
+    """The flags shared by ``eval`` and the diagnostics (and by other engines).
+
+    ``part``: the default text part; ``test`` for numbers we publish, ``validation`` for
+    the diagnostics whose output is used to choose (rankings, attribution).
+    """
     from .harness import MODES
     from .models import DEFAULT_MODEL
 
@@ -46,6 +55,20 @@ def add_eval_args(
     g.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, an HF model id or a local folder")
     g.add_argument(
         "--dtype", default=DEFAULT_DTYPE, help="float32 (default; fastest on CPU), bfloat16, float16"
+    )
+    g.add_argument(
+        "--text",
+        default="wikitext",
+        choices=["wikitext", "code"],
+        help="built-in text: wikitext (WikiText-2, three parts) or code (out-of-domain Python "
+        "standard-library source, test only); default wikitext",
+    )
+    g.add_argument(
+        "--part",
+        default=part,
+        choices=["calibration", "validation", "test"],
+        help=f"text part (default {part}): calibration fits, validation chooses, test reports; "
+        "nothing is chosen on test",
     )
     g.add_argument("--text-file", default=None, help="evaluate on this UTF-8 text instead of WikiText-2")
     g.add_argument(
@@ -70,6 +93,12 @@ def add_eval_args(
     g.add_argument("--exact-layers", default=None, help="boundary layers kept exact, e.g. '0,-1' or 'none'")
     g.add_argument("--post-rope-k", action="store_true", help="compress K after RoPE (comparison only)")
     g.add_argument("--sigma-q", default=None, help="sigma_q.safetensors for metric=inner_product")
+    g.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="evaluate even if the policy was fitted or chosen on the evaluated articles "
+        "(the record says overlap: true: an in-sample figure)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of noise")
     g.add_argument("--threads", type=int, default=None, help="torch and codec threads (default: all cores)")
@@ -87,7 +116,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("attribution", help="Δppl with the codec on one layer at a time, and per stream")
-    add_eval_args(p, passages=4, ctx=512, n_eval=128)
+    add_eval_args(p, passages=16, ctx=512, n_eval=128, part="validation")  # rankings choose: >= 16
     p.add_argument("--by", default="both", choices=["layer", "stream", "both"], help="what to attribute")
     p.add_argument(
         "--rank-by",
@@ -98,12 +127,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_attribution)
 
     p = sub.add_parser("noise", help="Δppl when K/V get Gaussian noise σ·rms instead of the codec")
-    add_eval_args(p, passages=4, ctx=512, n_eval=128)
+    add_eval_args(p, passages=4, ctx=512, n_eval=128, part="validation")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3], help="noise levels")
     p.set_defaults(func=cmd_noise)
 
     p = sub.add_parser("residual", help="relative K/V error of the codec per layer (no model quality)")
-    add_eval_args(p, passages=4, ctx=1024, n_eval=1)
+    add_eval_args(p, passages=4, ctx=1024, n_eval=1, part="validation")
     p.set_defaults(func=cmd_residual)
 
 
@@ -119,16 +148,17 @@ def prepare_text(args, tokenizer) -> dict[str, Any]:
     """Corpus, split, passages and the record of the text they use."""
     from .corpus import load_corpus, make_passages, tokenize_articles
 
-    corpus = load_corpus(args.text_file, args.wikitext)
+    corpus = load_corpus(args.text_file, args.wikitext, getattr(args, "text", "wikitext"))
     split = corpus.split()
-    stream = tokenize_articles(tokenizer, corpus.part("evaluation"))
+    part = getattr(args, "part", "test")
+    stream = tokenize_articles(tokenizer, corpus.part(part))
     passages = make_passages(stream, args.passages, args.ctx, args.n_eval)
     used = sorted({a["index"] for p in passages for a in p.articles})
     return {
         "corpus": corpus,
         "split": split,
         "passages": passages,
-        "usage": split.usage("evaluation", used),
+        "usage": split.usage(part, used),
         "stream_tokens": len(stream.ids),
     }
 
@@ -136,11 +166,13 @@ def prepare_text(args, tokenizer) -> dict[str, Any]:
 def prepare_policy(args, info, text: dict[str, Any] | None = None):
     """``(policy, sigma_q)`` from ``--config`` and the selection flags.
 
-    When the policy names a Σ_q file, its recorded calibration text must not overlap
-    the evaluation text (refused with :class:`~kakeya_py.corpus.CorpusOverlapError`).
+    The policy's provenance (the text it was fitted or chosen on) and, when it names a Σ_q
+    file, that file's calibration text must not overlap the evaluated articles: refused with
+    :class:`~kakeya_py.corpus.CorpusOverlapError` unless ``--allow-overlap``, and then the
+    record says ``overlap: true``.
     """
-    from .corpus import CorpusError, check_disjoint
-    from .policy import load_policy, load_sigma_q
+    from .corpus import CorpusError, CorpusOverlapError, check_disjoint
+    from .policy import load_policy, load_sigma_q, provenance_overlap
 
     policy = load_policy(args.config).with_changes(
         layers=args.layers,
@@ -162,7 +194,21 @@ def prepare_policy(args, info, text: dict[str, Any] | None = None):
                     f"{sigma.path}: no calibration text recorded (sigma_q.json 'text'); cannot prove it is "
                     "disjoint from the evaluation text"
                 )
-            check_disjoint(sigma.text, text["usage"])
+            try:
+                check_disjoint(sigma.text, text["usage"])
+            except CorpusOverlapError as e:
+                if not getattr(args, "allow_overlap", False):
+                    raise CorpusOverlapError(f"{e}; pass --allow-overlap to measure it in-sample") from None
+                text.setdefault("overlaps", []).append({"role": "fit", "part": "sigma_q", "error": str(e)})
+    if text is not None:
+        shared = provenance_overlap(policy, text["usage"])
+        if shared and not getattr(args, "allow_overlap", False):
+            where = "; ".join(f"{r['role']} on {r['part']} articles {r['articles'][:12]}" for r in shared)
+            raise CorpusOverlapError(
+                f"policy {policy.name!r} was fitted or chosen on the text being evaluated ({where}); "
+                "evaluate another part (--part test) or pass --allow-overlap to measure it in-sample"
+            )
+        text.setdefault("overlaps", []).extend(shared)
     return policy, sigma
 
 
@@ -210,6 +256,9 @@ def base_record(args, engine: str, info, policy, text: dict[str, Any]) -> dict[s
             "evaluation_tokens": text["stream_tokens"],
         },
         "text_usage": text["usage"],
+        "overlap": bool(text.get("overlaps")),
+        "overlaps": text.get("overlaps", []),
+        "policy_provenance": getattr(policy, "provenance", []),
         "passages_provenance": [p.provenance() for p in text["passages"]],
     }
 

@@ -12,8 +12,14 @@ Conventions:
 - Log-probabilities of ``-inf`` (an fp16 softmax that underflowed) or below
   :data:`LOGPROB_FLOOR` are raised to the floor and counted (``underflow_ref`` /
   ``underflow_alt``); NaN or ``+inf`` is an error.
-- ``ρ = p_alt / p_ref`` of the true token is computed as ``exp(log p_alt − log p_ref)``
-  and the effective sample size in log space, so neither overflows.
+- **Orientation of ρ.** On corpus text (teacher forcing) ``ρ = p_alt / p_ref`` of the true
+  token, ``log ρ = log p_alt − log p_ref``: the weight that turns an expectation under the
+  reference into one under the codec. An RL trainer that samples rollouts from a
+  codec-on engine and trains the reference sees the inverse, ``p_ref / p_alt``, on tokens
+  drawn from ``p_alt`` (``kakeya generate-eval`` reports that one). The symmetric metrics
+  (|Δlog p|, the 2×/5× bands, clipped and veto fractions) are the same either way; ESS and
+  k3 are not. Every record states ``rho_orientation``. ρ and ESS are computed in log space,
+  so neither overflows.
 - A selection with no tokens raises :class:`EmptyEvaluationError` rather than
   returning NaN that would look like a result.
 """
@@ -31,10 +37,21 @@ LOGPROB_FLOOR = -104.0
 
 ACCEPT_DPPL, ACCEPT_TOP1 = 0.01, 0.95
 MARGINAL_DPPL, MARGINAL_TOP1 = 0.03, 0.85
+#: The verdict (one definition): ACCEPT needs the uncertainty inside the bounds, not the point.
 VERDICT_RULE = (
+    f"ACCEPT if the 95% CI of dppl lies within +-{ACCEPT_DPPL:.0%} and the lower bound of top-1's 95% CI "
+    f">= {ACCEPT_TOP1:.0%}; MARGINAL if |dppl| <= {MARGINAL_DPPL:.0%} and top1 >= {MARGINAL_TOP1:.0%} "
+    "(point estimates); REJECT otherwise. CIs: percentile bootstrap over passages"
+)
+#: The rule of reports before the protocol (point estimates only), kept for comparison.
+VERDICT_POINT_RULE = (
     f"ACCEPT if |dppl| <= {ACCEPT_DPPL:.0%} and top1 >= {ACCEPT_TOP1:.0%}; "
     f"MARGINAL if |dppl| <= {MARGINAL_DPPL:.0%} and top1 >= {MARGINAL_TOP1:.0%}; REJECT otherwise"
 )
+#: RL mismatch clamps: a token whose |log ρ| exceeds CLIP_NATS is clipped by a truncated
+#: importance-sampling trainer; beyond VETO_NATS its sequence is vetoed (dropped).
+CLIP_NATS, VETO_NATS = 20.0, 30.0
+RHO_ORIENTATION = "p_alt/p_ref on corpus tokens (teacher forcing)"
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -43,15 +60,38 @@ class EmptyEvaluationError(ValueError):
     """No evaluated token is selected, so no metric is defined."""
 
 
-def verdict(dppl: float, top1: float) -> str:
-    """ACCEPT / MARGINAL / REJECT (see :data:`VERDICT_RULE`); NaN inputs are REJECT."""
-    if not (math.isfinite(dppl) and math.isfinite(top1)):
+def verdict(dppl: float, top1: float, dppl_ci95=None, top1_ci95=None) -> str:
+    """ACCEPT / MARGINAL / REJECT (see :data:`VERDICT_RULE`); NaN inputs are REJECT.
+
+    Without the two CIs this is the point-estimate rule (:data:`VERDICT_POINT_RULE`).
+    """
+    values = [dppl, top1, *(dppl_ci95 or ()), *(top1_ci95 or ())]
+    if not all(v is not None and math.isfinite(v) for v in values):
         return "REJECT"
-    if abs(dppl) <= ACCEPT_DPPL and top1 >= ACCEPT_TOP1:
+    if dppl_ci95 is None or top1_ci95 is None:
+        accept = abs(dppl) <= ACCEPT_DPPL and top1 >= ACCEPT_TOP1
+    else:
+        lo, hi = dppl_ci95
+        accept = -ACCEPT_DPPL <= lo and hi <= ACCEPT_DPPL and top1_ci95[0] >= ACCEPT_TOP1
+    if accept:
         return "ACCEPT"
     if abs(dppl) <= MARGINAL_DPPL and top1 >= MARGINAL_TOP1:
         return "MARGINAL"
     return "REJECT"
+
+
+KL_FIELDS = ("kl_mean", "kl_rmse", "kl_p95", "kl_max")
+
+
+def as_topk_lower_bound(summary: dict) -> dict:
+    """Rename the KL fields of a summary whose KL was lumped over the top-k tokens (vLLM's
+    prompt log-probs) to ``kl_topk_lb_*`` and null the full-KL fields, so a top-k lower bound
+    is never tabulated as the full-vocabulary KL."""
+    out = dict(summary)
+    for k in KL_FIELDS:
+        out["kl_topk_lb_" + k[3:]] = out.get(k)
+        out[k] = None
+    return out
 
 
 def clamp_logprobs(x, name: str = "log-probabilities") -> tuple[np.ndarray, int]:
@@ -206,6 +246,48 @@ def bootstrap_dppl_ci(
     return float(lo), float(hi)
 
 
+def bootstrap_top1_ci(
+    matches,
+    counts,
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of pooled top-1 agreement, resampling passages with replacement.
+
+    The same seed draws the same passage resamples as :func:`bootstrap_dppl_ci`.
+
+    Args:
+        matches: per-passage counts of positions whose argmax tokens agree.
+        counts: per-passage token counts (passages with 0 tokens are ignored).
+    """
+    m = np.asarray(matches, np.float64)
+    n = np.asarray(counts, np.float64)
+    keep = n > 0
+    m, n = m[keep], n[keep]
+    if n.size == 0:
+        raise EmptyEvaluationError("no passage has evaluated tokens")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n.size, size=(samples, n.size))
+    boot = m[idx].sum(1) / n[idx].sum(1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def top_mass(abs_values, share: float = 0.01) -> float:
+    """Share of ``sum(abs_values)`` carried by the largest ``share`` of them (at least one)."""
+    a = np.sort(np.asarray(abs_values, np.float64))[::-1]
+    if a.size == 0:
+        raise EmptyEvaluationError("mass of zero tokens")
+    total = float(a.sum())
+    if total == 0.0:
+        return 0.0
+    k = max(1, math.ceil(share * a.size))
+    return float(a[:k].sum() / total)
+
+
 def log_ess(log_rho) -> float:
     """log of the normalised effective sample size (Σρ)² / (N Σρ²), from log ρ."""
     lr = np.asarray(log_rho, np.float64)
@@ -267,10 +349,14 @@ def summarize(
 
     Returns:
         A flat dict: ``passages, eval_tokens, nll_ref, nll_alt, ppl_ref, ppl_alt, dppl,
-        dppl_ci95, top1, kl_mean, kl_rmse, kl_p95, kl_max, dlogp_mean, dlogp_max, ess,
-        frac_outside_2x, frac_outside_5x, k3_kl, mean_exp_abs_dlogp, logprob_pearson,
-        underflow_ref, underflow_alt, verdict, verdict_rule``. ``kl_p95`` uses linear
-        interpolation between order statistics.
+        dppl_ci95, top1, top1_ci95, kl_mean, kl_rmse, kl_p95, kl_max, dlogp_mean, dlogp_max,
+        ess, frac_outside_2x, frac_outside_5x, frac_clipped, frac_veto, seq_veto,
+        dlogp_top1pct_mass, seq_log_ratio_mean, seq_log_ratio_abs_max, k3_kl,
+        mean_exp_abs_dlogp, logprob_pearson, underflow_ref, underflow_alt, rho_orientation,
+        verdict, verdict_rule, verdict_point, verdict_point_rule``. ``kl_p95`` uses linear
+        interpolation between order statistics. ``frac_clipped`` / ``frac_veto``: share of
+        tokens with |log ρ| beyond :data:`CLIP_NATS` / :data:`VETO_NATS`; ``seq_veto``: share
+        of passages holding such a token; ``seq_log_ratio_*``: Σ log ρ per passage.
 
     Raises:
         EmptyEvaluationError: no position is selected.
@@ -296,6 +382,11 @@ def summarize(
         seed=seed,
     )
     top1 = float(match.mean())
+    top1_lo, top1_hi = bootstrap_top1_ci(
+        [p.top1_match.sum() for p in passages], [len(p) for p in passages], samples=bootstrap_samples, seed=seed
+    )
+    seq_lr = np.array([float((p.alt_logprob - p.ref_logprob).sum()) for p in passages if len(p)])
+    veto = [bool((np.abs(p.alt_logprob - p.ref_logprob) > VETO_NATS).any()) for p in passages if len(p)]
     out = {
         "passages": len(passages),
         "eval_tokens": int(ref.size),
@@ -306,6 +397,7 @@ def summarize(
         "dppl": dppl,
         "dppl_ci95": [lo, hi],
         "top1": top1,
+        "top1_ci95": [top1_lo, top1_hi],
     }
     if all(p.kl is not None for p in passages):
         kl = np.concatenate([p.kl for p in passages])
@@ -323,12 +415,21 @@ def summarize(
         "ess": effective_sample_size(log_rho),
         "frac_outside_2x": fraction_outside(log_rho, 2.0),
         "frac_outside_5x": fraction_outside(log_rho, 5.0),
+        "frac_clipped": float(np.mean(abs_d > CLIP_NATS)),
+        "frac_veto": float(np.mean(abs_d > VETO_NATS)),
+        "seq_veto": float(np.mean(veto)),
+        "dlogp_top1pct_mass": top_mass(abs_d, 0.01),
+        "seq_log_ratio_mean": float(seq_lr.mean()),
+        "seq_log_ratio_abs_max": float(np.abs(seq_lr).max()),
         "k3_kl": k3_kl(log_rho),
         "mean_exp_abs_dlogp": float(np.mean(np.exp(abs_d))),
         "logprob_pearson": pearson(ref, alt),
         "underflow_ref": int((ref <= LOGPROB_FLOOR).sum()),
         "underflow_alt": int((alt <= LOGPROB_FLOOR).sum()),
-        "verdict": verdict(dppl, top1),
+        "rho_orientation": RHO_ORIENTATION,
+        "verdict": verdict(dppl, top1, (lo, hi), (top1_lo, top1_hi)),
         "verdict_rule": VERDICT_RULE,
+        "verdict_point": verdict(dppl, top1),
+        "verdict_point_rule": VERDICT_POINT_RULE,
     }
     return out

@@ -677,9 +677,14 @@ class PeerPolicy:
     layers: list[int] | None = None
     streams: tuple[str, ...] = STREAMS
     k_position: str = "pre_rope"
+    #: leading positions kept exact (bf16 bytes), the option kakeya's presets get; a method
+    #: with a sink of its own (KVQuant's ``sink=``) keeps that one instead
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.streams = parse_streams(self.streams)
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
         if self.k_position not in K_POSITIONS:
             raise ValueError(f"k_position must be one of {K_POSITIONS}, got {self.k_position!r}")
         exact = set(parse_layers(self.exact_layers, self.num_layers) or [])
@@ -707,7 +712,11 @@ class PeerPolicy:
     def roundtrip(self, layer: int, stream: str, x) -> tuple[Any, int | None]:
         if (layer, stream) not in self._on:
             return x, None
-        return self.method.roundtrip(layer, stream, x)
+        if self.sink_tokens == 0 or hasattr(self.method, "sink"):
+            return self.method.roundtrip(layer, stream, x)
+        from .policy import roundtrip_after_sink
+
+        return roundtrip_after_sink(x, self.sink_tokens, lambda rest: self.method.roundtrip(layer, stream, rest))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -718,6 +727,7 @@ class PeerPolicy:
             "layers": None if self.layers is None else list(self.layers),
             "streams": list(self.streams),
             "k_position": self.k_position,
+            "sink_tokens": self.sink_tokens,
         }
 
     @classmethod
@@ -729,6 +739,7 @@ class PeerPolicy:
             layers=d.get("layers"),
             streams=tuple(d.get("streams") or STREAMS),
             k_position=d.get("k_position", "pre_rope"),
+            sink_tokens=int(d.get("sink_tokens", 0)),
         )
 
 

@@ -104,6 +104,14 @@ def _uniform_ec(stream: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _chosen_on_validation() -> list[dict[str, Any]]:
+    """Provenance of the hand-made presets: every choice (sink, basis, bits, the 4-bit V layers)
+    was made on passages of what is now the WikiText-2 validation part (corpus module doc)."""
+    from .corpus import wikitext_usage
+
+    return [wikitext_usage("validation", "selection")]
+
+
 POLICY_PRESETS: dict[str, dict[str, Any]] = {
     "identity": {
         "description": "codec stages bypassed on every layer and stream (exact round trip)",
@@ -157,6 +165,34 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PROVENANCE_ROLES = ("fit", "selection")
+
+
+def check_provenance(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A validated copy of one provenance record (the text a policy was fitted or chosen on)."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"a provenance record must be an object, got {type(record).__name__}")
+    missing = {"role", "sha256", "part", "articles"} - set(record)
+    if missing:
+        raise ValueError(f"provenance record lacks {sorted(missing)}; it has {sorted(record)}")
+    if record["role"] not in PROVENANCE_ROLES:
+        raise ValueError(f"provenance role must be one of {PROVENANCE_ROLES}, got {record['role']!r}")
+    if not all(isinstance(a, int) for a in record["articles"]):
+        raise ValueError(f"provenance articles must be integers, got {record['articles']!r}")
+    return dict(copy.deepcopy(record))
+
+
+def provenance_overlap(policy: Policy, usage: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The provenance records of ``policy`` that share articles of the same text with ``usage``."""
+    out = []
+    for rec in policy.provenance:
+        if rec["sha256"] == usage["sha256"]:
+            shared = sorted(set(rec["articles"]) & set(usage["articles"]))
+            if shared:
+                out.append({"role": rec["role"], "part": rec["part"], "articles": shared})
+    return out
+
+
 @dataclass
 class Policy:
     """Per-layer, per-stream codec configuration (see the module doc for the JSON form)."""
@@ -175,10 +211,14 @@ class Policy:
     #: the model its per-layer settings were made for: ``{name, num_layers, num_kv_heads,
     #: head_dim}`` or None (model-agnostic); see :func:`fit_to_model`
     model: dict[str, Any] | None = None
+    #: the text this policy was fitted or chosen on: ``{"role": "fit" | "selection", corpus,
+    #: sha256, part, articles}`` records (:meth:`~kakeya_py.corpus.CorpusSplit.usage` plus a role)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.streams = parse_streams(self.streams)
         self.model = check_model_record(self.model)
+        self.provenance = [check_provenance(r) for r in self.provenance]
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
         if self.k_position not in K_POSITIONS:
@@ -199,7 +239,7 @@ class Policy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, name: str | None = None) -> Policy:
         known = {"name", "description", "k", "v", "exact_layers", "overrides", "layers", "streams"}
-        known |= {"k_position", "sigma_q", "sink_tokens"}
+        known |= {"k_position", "sigma_q", "sink_tokens", "provenance"}
         known |= {"model"}
         unknown = set(d) - known
         if unknown:
@@ -217,6 +257,7 @@ class Policy:
             sigma_q=d.get("sigma_q"),
             sink_tokens=d.get("sink_tokens", 0),
             model=d.get("model"),
+            provenance=list(d.get("provenance") or []),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +274,7 @@ class Policy:
             "sigma_q": self.sigma_q,
             "sink_tokens": self.sink_tokens,
             "model": copy.deepcopy(self.model),
+            "provenance": copy.deepcopy(self.provenance),
         }
 
     def with_changes(
@@ -440,7 +482,10 @@ def preset_policy(name: str) -> Policy:
     """A named policy preset: built in (``identity``, ``recommended``) or saved as
     ``presets/NAME.json`` (e.g. by ``kakeya tune --save-preset NAME``)."""
     if name in POLICY_PRESETS:
-        return Policy.from_dict(POLICY_PRESETS[name], name=name)
+        d = dict(POLICY_PRESETS[name])
+        if name != "identity":  # identity chooses nothing
+            d["provenance"] = _chosen_on_validation()
+        return Policy.from_dict(d, name=name)
     path = PRESETS_DIR / f"{name}.json"
     if "/" not in name and path.is_file():
         return load_policy(str(path))

@@ -30,9 +30,14 @@ def _header(r: dict[str, Any], title: str) -> list[str]:
     return [
         f"## {title}: {r['config']['name']} on {model['name']} ({r['engine']}, {r['mode']}, {r['dtype']})",
         "",
-        f"{r['passages']} passages x (ctx {r['ctx']} + {r['n_eval']} evaluated) from {r['corpus']['name']}; "
-        f"kakeya {r['version']}; {r['seconds']:.1f} s",
+        f"{r['passages']} passages x (ctx {r['ctx']} + {r['n_eval']} evaluated) from {r['corpus']['name']}, "
+        f"part **{r.get('text_usage', {}).get('part', 'n/a')}**; kakeya {r['version']}; {r['seconds']:.1f} s",
         "",
+        *(
+            ["**In-sample**: the policy was fitted or chosen on these articles (`--allow-overlap`).", ""]
+            if r.get("overlap")
+            else []
+        ),
         *([f"command: `{r['command']}`", ""] if r.get("command") else []),
     ]
 
@@ -60,19 +65,49 @@ def eval_markdown(r: dict[str, Any]) -> str:
     """The summary of ``kakeya eval``."""
     lines = _header(r, "kakeya eval")
     rows = [
-        ("verdict", f"**{r['verdict']}**"),
+        ("verdict (CI rule)", f"**{r['verdict']}**"),
+        ("verdict (point estimates, the rule before the protocol)", r.get("verdict_point", "n/a")),
         ("Δppl (pooled NLL)", f"{fmt_pct(r['dppl'])}  95% CI {_ci(r['dppl_ci95'])}"),
         ("ppl ref -> codec", f"{fmt_num(r['ppl_ref'])} -> {fmt_num(r['ppl_alt'])}"),
-        ("top-1 agreement", f"{r['top1'] * 100:.2f}%"),
+        (
+            "top-1 agreement",
+            f"{r['top1'] * 100:.2f}%"
+            + (f"  95% CI [{r['top1_ci95'][0] * 100:.2f}, {r['top1_ci95'][1] * 100:.2f}]" if r.get("top1_ci95") else ""),
+        ),
         (
             "KL(ref‖codec) mean / rmse / p95 / max",
             " / ".join(fmt_num(r[k]) for k in ("kl_mean", "kl_rmse", "kl_p95", "kl_max")),
+        ),
+        *(
+            [
+                (
+                    "KL top-k lower bound (vLLM) mean / rmse / p95 / max",
+                    " / ".join(fmt_num(r.get("kl_topk_lb_" + k)) for k in ("mean", "rmse", "p95", "max")),
+                )
+            ]
+            if "kl_topk_lb_mean" in r
+            else []
         ),
         ("\\|Δ log p\\| mean / max", f"{fmt_num(r['dlogp_mean'])} / {fmt_num(r['dlogp_max'])}"),
         ("ESS", fmt_num(r["ess"])),
         (
             "ρ outside [1/2, 2] / [1/5, 5]",
             f"{r['frac_outside_2x'] * 100:.2f}% / {r['frac_outside_5x'] * 100:.2f}%",
+        ),
+        *(
+            [
+                (
+                    "clipped (\\|log ρ\\| > 20) / vetoed (> 30) tokens; passages with a veto",
+                    f"{r['frac_clipped'] * 100:.3f}% / {r['frac_veto'] * 100:.3f}%; {r['seq_veto'] * 100:.1f}%",
+                ),
+                ("share of Σ\\|Δ log p\\| in its top 1% of tokens", f"{r['dlogp_top1pct_mass'] * 100:.1f}%"),
+                (
+                    "sequence log-ratio Σ log ρ per passage: mean / max \\|·\\|",
+                    f"{fmt_num(r['seq_log_ratio_mean'])} / {fmt_num(r['seq_log_ratio_abs_max'])}",
+                ),
+            ]
+            if "frac_clipped" in r
+            else []
         ),
         ("k3 KL", fmt_num(r["k3_kl"])),
         ("mean exp\\|Δ log p\\|", fmt_num(r["mean_exp_abs_dlogp"])),
@@ -88,6 +123,8 @@ def eval_markdown(r: dict[str, Any]) -> str:
         rows.append(("log-probs at floor (ref / codec)", f"{r['underflow_ref']} / {r['underflow_alt']}"))
     lines += ["| metric | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     lines += ["", f"Verdict rule: {r['verdict_rule']}."]
+    if r.get("rho_orientation"):
+        lines += ["", f"ρ = {r['rho_orientation']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -62,6 +62,13 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=1,
+        help="leading positions every peer keeps exact, as kakeya's presets do (default 1: like-for-like; "
+        "KVQuant keeps its own sink= option)",
+    )
+    p.add_argument(
         "--k-position",
         default=None,
         choices=["pre_rope", "post_rope"],
@@ -164,6 +171,7 @@ def build_method(method: str, args, info, text):
         layers=None if args.layers is None else _layer_list(args.layers),
         streams=args.streams or "kv",
         k_position=k_position,
+        sink_tokens=args.sink_tokens,
     )
     return peer, peer
 
@@ -234,6 +242,7 @@ def cmd_sweep(args) -> int:
     for method, record in zip(methods, records, strict=True):
         record["method"] = method
         record["family"] = family_of(method)
+        record["part"] = record["text_usage"]["part"]
     out = Path(args.out)
     points = out / POINTS
     points.mkdir(parents=True, exist_ok=True)

@@ -52,11 +52,14 @@ once per passage)
    ``min_top1``) is kept, and the (layer, stream) of the first step after it is frozen
    at its current rung (back-off). The search ends when no step is left, after
    ``--patience`` rounds in a row that kept nothing, or after ``--max-rounds`` rounds.
-3. **Held-out validation.** The passages are windows of the evaluation split: with
-   ``M`` disjoint windows of ``ctx + n_eval + 1`` tokens, ``numpy.random.default_rng(seed)
-   .choice(M, passages + val_passages, replace=False)`` picks them, the first
-   ``passages`` for the search and the rest (sorted) for validation, so the two sets never
-   share a token. The winner (built as a :class:`~kakeya_py.policy.Policy` and applied
+3. **Held-out validation.** The search passages are windows of the *calibration* part
+   and the validation passages windows of the *validation* part (:mod:`kakeya_py.corpus`;
+   the test part is never read): with ``M`` disjoint windows of ``ctx + n_eval + 1`` tokens
+   in a part, ``numpy.random.default_rng(seed).choice(M, n, replace=False)`` picks them
+   (sorted). A single ``--text-file`` is every part: then one draw picks ``passages +
+   val_passages`` windows, the first for the search and the rest for validation, so the two
+   sets never share a token. The written policy records both as its ``provenance`` (roles
+   ``fit`` and ``selection``), and ``kakeya eval`` refuses to report it on those articles. The winner (built as a :class:`~kakeya_py.policy.Policy` and applied
    through :class:`~kakeya_py.policy.PolicyCodec`, i.e. exactly what ``policy.json``
    says) is measured on the search passages and on the validation passages, next to the
    ``--compare`` policies (default ``recommended``) on the same validation reference;
@@ -765,8 +768,15 @@ def register(sub) -> None:
     g.add_argument("--dtype", default=DEFAULT_DTYPE, help="float32 (default), bfloat16, float16")
     g.add_argument("--text-file", default=None, help="UTF-8 text instead of WikiText-2")
     g.add_argument("--wikitext", default=None, help="path of wiki.test.raw")
-    g.add_argument("--passages", type=int, default=4, help="search passages (default 4)")
-    g.add_argument("--val-passages", type=int, default=4, help="held-out validation passages (default 4)")
+    g.add_argument(
+        "--passages", type=int, default=16, help="search passages, from the calibration part (default 16)"
+    )
+    g.add_argument(
+        "--val-passages",
+        type=int,
+        default=16,
+        help="selection passages, from the validation part (default 16; selections use >= 16)",
+    )
     g.add_argument("--ctx", type=int, default=512, help="context tokens per passage (default 512)")
     g.add_argument("--n-eval", type=int, default=128, help="evaluated positions per passage (default 128)")
     g.add_argument(
@@ -839,14 +849,40 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_tune)
 
 
-def _usage(split, passages) -> dict[str, Any]:
-    return split.usage("evaluation", sorted({a["index"] for p in passages for a in p.articles}))
+def _usage(split, part: str, passages) -> dict[str, Any]:
+    return split.usage(part, sorted({a["index"] for p in passages for a in p.articles}))
+
+
+def tune_passages(corpus, tok, args):
+    """``(search, validation, usage)``: search passages from the calibration part and validation
+    passages from the validation part (a single ``--text-file`` is every part: disjoint windows
+    of it, as :func:`split_passages` draws them)."""
+    from .corpus import tokenize_articles
+
+    split = corpus.split()
+    if corpus.layout == "single":
+        stream = tokenize_articles(tok, corpus.part("calibration"))
+        search_p, val_p = split_passages(
+            stream, args.passages, args.val_passages, args.ctx, args.n_eval, args.seed, args.val_n_eval
+        )
+    else:
+        search_p, _ = split_passages(
+            tokenize_articles(tok, corpus.part("calibration")), args.passages, 0, args.ctx, args.n_eval, args.seed
+        )
+        val_p = []
+        if args.val_passages:
+            val_n = args.val_n_eval or args.n_eval
+            val_p, _ = split_passages(
+                tokenize_articles(tok, corpus.part("validation")), args.val_passages, 0, args.ctx, val_n, args.seed
+            )
+    usage = {"search": _usage(split, "calibration", search_p), "validation": _usage(split, "validation", val_p)}
+    return search_p, val_p, usage
 
 
 def cmd_tune(args) -> int:
     import sys
 
-    from .corpus import check_disjoint, load_corpus, tokenize_articles
+    from .corpus import check_disjoint, load_corpus
     from .harness import Variant, codec_transform
     from .harness_cli import _finite, emit, kakeya_version, load_hf, set_threads, versions
     from .policy import load_sigma_q
@@ -873,11 +909,7 @@ def cmd_tune(args) -> int:
     model, tok, info = load_hf(args)
     corpus = load_corpus(args.text_file, args.wikitext)
     split = corpus.split()
-    stream = tokenize_articles(tok, corpus.part("evaluation"))
-    search_p, val_p = split_passages(
-        stream, args.passages, args.val_passages, args.ctx, args.n_eval, args.seed, args.val_n_eval
-    )
-    usage = {"search": _usage(split, search_p), "validation": _usage(split, val_p)}
+    search_p, val_p, usage = tune_passages(corpus, tok, args)
     sigma = None
     if args.sigma_q:
         sigma = load_sigma_q(
@@ -885,8 +917,7 @@ def cmd_tune(args) -> int:
         )
         if sigma.text is None:
             raise SystemExit(f"{sigma.path}: no calibration text recorded; cannot prove it is disjoint")
-        for u in usage.values():
-            check_disjoint(sigma.text, u)
+        check_disjoint(sigma.text, usage["validation"])  # fits may share the search's calibration text
     k_position = "post_rope" if args.post_rope_k else "pre_rope"
     runner = reusing_runner(model, k_position=k_position)
     codec = LadderCodec(ladder, sigma_q=sigma, threads=args.threads, sink_tokens=args.sink_tokens)
@@ -967,6 +998,7 @@ def cmd_tune(args) -> int:
         sink_tokens=args.sink_tokens,
     )
     policy.model = _policy.model_record(info)  # its per-layer steps fit this model only
+    policy.provenance = [{"role": "fit", **usage["search"]}, {"role": "selection", **usage["validation"]}]
 
     # 3. the written policy, through PolicyCodec, on the search and the held-out passages
     codec.clear()

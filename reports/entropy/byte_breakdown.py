@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 import kakeya_py as kp  # noqa: E402
 import reference_codec as ref  # noqa: E402
-from kakeya_py.corpus import evaluation_passages, load_corpus  # noqa: E402
+from kakeya_py.corpus import load_corpus, part_passages  # noqa: E402
 from kakeya_py.harness import HFRunner  # noqa: E402
 from kakeya_py.models import load_model  # noqa: E402
 from kakeya_py.policy import BF16_BYTES, load_policy  # noqa: E402
@@ -29,7 +29,7 @@ from kakeya_py.policy import BF16_BYTES, load_policy  # noqa: E402
 
 def capture(passages: list[int], ctx: int) -> list[dict[tuple[int, str], torch.Tensor]]:
     model, tok, _ = load_model("smollm2-135m", progress=False)
-    chosen = evaluation_passages(load_corpus(), tok, 16, ctx, 256)
+    chosen = part_passages(load_corpus(), tok, "validation", 16, ctx, 256)
     runner = HFRunner(model)
     out = []
     for j in tqdm(passages, desc="prefill"):
