@@ -213,6 +213,21 @@ def test_retrieval_crops_back_so_each_question_sees_only_the_haystack():
         ge.run_retrieval(model, "int4", hay, ge.CacheSettings(residual_length=0, block_tokens=1))
 
 
+@pytest.mark.parametrize("method", ["dynamic", "kivi-4", "turbo-4"])
+def test_filling_from_the_reference_prefill_equals_prefilling_through_the_cache(method):
+    model = tiny_model("qwen2")
+    tok = _word_tokenizer()
+    hay = ge.build_haystacks(tok, list(range(3, 253)), [120], per_context=1, needles=2, seed=3)[0]
+    settings = ge.CacheSettings(residual_length=8, block_tokens=32, peer_sink_tokens=1)
+    source = ge.prefill_haystack(model, hay)
+    shared = ge.run_retrieval(model, method, hay, settings, source)
+    own = ge.run_retrieval(model, method, hay, settings)
+    assert [r["key_logprob"] for r in shared] == [r["key_logprob"] for r in own]
+    assert ge.fills_from_reference(method) and not ge.fills_from_reference("kakeya:recommended")
+    # the source is left as it was (a second method can fill from it)
+    assert source.get_seq_length() == len(hay.tokens)
+
+
 def test_summarize_retrieval_pairs_with_the_baseline():
     trials = [
         {"method": m, "context": 64, "haystack": h, "label": "red", "correct": c, "key_logprob": -1.0}
