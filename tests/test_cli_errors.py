@@ -162,6 +162,47 @@ def test_every_subcommand_checks_before_loading(files, capsys, command, extra, a
     assert err.count("\n") == 1 and out == ""
 
 
+CALIBRATE = [
+    (["sigma-q", "--model", "/nonexistent/model"], "--model", "does not exist"),
+    (["sigma-q", "--tokens", "0"], "--tokens", ">= 1"),
+    (["sigma-q", "--seq-len", "600"], "--seq-len", "max_position_embeddings"),
+    (["sigma-q", "--wikitext", "{words}"], "--wikitext", "SHA-256"),
+    (["sigma-q", "--dtype", "int8"], "--dtype", "float32"),
+    (["centroids", "--config", "recommended"], "--config", "made for smollm2-135m"),
+    (["centroids", "--sigma-q", "{root}/missing.safetensors"], "--sigma-q", "does not exist"),
+    (["all", "--config", "no-such-preset"], "--config", "neither a preset"),
+]
+
+
+@pytest.mark.parametrize(("extra", "arg", "words"), CALIBRATE, ids=[" ".join(c[0]) for c in CALIBRATE])
+def test_calibrate_checks_before_loading(files, capsys, extra, arg, words):
+    argv = [
+        "calibrate",
+        extra[0],
+        "--model",
+        files / "tiny",
+        "--out",
+        files / "cal",
+        *_fill(files, extra[1:]),
+    ]
+    code, out, err = run(capsys, argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"kakeya calibrate {extra[0]}: error: argument {arg}") and words in err, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["no-such-command"], "invalid choice"),
+        (["calibrate", "sigma-q"], "required: --out"),
+        (["eval", "--passages", "two"], "invalid int value"),
+    ],
+)
+def test_argparse_errors_are_one_line_too(capsys, argv, words):
+    code, out, err = run(capsys, argv)
+    assert code == 2 and err.count("\n") == 1 and words in err and "usage:" not in err, err
+
+
 @pytest.mark.parametrize(
     ("command", "arg"),
     [

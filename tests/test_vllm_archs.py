@@ -32,7 +32,7 @@ from kakeya_py.policy import Ledger, Policy, PolicyCodec, load_policy  # noqa: E
 
 CTX, N_EVAL = 48, 16
 LEN = CTX + N_EVAL + 1
-ATTENTION = {"qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention", "mistral": "LlamaAttention"}
+ATTENTION = {"qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention", "mistral": "MistralAttention"}
 
 
 @pytest.fixture(scope="module", params=sorted(ATTENTION))
@@ -75,7 +75,6 @@ def test_plugin_on_every_layer(engine, arch):
     info = engine.plugin
     assert info["installed"] and info["num_layers"] == 3 and info["origin"] == "plugin"
     assert (info["num_kv_heads"], info["head_dim"]) == (2, 32)
-    # vLLM runs Mistral with its Llama attention; the others with their own class
     assert info["attention_class"] == ATTENTION[arch]
 
 
