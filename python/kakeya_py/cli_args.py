@@ -388,6 +388,7 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "VLLM_LOGGING_LEVEL": "ERROR",
+    "PYTHONWARNINGS": "ignore",  # engine processes' deprecation warnings
 }
 
 
@@ -407,17 +408,22 @@ def quiet_third_party(*, logs: bool = True) -> Iterator[None]:
         if logs:
             level = tf_logging.get_verbosity()
             tf_logging.set_verbosity_error()
+    import warnings
+
+    caught = warnings.catch_warnings()
+    caught.__enter__()
+    if logs:
+        warnings.simplefilter("ignore")
     try:
         yield
     finally:
+        caught.__exit__(None, None, None)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
         if tf is not None:
-            import warnings
-
             with warnings.catch_warnings():  # huggingface_hub warns when its import-time env said off
                 warnings.simplefilter("ignore")
                 tf_logging.enable_progress_bar()

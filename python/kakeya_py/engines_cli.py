@@ -79,6 +79,7 @@ def _engine(path: str, dtype: str, args, topk: int):
         threads=args.threads,
         in_process=in_process,
         seed=args.seed,
+        progress=not args.no_progress,
     )
 
 

@@ -114,7 +114,8 @@ def topk_passage_tokens(ref: TopK, alt: TopK) -> M.PassageTokens:
 
 
 class VLLMEngine:
-    """One ``vllm.LLM`` with the kakeya hooks, for prompts up to ``max_len`` tokens."""
+    """One ``vllm.LLM`` with the kakeya hooks, for prompts up to ``max_len`` tokens
+    (``progress=False``: no weight-loading bar)."""
 
     def __init__(
         self,
@@ -126,6 +127,7 @@ class VLLMEngine:
         threads: int | None = None,
         in_process: bool | None = None,
         seed: int = 0,
+        progress: bool = True,
     ):
         for key, value in default_env(threads).items():
             os.environ.setdefault(key, value)
@@ -149,6 +151,7 @@ class VLLMEngine:
             seed=seed,
             max_logprobs=topk,
             worker_extension_cls=WORKER_EXTENSION,
+            use_tqdm_on_load=progress,  # the weight-loading bar (kakeya --no-progress)
         )
         self.plugin = self.rpc("kakeya_info")
         self.dtype_used = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
