@@ -296,6 +296,21 @@ def test_hub_id_offline_fails_at_once(monkeypatch):
     assert time.perf_counter() - t0 < 10
 
 
+def test_hub_id_in_the_local_cache_resolves_offline_to_its_snapshot(files, monkeypatch, tmp_path):
+    import shutil
+
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--someorg--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(files / "tiny", snapshot)
+    (tmp_path / "models--someorg--tiny" / "refs").mkdir()
+    (tmp_path / "models--someorg--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    src = locate_model("someorg/tiny")
+    assert (src.kind, src.path) == ("hf-cache", str(snapshot))
+    assert model_shape("someorg/tiny").num_layers == 3
+
+
 def test_model_shape_reads_config_only(files):
     shape = model_shape(str(files / "tiny"))
     assert (shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.max_positions) == (3, 2, 16, 512)

@@ -243,15 +243,20 @@ def check_model_folder(path: Path) -> None:
         )
 
 
+_REACHABLE: dict[str, bool] = {}  # host -> answer of the one connection try per process
+
+
 def hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` set, or :data:`HUB_HOST` unreachable (one connection try, 3 s)."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return True
-    try:
-        socket.create_connection((HUB_HOST, 443), timeout=3).close()
-    except OSError:
-        return True
-    return False
+    if HUB_HOST not in _REACHABLE:
+        try:
+            socket.create_connection((HUB_HOST, 443), timeout=3).close()
+            _REACHABLE[HUB_HOST] = True
+        except OSError:
+            _REACHABLE[HUB_HOST] = False
+    return not _REACHABLE[HUB_HOST]
 
 
 def hub_cached_folder(repo_id: str) -> Path | None:
