@@ -13,9 +13,16 @@ A :class:`Policy` is the JSON-serialisable answer to "how is the KV cache compre
   "layers": null,                   // layers the codec may touch (null = all)
   "streams": ["k", "v"],            // streams the codec may touch
   "k_position": "pre_rope",         // or "post_rope" (comparison only)
-  "sigma_q": null                   // path to sigma_q.safetensors (K metric inner_product)
+  "sigma_q": null,                  // path to sigma_q.safetensors (K metric inner_product)
+  "model": {"name": "smollm2-135m", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
+                                    // the model per-layer settings were made for, or null
 }
 ```
+
+A policy that records its ``model`` is refused on a model of another shape, and any policy
+naming layers the model lacks is refused (:func:`fit_to_model`; ``--force-model`` keeps what
+fits). The presets with per-layer settings record SmolLM2-135M; ``identity``,
+``k4v4-sink1`` and ``k4v4-sink1-nobasis`` are model-agnostic (:func:`agnostic_presets`).
 
 :meth:`Policy.config_for` resolves the rules in this order: stream not selected, layer
 not selected, layer in ``exact_layers`` -> exact; then the per-layer override; then the
