@@ -281,6 +281,21 @@ def test_generate_eval_end_to_end(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     assert "kakeya generate-eval" in (out / "report.md").read_text()
     assert "Generation verdict" in capsys.readouterr().out
+    # a retrieval-only run merged with a trajectory-only run gives the same rows
+    common = ["--model", str(folder), "--text-file", str(text), "--residual-length", "8", "--block-tokens", "16"]
+    common += ["--methods", "kivi-4", "--no-progress", "--threads", "2", "--needles", "1"]
+    a, b, m = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    tr = ["--prompts", "4", "--prompt-tokens", "40", "--gen-tokens", "5", "--batch", "2", "--contexts", ""]
+    assert main(["generate-eval", *common, *tr, "--json", str(a)]) == 0
+    ret = ["--prompts", "0", "--contexts", "96,160", "--haystacks", "2,1"]
+    assert main(["generate-eval", *common, *ret, "--json", str(b)]) == 0
+    assert main(["generate-eval", "--merge", str(a), str(b), "--json", str(m), "--no-progress"]) == 0
+    merged = json.loads(m.read_text())
+    assert [t["method"] for t in merged["trajectory"]] == ["dynamic", "kivi-4"]
+    assert merged["trajectory"][1]["tf_top1"] == r["trajectory"][1]["tf_top1"]
+    assert [(x["context"], x["trials"]) for x in merged["retrieval"]] == [(96, 2), (96, 2), (160, 1), (160, 1)]
+    assert [v["method"] for v in merged["verdicts"]] == ["kivi-4"] and len(merged["merged_from"]) == 2
+    assert main(["generate-eval", "--merge", str(b), str(b), "--no-progress"]) != 0  # trials twice
 
 
 def test_generate_eval_refuses_bad_requests(capsys):

@@ -539,9 +539,14 @@ def _encode(tok, text: str) -> list[int]:
 
 
 def build_haystacks(
-    tok, stream_ids: Sequence[int], contexts: Sequence[int], per_context: int, needles: int, seed: int
+    tok,
+    stream_ids: Sequence[int],
+    contexts: Sequence[int],
+    per_context: int | Sequence[int],
+    needles: int,
+    seed: int,
 ) -> list[Haystack]:
-    """``per_context`` haystacks per context length, each of ``context − longest question and
+    """``per_context`` haystacks per context length (one count, or one per context), each of ``context − longest question and
     answer`` tokens, with ``needles`` needles at stratified random depths: needle ``j`` of
     haystack ``h`` lies in depth stratum ``j · per_context + h`` of ``needles · per_context``
     equal strata, so the needles of one haystack are in order and all depths are covered."""
@@ -549,9 +554,12 @@ def build_haystacks(
 
     if needles < 1 or needles > len(NEEDLE_LABELS):
         raise GenerationEvalError(f"--needles must be 1..{len(NEEDLE_LABELS)}, got {needles}")
+    counts = [per_context] * len(contexts) if isinstance(per_context, int) else list(per_context)
+    if len(counts) != len(contexts):
+        raise GenerationEvalError(f"{len(counts)} haystack counts for {len(contexts)} context lengths")
     rng = random.Random(seed)
     out = []
-    for context in contexts:
+    for context, per_context in zip(contexts, counts, strict=True):
         for h in range(per_context):
             labels = rng.sample(NEEDLE_LABELS, needles)
             keys = [rng.randrange(10000, 100000) for _ in labels]
@@ -726,14 +734,26 @@ def register(sub) -> None:
     g.add_argument(
         "--contexts", default=DEFAULT_CONTEXTS, help=f"context lengths (default {DEFAULT_CONTEXTS}; '' skips)"
     )
-    g.add_argument("--haystacks", type=int, default=2, help="haystacks per context length (default 2)")
-    g.add_argument("--needles", type=int, default=4, help="needles (questions) per haystack (default 4)")
+    g.add_argument(
+        "--haystacks",
+        default="3",
+        help="haystacks per context length: one count, or one per length ('3,3,2,1'; default 3)",
+    )
+    g.add_argument("--needles", type=int, default=1, help="needles (questions) per haystack (default 1)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling, haystacks and bootstrap")
     g.add_argument("--threads", type=int, default=None, help="torch and codec threads")
     g.add_argument("--json", default=None, metavar="PATH", help="write the full result here")
     g.add_argument("--out", default=None, metavar="DIR", help="write report.md and plots here")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="measure nothing: combine records of runs of the same model and text (e.g. a trajectory run "
+        "and a retrieval run) into one record, report and verdicts",
+    )
     p.set_defaults(func=cmd_generate_eval)
 
 
@@ -745,6 +765,20 @@ def _contexts(text: str) -> list[int]:
     if any(c < 16 for c in out):
         raise GenerationEvalError(f"context lengths must be >= 16, got {out}")
     return out
+
+
+def _haystack_counts(text: str, contexts: Sequence[int]) -> list[int]:
+    try:
+        counts = [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise GenerationEvalError(f"--haystacks must be integers, got {text!r}") from None
+    if len(counts) == 1:
+        counts = counts * len(contexts)
+    if len(counts) != len(contexts) or any(c < 0 for c in counts):
+        raise GenerationEvalError(
+            f"--haystacks needs one count >= 0, or one per context length ({len(contexts)}), got {text!r}"
+        )
+    return counts
 
 
 def _load_text(args, tok):
@@ -764,13 +798,15 @@ def cmd_generate_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("prompts", "haystacks"):
-        if getattr(args, name) < 0:
-            raise GenerationEvalError(f"--{name} must be >= 0")
+    if args.merge:
+        return merge_records(args)
+    if args.prompts < 0:
+        raise GenerationEvalError("--prompts must be >= 0")
     if args.gen_tokens < 1 or args.prompt_tokens < 1 or args.batch < 1:
         raise GenerationEvalError("--gen-tokens, --prompt-tokens and --batch must be >= 1")
     methods = parse_methods(args.methods)
     contexts = _contexts(args.contexts)
+    counts = _haystack_counts(args.haystacks, contexts)
     settings = CacheSettings(
         args.residual_length, args.block_tokens, args.peer_sink_tokens, threads=args.threads
     )
@@ -805,7 +841,7 @@ def cmd_generate_eval(args) -> int:
             "gen_tokens": args.gen_tokens,
             "batch": args.batch,
             "contexts": contexts,
-            "haystacks_per_context": args.haystacks,
+            "haystacks_per_context": counts,
             "needles_per_haystack": args.needles,
             "seed": args.seed,
             "threads": args.threads,
@@ -847,8 +883,8 @@ def cmd_generate_eval(args) -> int:
     record["trajectory"] = trajectory
     record["rl"] = rl
     retrieval_trials = []
-    if contexts and args.haystacks:
-        hays = build_haystacks(tok, stream.ids, contexts, args.haystacks, args.needles, args.seed)
+    if contexts and any(counts):
+        hays = build_haystacks(tok, stream.ids, contexts, counts, args.needles, args.seed)
         record["retrieval_task"] = {
             "needle": "\\nThe special magic {label} number is: {key}.\\n",
             "question": "\\nWhat is the special magic {label} number? The special magic {label} number is:",
@@ -884,14 +920,92 @@ def cmd_generate_eval(args) -> int:
     record["retrieval_trials"] = retrieval_trials
     record["verdicts"] = verdicts(record)
     record["seconds"] = time.time() - t0
-    md = generation_markdown(record)
-    print(md)
+    _emit(record, args)
+    return 0
+
+
+def merge_records(args) -> int:
+    """``--merge``: one record from several runs (their trajectories, RL rows and retrieval trials).
+
+    The runs must share the model, dtype, text part and cache settings; a method may have
+    its trajectory in one run only, and a retrieval trial (method, context, haystack,
+    needle) may appear once.
+    """
+    recs = [json.loads(Path(p).read_text()) for p in args.merge]
+    keys = ("residual_length", "block_tokens", "peer_sink_tokens", "seed")
+    first = recs[0]
+    for path, r in zip(args.merge, recs, strict=True):
+        for what, a, b in (
+            ("model", r["model"]["path"], first["model"]["path"]),
+            ("dtype", r["dtype"], first["dtype"]),
+            (
+                "text",
+                (r["corpus"]["sha256"], r["corpus"]["part"]),
+                (first["corpus"]["sha256"], first["corpus"]["part"]),
+            ),
+            ("cache settings", [r["settings"][k] for k in keys], [first["settings"][k] for k in keys]),
+        ):
+            if a != b:
+                raise GenerationEvalError(f"{path}: {what} {a!r} differs from {args.merge[0]}'s {b!r}")
+    methods = list(dict.fromkeys(m for r in recs for m in r["methods"]))
+    trajectory, rl, trials, seen = [], [], [], set()
+    for path, r in zip(args.merge, recs, strict=True):
+        for row in r["trajectory"]:
+            if any(t["method"] == row["method"] for t in trajectory):
+                raise GenerationEvalError(f"{path}: a second trajectory of {row['method']}")
+            trajectory.append(row)
+        rl += r["rl"]
+        for t in r.get("retrieval_trials", []):
+            key = (t["method"], t["context"], t["haystack"], t["label"])
+            if key in seen:
+                raise GenerationEvalError(f"{path}: retrieval trial {key} appears twice")
+            seen.add(key)
+            trials.append(t)
+    order = {m: i for i, m in enumerate(methods)}
+    trajectory.sort(key=lambda t: order[t["method"]])
+    rl.sort(key=lambda t: order[t["method"]])
+    contexts = sorted({t["context"] for t in trials})
+    with_traj = next((r for r in recs if r["trajectory"]), first)
+    with_ret = next((r for r in recs if r.get("retrieval_trials")), None)
+    settings = dict(with_traj["settings"])
+    if with_ret is not None:
+        for k in ("contexts", "haystacks_per_context", "needles_per_haystack"):
+            settings[k] = with_ret["settings"][k]
+    record = {
+        **{
+            k: v
+            for k, v in with_traj.items()
+            if k not in ("trajectory", "rl", "retrieval", "retrieval_trials")
+        },
+        "command": shlex.join(getattr(args, "argv", ["kakeya", "generate-eval"])),
+        "argv": list(getattr(args, "argv", ["kakeya", "generate-eval"])),
+        "merged_from": [
+            {"path": p, "command": r["command"], "seconds": r.get("seconds"), "methods": r["methods"]}
+            for p, r in zip(args.merge, recs, strict=True)
+        ],
+        "methods": methods,
+        "skipped_methods": {k: v for r in recs for k, v in r.get("skipped_methods", {}).items()},
+        "settings": settings,
+        "trajectory": trajectory,
+        "rl": rl,
+        "retrieval": summarize_retrieval(trials, methods, contexts),
+        "retrieval_trials": trials,
+        "seconds": sum(r.get("seconds") or 0 for r in recs),
+    }
+    if with_ret is not None:
+        record["retrieval_task"] = with_ret["retrieval_task"]
+    record["verdicts"] = verdicts(record)
+    _emit(record, args)
+    return 0
+
+
+def _emit(record: dict[str, Any], args) -> None:
+    print(generation_markdown(record))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     if args.out:
         write_report(record, Path(args.out))
-    return 0
 
 
 def verdicts(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -934,6 +1048,10 @@ def _num(x, d: int = 4) -> str:
     return f"{x:.{d}f}" if x == 0 or 1e-3 <= abs(x) < 1e4 else f"{x:.{d - 1}e}"
 
 
+def _as_list(counts, settings) -> list[int]:
+    return [counts] * len(settings["contexts"]) if isinstance(counts, int) else list(counts)
+
+
 def generation_markdown(r: dict[str, Any]) -> str:
     """The Markdown summary (stdout; also the body of the report)."""
     s = r["settings"]
@@ -946,6 +1064,10 @@ def generation_markdown(r: dict[str, Any]) -> str:
         f"B = {s['block_tokens']}, peer sink {s['peer_sink_tokens']}, peers on post-RoPE K",
         "",
     ]
+    for part in r.get("merged_from", []):
+        lines += [f"- merged from `{part['path']}` ({part['seconds'] or 0:.0f} s): `{part['command']}`"]
+    if r.get("merged_from"):
+        lines += [""]
     if r["skipped_methods"]:
         lines += [f"Skipped: {m}: {why}" for m, why in r["skipped_methods"].items()] + [""]
     if r["trajectory"]:
@@ -1001,8 +1123,12 @@ def generation_markdown(r: dict[str, Any]) -> str:
     if r["retrieval"]:
         task = r.get("retrieval_task", {})
         lines += [
-            f"### Retrieval ({s['haystacks_per_context']} haystacks × {s['needles_per_haystack']} needles per "
-            "context length)",
+            "### Retrieval (haystacks per context "
+            + ", ".join(
+                f"{c}: {h}"
+                for c, h in zip(s["contexts"], _as_list(s["haystacks_per_context"], s), strict=True)
+            )
+            + f"; {s['needles_per_haystack']} needle(s) each)",
             "",
             f"Chance: {task.get('chance_guess', 0):.1e} for a guessed key, {_pct(task.get('chance_pick_in_context'), 0)} "
             "for picking one of the keys in context.",
