@@ -83,6 +83,28 @@ def test_eval_recommended_compresses_where_its_policy_says(tmp_path):
                 assert row[s]["ratio"] > 1.0  # ctx 128: the per-head skeleton weighs a lot
     assert r["ratio_measured"] > 1.0
     assert r["dppl"] != 0.0 and np.isfinite(r["dppl"])
+    # a quality bound the preset must meet even on 64 tokens of the test part (on 64 x 1280
+    # it is ~+0.6% / 96%), and one that a broken codec misses (next test)
+    assert r["text_usage"]["part"] == "test" and r["overlap"] is False
+    assert abs(r["dppl"]) < 0.05 and r["top1"] >= 0.90 and r["kl_mean"] < 0.02, (r["dppl"], r["top1"], r["kl_mean"])
+
+
+def test_quality_bound_fails_for_a_broken_codec(tmp_path):
+    one_bit = {"bits": 1, "block_size": 4096, "share_basis": True, "basis": "none"}
+    policy = tmp_path / "k1v1.json"
+    policy.write_text(json.dumps({"k": one_bit, "v": one_bit}))
+    r = run_cli(tmp_path, "k1v1", "eval", "--config", str(policy))
+    assert not (abs(r["dppl"]) < 0.05 and r["top1"] >= 0.90 and r["kl_mean"] < 0.02)
+    assert r["verdict"] == "REJECT"
+
+
+def test_policy_chosen_on_the_evaluated_text_is_refused(tmp_path, capsys):
+    """recommended was chosen on the validation part: measuring it there is in-sample."""
+    assert main(["eval", "--part", "validation", *SHORT]) == 2
+    assert "--allow-overlap" in capsys.readouterr().err
+    r = run_cli(tmp_path, "in_sample", "eval", "--part", "validation", "--allow-overlap")
+    assert r["overlap"] is True and r["overlaps"][0]["role"] == "selection"
+    assert r["text_usage"]["part"] == "validation"
 
 
 def test_uniform_ec_stores_fewer_bytes_than_recommended(tmp_path):
@@ -132,9 +154,9 @@ def test_sigma_q_with_overlapping_text_is_refused(tmp_path, capsys):
     eye = torch.eye(64).expand(3, 64, 64).contiguous()
     save_file({f"layers.{i}.L": eye.clone() for i in range(30)}, str(sq))
     split = C.load_wikitext().split()
-    (tmp_path / "sigma_q.json").write_text(json.dumps({"text": split.usage("evaluation", [0])}))
+    (tmp_path / "sigma_q.json").write_text(json.dumps({"text": split.usage("test", [1])}))
     assert main(["eval", "--config", "identity", "--sigma-q", str(sq), *SHORT]) == 2  # one-line error
-    assert "[0]" in capsys.readouterr().err
+    assert "[1]" in capsys.readouterr().err
     (tmp_path / "sigma_q.json").write_text(json.dumps({"text": split.usage("calibration")}))
     r = run_cli(tmp_path, "sq", "eval", "--config", "identity", "--sigma-q", str(sq))
     assert r["config"]["sigma_q"] == str(sq)

@@ -136,6 +136,9 @@ def vllm_measure(args, *, engine=None, topk: int | None = None, policy=None):
         record["seconds_codec"] = codec_s
         record["vllm"] = _vllm_meta(engine, topk)
         record["kl_estimator"] = record["vllm"]["kl_estimator"]
+        # token x (layer, stream) segments the plugin left exact (decode steps, continuations):
+        # zero in the harness's strict phases, which refuse them instead
+        record["vllm_left_exact"] = getattr(engine, "left_exact", None)
     finally:
         if own:
             engine.close()

@@ -124,16 +124,16 @@ def register(sub) -> None:
         choices=["dppl", "kl"],
         help="rank layers by Δppl (default) or mean KL (steadier)",
     )
-    p.set_defaults(func=cmd_attribution)
+    p.set_defaults(func=cmd_attribution, diagnostic=True)
 
     p = sub.add_parser("noise", help="Δppl when K/V get Gaussian noise σ·rms instead of the codec")
     add_eval_args(p, passages=4, ctx=512, n_eval=128, part="validation")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3], help="noise levels")
-    p.set_defaults(func=cmd_noise)
+    p.set_defaults(func=cmd_noise, diagnostic=True)
 
     p = sub.add_parser("residual", help="relative K/V error of the codec per layer (no model quality)")
     add_eval_args(p, passages=4, ctx=1024, n_eval=1, part="validation")
-    p.set_defaults(func=cmd_residual)
+    p.set_defaults(func=cmd_residual, diagnostic=True)
 
 
 # -- shared setup ------------------------------------------------------------------------------
@@ -202,7 +202,10 @@ def prepare_policy(args, info, text: dict[str, Any] | None = None):
                 text.setdefault("overlaps", []).append({"role": "fit", "part": "sigma_q", "error": str(e)})
     if text is not None:
         shared = provenance_overlap(policy, text["usage"])
-        if shared and not getattr(args, "allow_overlap", False):
+        # diagnostics (attribution, noise, residual) inform choices on validation text: they
+        # record the overlap instead of refusing it
+        refuse = not (getattr(args, "allow_overlap", False) or getattr(args, "diagnostic", False))
+        if shared and refuse:
             where = "; ".join(f"{r['role']} on {r['part']} articles {r['articles'][:12]}" for r in shared)
             raise CorpusOverlapError(
                 f"policy {policy.name!r} was fitted or chosen on the text being evaluated ({where}); "

@@ -239,6 +239,7 @@ class VLLMEngine:
         from tqdm.auto import tqdm
 
         self.configure(policy)
+        self.rpc("kakeya_take_left_exact")
         tokens, ledger, ref_s, codec_s, raw = [], Ledger(), 0.0, 0.0, []
         for passage in tqdm(passages, desc=desc, disable=not progress, unit="passage"):
             ref, alt, led, rs, cs = self.run_passage(passage, mode)
@@ -247,4 +248,5 @@ class VLLMEngine:
             ref_s += rs
             codec_s += cs
             raw.append((ref, alt))
+        self.left_exact = self.rpc("kakeya_take_left_exact")
         return tokens, ledger, ref_s, codec_s, raw

@@ -43,6 +43,14 @@ one) and give the codec one ``[tokens, kv_heads, head_dim]`` tensor per sequence
 Requires ``enforce_eager=True`` (Python-level hooks must run; no CUDA graphs) and, for
 the harness phases, each prompt prefilled in one step (``max_num_batched_tokens`` ≥
 prompt length; chunked continuations are refused in the strict harness phases).
+
+**What stays exact, counted.** Outside the strict phases a segment that does not start at
+position 0 is left exact: a decode step (one token) or a chunked-prefill continuation /
+prefix-cache hit (several). Their tokens are counted per layer and stream
+(:meth:`KakeyaVLLMState.take_left_exact`, ``kakeya_take_left_exact`` by RPC, and in
+:meth:`~KakeyaVLLMState.info`), so a report can say how much of the cache the codec never saw.
+**Tensor parallelism** > 1 is refused: each rank holds a slice of the heads, and a ledger
+read from one rank would not describe the cache.
 """
 
 from __future__ import annotations
@@ -182,6 +190,9 @@ class KakeyaVLLMState:
         self.replacement: dict[tuple[int, str], Any] = {}
         self.record_events = False
         self.events: list[tuple[int, str, str, int]] = []  # (layer, stream, where, tokens)
+        #: tokens left exact since the last take: {"decode" | "continuation": tokens} over
+        #: every (layer, stream) the phase would have touched
+        self.left_exact: dict[str, int] = {"decode": 0, "continuation": 0}
         self._current: tuple[int, Any] | None = None
         self._handles: list[Any] = []
         self._install()
@@ -287,7 +298,15 @@ class KakeyaVLLMState:
             "phase": self.phase,
             "pid": os.getpid(),
             "origin": self.origin,
+            "left_exact": dict(self.left_exact),
+            "tensor_parallel_size": 1,
         }
+
+    def take_left_exact(self) -> dict[str, int]:
+        """Tokens × (layer, stream) left exact since the last call (module doc), then reset."""
+        out = dict(self.left_exact)
+        self.left_exact = {"decode": 0, "continuation": 0}
+        return out
 
     def take_ledger(self) -> list[list[Any]]:
         """The byte ledger since the last call, as ``[layer, stream, raw, stored, compressed]`` rows."""
@@ -369,6 +388,7 @@ class KakeyaVLLMState:
                         "prefix); the harness needs each prompt prefilled in one step "
                         "(raise max_num_batched_tokens, disable prefix caching)"
                     )
+                self.left_exact["decode" if b - a == 1 else "continuation"] += last - first
                 continue
             s, e = a + first - p0, a + last - p0
             xs = x[s:e].reshape(e - s, heads, dim)
@@ -424,6 +444,13 @@ def install(
         state = getattr(model, "_kakeya_state", None)
         if state is not None:
             return state
+        tp = tensor_parallel_size()
+        if tp > 1:
+            raise VLLMHookError(
+                f"tensor_parallel_size={tp}: kakeya's vLLM hooks support one rank only (each rank holds a "
+                "slice of the kv heads, and the byte ledger and the harness read rank 0); run with "
+                "tensor_parallel_size=1"
+            )
         state = KakeyaVLLMState(model, origin)
         model._kakeya_state = state
         _STATES[id(model)] = state
@@ -443,6 +470,16 @@ def install(
         if mode:
             state.set_phase(mode, strict=False)
     return state
+
+
+def tensor_parallel_size() -> int:
+    """vLLM's tensor-parallel world size in this process (1 when it is not initialised)."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        return int(get_tensor_model_parallel_world_size())
+    except Exception:  # noqa: BLE001  (no vLLM, or its parallel state is not set up: one rank)
+        return 1
 
 
 def state_of(model) -> KakeyaVLLMState | None:
@@ -482,6 +519,9 @@ class KakeyaWorkerExtension:
 
     def kakeya_take_ledger(self) -> list[list[Any]]:
         return self._kakeya_state().take_ledger()
+
+    def kakeya_take_left_exact(self) -> dict[str, int]:
+        return self._kakeya_state().take_left_exact()
 
     def kakeya_snapshot(self) -> dict[str, list]:
         """The captured exact prefix K/V as nested lists ``{"layer.stream": [n][heads][dim]}`` (tests)."""
