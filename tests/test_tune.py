@@ -399,8 +399,13 @@ def test_tune_command_writes_a_policy_that_eval_runs(tmp_path, monkeypatch, caps
     ev = ["eval", "--model", str(folder), "--text-file", str(text), "--passages", "2", "--ctx", "192"]
     ev += ["--n-eval", "24", "--config", str(out / "policy.json"), "--no-progress", "--threads", "2"]
     ev += ["--json", str(tmp_path / "eval.json")]
+    # the policy records the text it was tuned on: the same file is in-sample, refused by default
+    assert policy["provenance"][0]["role"] == "fit" and policy["provenance"][1]["role"] == "selection"
+    assert main(ev) == 2
+    ev.insert(1, "--allow-overlap")
     assert main(ev) == 0
     r = json.loads((tmp_path / "eval.json").read_text())
+    assert r["overlap"] is True
     assert r["config"]["name"] == "tiny-tuned" and r["ratio_measured"] == pytest.approx(
         res["ratio"], rel=0.02
     )

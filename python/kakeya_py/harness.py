@@ -266,8 +266,12 @@ class HFRunner:
         mode: str = "snapshot",
         progress: bool = True,
         desc: str = "evaluating",
+        floor_model=None,
     ) -> tuple[list[VariantResult], float]:
         """Evaluate every variant on every passage against the shared reference.
+
+        ``floor_model`` (e.g. the model in bf16) is also run codec-off on each passage and
+        appended as one more result: the noise floor a codec's numbers sit on.
 
         Returns:
             ``(results, reference_seconds)``: one :class:`VariantResult` per variant and
@@ -279,8 +283,10 @@ class HFRunner:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         results = [VariantResult(v.name) for v in variants]
+        floor = VariantResult("noise floor") if floor_model is not None else None
         ref_seconds = 0.0
-        bar = tqdm(total=len(passages) * (1 + len(variants)), desc=desc, disable=not progress, unit="pass")
+        total = len(passages) * (1 + len(variants) + (floor is not None))
+        bar = tqdm(total=total, desc=desc, disable=not progress, unit="pass")
         for passage in passages:
             ids = torch.tensor([passage.token_ids], dtype=torch.long)
             ctx, n_eval = passage.ctx, passage.n_eval
@@ -313,8 +319,15 @@ class HFRunner:
                 res.ledger.merge(ledger)
                 res.seconds += time.perf_counter() - t0
                 bar.update()
+            if floor is not None:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    alt = floor_model(ids[:, : ctx + n_eval]).logits[0, ctx : ctx + n_eval]
+                floor.tokens.append(M.passage_tokens_from_logits(ref.float(), alt.float(), targets))
+                floor.seconds += time.perf_counter() - t0
+                bar.update()
         bar.close()
-        return results, ref_seconds
+        return results + ([floor] if floor is not None else []), ref_seconds
 
 
 # -- residual ----------------------------------------------------------------------------------

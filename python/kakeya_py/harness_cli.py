@@ -94,6 +94,12 @@ def add_eval_args(
     g.add_argument("--post-rope-k", action="store_true", help="compress K after RoPE (comparison only)")
     g.add_argument("--sigma-q", default=None, help="sigma_q.safetensors for metric=inner_product")
     g.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="also run the model in bfloat16 codec-off on the same passages and report it as the noise "
+        "floor beside the codec's numbers (one more forward per passage; hf engine)",
+    )
+    g.add_argument(
         "--allow-overlap",
         action="store_true",
         help="evaluate even if the policy was fitted or chosen on the evaluated articles "
@@ -331,16 +337,30 @@ def measure_hf(args, desc: str = "eval"):
 
     t0 = time.perf_counter()
     runner, codec, info, policy, text = _runner_and_codec(args)
+    floor_model = None
+    if getattr(args, "noise_floor", False):
+        import copy
+
+        import torch
+
+        floor_model = copy.deepcopy(runner.model).to(torch.bfloat16)
     results, ref_seconds = runner.run(
         text["passages"],
         [Variant(policy.name, codec_transform(codec))],
         mode=args.mode,
         progress=not args.no_progress,
         desc=f"{desc} {policy.name}",
+        floor_model=floor_model,
     )
     res = results[0]
     record = base_record(args, "hf", info, policy, text)
     finish_record(record, res.summary(seed=args.seed), res.ledger, time.perf_counter() - t0)
+    if floor_model is not None:
+        s = results[1].summary(seed=args.seed)
+        record["noise_floor"] = {
+            "what": f"the model in bfloat16 against the {args.dtype} reference, codec off, same passages",
+            **{k: s[k] for k in ("dppl", "dppl_ci95", "top1", "top1_ci95", "kl_mean", "kl_p95")},
+        }
     record["seconds_reference"] = ref_seconds
     record["seconds_codec"] = res.seconds
     return record, res.tokens
