@@ -74,6 +74,8 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
     let mut k_scale = [0.0f32; TILE];
     let mut v_scale = [0.0f32; TILE];
     let mut scores = vec![0.0f32; rows * TILE];
+    let mut v_weight = vec![0.0f32; rows * TILE];
+    let mut base = vec![0.0f32; rows];
     let mut offset = 0usize;
     let (keys, values) = (&req.keys[b], &req.values[b]);
     for (kc, vc) in keys.iter().zip(values.iter()) {
@@ -114,26 +116,49 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
                 .min(vblk.first + vblk.rows)
                 .min(t + TILE);
             let n = end - t;
+            let (kf, vf) = (t - kblk.first, t - vblk.first);
             // Scores: q·μ + s (R q)·ẑ (+ q·RoPE_p(μ_pre)).
-            kc.dequantize_rows(kblk, t - kblk.first, &mut k_tile[..n * dim]);
-            kblk.scales.read(t - kblk.first, &mut k_scale[..n]);
-            for r in 0..rows {
-                let qr = &q[r * dim..(r + 1) * dim];
-                let qk = &q_rot[r * dim..(r + 1) * dim];
-                let base = dot(qr, &kblk.mean);
-                let sr = &mut scores[r * TILE..r * TILE + n];
-                for (i, s) in sr.iter_mut().enumerate() {
-                    *s = k_scale[i] * dot(qk, &k_tile[i * dim..(i + 1) * dim]) + base;
-                }
-                if let Some((cos, sin)) = rope {
-                    let (a, bw) = weights[r * dim..(r + 1) * dim].split_at(half);
-                    let p0 = kc.position + t;
+            kblk.scales.read(kf, &mut k_scale[..n]);
+            for (r, b) in base.iter_mut().enumerate() {
+                *b = dot(&q[r * dim..(r + 1) * dim], &kblk.mean);
+            }
+            let rope_tile = rope.map(|(cos, sin)| {
+                let p0 = (kc.position + t) * half;
+                (&cos[p0..p0 + n * half], &sin[p0..p0 + n * half])
+            });
+            let fast_k = fast::scores(
+                kc,
+                kblk,
+                kf,
+                n,
+                &q_rot,
+                rows,
+                &k_scale,
+                &base,
+                &weights,
+                rope_tile,
+                &mut scores,
+            );
+            if !fast_k {
+                kc.dequantize_rows(kblk, kf, &mut k_tile[..n * dim]);
+                for r in 0..rows {
+                    let qk = &q_rot[r * dim..(r + 1) * dim];
+                    let sr = &mut scores[r * TILE..r * TILE + n];
                     for (i, s) in sr.iter_mut().enumerate() {
-                        let p = (p0 + i) * half;
-                        *s += dot(a, &cos[p..p + half]) + dot(bw, &sin[p..p + half]);
+                        *s = k_scale[i] * dot(qk, &k_tile[i * dim..(i + 1) * dim]) + base[r];
+                    }
+                    if let Some((cos, sin)) = rope_tile {
+                        let (a, bw) = weights[r * dim..(r + 1) * dim].split_at(half);
+                        for (i, s) in sr.iter_mut().enumerate() {
+                            let c = &cos[i * half..(i + 1) * half];
+                            *s += dot(a, c) + dot(bw, &sin[i * half..(i + 1) * half]);
+                        }
                     }
                 }
-                // Online softmax.
+            }
+            // Online softmax.
+            for r in 0..rows {
+                let sr = &mut scores[r * TILE..r * TILE + n];
                 let tile_max = sr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let new_max = st.max[r].max(tile_max);
                 if st.max[r] != new_max {
@@ -156,8 +181,7 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
                 st.sum[r] += sr.iter().sum::<f32>();
             }
             // Values: Σ p μ_v + Σ (p s) ẑ.
-            vc.dequantize_rows(vblk, t - vblk.first, &mut v_tile[..n * dim]);
-            vblk.scales.read(t - vblk.first, &mut v_scale[..n]);
+            vblk.scales.read(vf, &mut v_scale[..n]);
             for r in 0..rows {
                 let sr = &scores[r * TILE..r * TILE + n];
                 let p_sum: f32 = sr.iter().sum();
@@ -165,12 +189,22 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
                     .iter_mut()
                     .zip(&vblk.mean)
                     .for_each(|(o, m)| *o += p_sum * m);
-                let acc = &mut st.acc_rot[r * dim..(r + 1) * dim];
-                for (i, &p) in sr.iter().enumerate() {
-                    let w = p * v_scale[i];
-                    acc.iter_mut()
-                        .zip(&v_tile[i * dim..(i + 1) * dim])
-                        .for_each(|(a, &z)| *a += w * z);
+                for (w, (&p, &s)) in v_weight[r * TILE..r * TILE + n]
+                    .iter_mut()
+                    .zip(sr.iter().zip(&v_scale[..n]))
+                {
+                    *w = p * s;
+                }
+            }
+            if !fast::accumulate(vc, vblk, vf, n, rows, &v_weight, &mut st.acc_rot) {
+                vc.dequantize_rows(vblk, vf, &mut v_tile[..n * dim]);
+                for r in 0..rows {
+                    let acc = &mut st.acc_rot[r * dim..(r + 1) * dim];
+                    for (i, &w) in v_weight[r * TILE..r * TILE + n].iter().enumerate() {
+                        acc.iter_mut()
+                            .zip(&v_tile[i * dim..(i + 1) * dim])
+                            .for_each(|(a, &z)| *a += w * z);
+                    }
                 }
             }
             t = end;
@@ -189,4 +223,178 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
             .for_each(|v| *v *= inv);
     }
     (out, st.max, st.sum)
+}
+
+/// The code at position `index` (`row · D + j`) of a block's packed codes.
+#[inline(always)]
+fn code_at(codes: &[u8], index: usize, bits: u8) -> usize {
+    let bit = index * usize::from(bits);
+    let (byte, shift) = (bit / 8, bit % 8);
+    let lo = u16::from(codes.get(byte).copied().unwrap_or(0));
+    let hi = u16::from(codes.get(byte + 1).copied().unwrap_or(0));
+    usize::from(((lo | (hi << 8)) >> shift) & ((1u16 << bits) - 1))
+}
+
+/// The outliers of `block` in rows `from .. from + n`: `(row within the tile, j, z − c[code])`.
+#[inline(always)]
+fn outlier_deltas<'a>(
+    chunk: &'a AttnChunk,
+    block: &'a HeadBlock,
+    from: usize,
+    n: usize,
+) -> impl Iterator<Item = (usize, usize, f32)> + 'a {
+    let dim = chunk.dim;
+    let (lo, hi) = ((from * dim) as u32, ((from + n) * dim) as u32);
+    let first = block.outlier_at.partition_point(|&i| i < lo);
+    block.outlier_at[first..]
+        .iter()
+        .zip(&block.outlier_z[first..])
+        .take_while(move |(&at, _)| at < hi)
+        .map(move |(&at, &z)| {
+            let at = at as usize;
+            let c = chunk.centroids[code_at(&block.codes, at, chunk.bits)];
+            (at / dim - from, at % dim, crate::f16::to_f32(z) - c)
+        })
+}
+
+/// The AVX2 paths (codes of 1–4 bits, `head_dim % 16 == 0`); each returns `false` where it
+/// does not apply, and the caller runs the portable loops.
+mod fast {
+    use super::{outlier_deltas, AttnChunk, HeadBlock, TILE};
+
+    /// Query rows per AVX2 call (accumulators kept in registers).
+    #[cfg(target_arch = "x86_64")]
+    const MAX_ROWS: usize = 8;
+
+    #[inline(always)]
+    fn applies(chunk: &AttnChunk) -> bool {
+        cfg!(target_arch = "x86_64")
+            && crate::simd::enabled()
+            && chunk.bits <= 4
+            && chunk.dim % 16 == 0
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! by_bits_rows {
+        ($bits:expr, $rows:expr, $f:ident, ($($arg:expr),*)) => {
+            match ($bits, $rows) {
+                (1, 1) => crate::attention::avx2::$f::<1, 1>($($arg),*), (1, 2) => crate::attention::avx2::$f::<1, 2>($($arg),*),
+                (1, 3) => crate::attention::avx2::$f::<1, 3>($($arg),*), (1, 4) => crate::attention::avx2::$f::<1, 4>($($arg),*),
+                (1, 5) => crate::attention::avx2::$f::<1, 5>($($arg),*), (1, 6) => crate::attention::avx2::$f::<1, 6>($($arg),*),
+                (1, 7) => crate::attention::avx2::$f::<1, 7>($($arg),*), (1, _) => crate::attention::avx2::$f::<1, 8>($($arg),*),
+                (2, 1) => crate::attention::avx2::$f::<2, 1>($($arg),*), (2, 2) => crate::attention::avx2::$f::<2, 2>($($arg),*),
+                (2, 3) => crate::attention::avx2::$f::<2, 3>($($arg),*), (2, 4) => crate::attention::avx2::$f::<2, 4>($($arg),*),
+                (2, 5) => crate::attention::avx2::$f::<2, 5>($($arg),*), (2, 6) => crate::attention::avx2::$f::<2, 6>($($arg),*),
+                (2, 7) => crate::attention::avx2::$f::<2, 7>($($arg),*), (2, _) => crate::attention::avx2::$f::<2, 8>($($arg),*),
+                (3, 1) => crate::attention::avx2::$f::<3, 1>($($arg),*), (3, 2) => crate::attention::avx2::$f::<3, 2>($($arg),*),
+                (3, 3) => crate::attention::avx2::$f::<3, 3>($($arg),*), (3, 4) => crate::attention::avx2::$f::<3, 4>($($arg),*),
+                (3, 5) => crate::attention::avx2::$f::<3, 5>($($arg),*), (3, 6) => crate::attention::avx2::$f::<3, 6>($($arg),*),
+                (3, 7) => crate::attention::avx2::$f::<3, 7>($($arg),*), (3, _) => crate::attention::avx2::$f::<3, 8>($($arg),*),
+                (_, 1) => crate::attention::avx2::$f::<4, 1>($($arg),*), (_, 2) => crate::attention::avx2::$f::<4, 2>($($arg),*),
+                (_, 3) => crate::attention::avx2::$f::<4, 3>($($arg),*), (_, 4) => crate::attention::avx2::$f::<4, 4>($($arg),*),
+                (_, 5) => crate::attention::avx2::$f::<4, 5>($($arg),*), (_, 6) => crate::attention::avx2::$f::<4, 6>($($arg),*),
+                (_, 7) => crate::attention::avx2::$f::<4, 7>($($arg),*), (_, _) => crate::attention::avx2::$f::<4, 8>($($arg),*),
+            }
+        };
+    }
+
+    /// Scores of a K tile into `scores[r · TILE + i]` (see `avx2::scores`), outliers corrected.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) fn scores(
+        kc: &AttnChunk,
+        kblk: &HeadBlock,
+        from: usize,
+        n: usize,
+        q_rot: &[f32],
+        rows: usize,
+        k_scale: &[f32],
+        base: &[f32],
+        weights: &[f32],
+        rope: Option<(&[f32], &[f32])>,
+        scores: &mut [f32],
+    ) -> bool {
+        if !applies(kc) {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::attention::avx2;
+            let dim = kc.dim;
+            let row_bytes = dim * usize::from(kc.bits) / 8;
+            // SAFETY: `applies` checked AVX2+FMA (`simd::enabled`), bits ≤ 4 and dim % 16 == 0;
+            // the slices hold what `avx2::scores` asserts (tile rows of codes, R query rows).
+            unsafe {
+                let table = avx2::Table::new(&kc.centroids, kc.bits);
+                let mut r0 = 0;
+                while r0 < rows {
+                    let r = (rows - r0).min(MAX_ROWS);
+                    let tile = avx2::ScoreTile {
+                        codes: &kblk.codes[from * row_bytes..],
+                        n,
+                        dim,
+                        q_rot: &q_rot[r0 * dim..],
+                        scale: k_scale,
+                        base: &base[r0..],
+                        rope: rope.map(|(c, s)| (&weights[r0 * dim..], c, s)),
+                    };
+                    let out = &mut scores[r0 * TILE..];
+                    by_bits_rows!(kc.bits, r, scores, (&table, &tile, out, TILE));
+                    r0 += r;
+                }
+            }
+            for (i, j, delta) in outlier_deltas(kc, kblk, from, n) {
+                for r in 0..rows {
+                    scores[r * TILE + i] += k_scale[i] * (q_rot[r * dim + j] * delta);
+                }
+            }
+        }
+        true
+    }
+
+    /// `acc_rot[r] += Σ_i w[r · TILE + i] ẑ_i` over a V tile, outliers corrected.
+    #[inline(always)]
+    pub(super) fn accumulate(
+        vc: &AttnChunk,
+        vblk: &HeadBlock,
+        from: usize,
+        n: usize,
+        rows: usize,
+        w: &[f32],
+        acc_rot: &mut [f32],
+    ) -> bool {
+        if !applies(vc) {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::attention::avx2;
+            let dim = vc.dim;
+            let row_bytes = dim * usize::from(vc.bits) / 8;
+            // SAFETY: as in `scores`; `acc_rot` holds `rows · dim` values, `w` `rows` rows of
+            // `TILE` weights.
+            unsafe {
+                let table = avx2::Table::new(&vc.centroids, vc.bits);
+                let codes = &vblk.codes[from * row_bytes..];
+                let mut r0 = 0;
+                while r0 < rows {
+                    let r = (rows - r0).min(MAX_ROWS);
+                    let (wr, acc) = (&w[r0 * TILE..], &mut acc_rot[r0 * dim..]);
+                    by_bits_rows!(
+                        vc.bits,
+                        r,
+                        accumulate,
+                        (&table, codes, n, dim, wr, TILE, acc)
+                    );
+                    r0 += r;
+                }
+            }
+            for (i, j, delta) in outlier_deltas(vc, vblk, from, n) {
+                for r in 0..rows {
+                    acc_rot[r * dim + j] += w[r * TILE + i] * delta;
+                }
+            }
+        }
+        true
+    }
 }

@@ -14,6 +14,8 @@
 //! log-sum-exp ([`softmax::merge`]). Jobs are (batch row, kv head) pairs, each computed
 //! serially, so the result does not depend on the thread count.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod chunk;
 mod kernel;
 pub mod rope;

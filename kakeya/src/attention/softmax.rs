@@ -1,7 +1,7 @@
 //! Online softmax: a vectorisable `exp`, the running (max, sum) rescaling, and the
 //! log-sum-exp merge of partial results.
 
-/// `e^x` for a slice in place: `2^k · p(r)`, `k = round(x / ln 2)`, `r = x − k ln 2` (two-part
+/// `e^x` for a slice in place: `2^k · p(r)`, `k = round_ties_even(x / ln 2)`, `r = x − k ln 2` (two-part
 /// `ln 2`), `p` the degree-6 Taylor polynomial of `e^r` on `|r| ≤ ln 2 / 2` (relative error
 /// below 3e-7); inputs below −87 give 0. Plain lane-by-lane arithmetic, so it vectorises
 /// under [`crate::simd::dispatch`] and gives the same values on every instruction set.
@@ -20,7 +20,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     let below = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * LOG2E).round();
+    let k = (x * LOG2E).round_ties_even();
     let r = (x - k * LN2_HI) - k * LN2_LO;
     let p = 1.0
         + r * (1.0

@@ -349,3 +349,45 @@ fn mismatches_are_shape_errors_naming_expected_and_actual() {
         .to_string();
     assert!(err.contains("basis \"none\""), "{err}");
 }
+
+#[test]
+fn many_query_rows_and_head_dim_128_match_the_reference() {
+    // 12 rows per kv head (more than one AVX2 call of 8), head_dim 128, 4-bit K / 3-bit V.
+    let (kvh, rows, d, n) = (2usize, 12usize, 128usize, 130usize);
+    let layouts = layouts();
+    let (kcfg, vcfg) = (&layouts[0].1, &layouts[1].1);
+    let k = AttnChunk::from_encoded(
+        &enc(&kv(5, n, kvh, d), [n, kvh, d], kcfg),
+        0,
+        Some(gaussian(8, kvh * d)),
+    )
+    .unwrap();
+    let v = AttnChunk::from_encoded(&enc(&kv(6, n, kvh, d), [n, kvh, d], vcfg), 0, None).unwrap();
+    let table = rope_table(n, d / 2, 1);
+    let keys = vec![vec![&k]];
+    let values = vec![vec![&v]];
+    let q = gaussian(9, kvh * rows * d);
+    let req = Request {
+        queries: &q,
+        batch: 1,
+        kv_heads: kvh,
+        rows,
+        dim: d,
+        keys: &keys,
+        values: &values,
+        skip: &[3],
+        rope: Some(&table),
+        scale: 0.09,
+    };
+    let got = attend(&req, Some(2)).unwrap();
+    let want = reference(
+        &q,
+        [1, kvh, rows, d],
+        &keys,
+        &values,
+        &[3],
+        Some(&table),
+        0.09,
+    );
+    assert_close(&got, &want, "12 rows, head_dim 128");
+}

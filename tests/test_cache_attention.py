@@ -1,0 +1,218 @@
+"""Attention on the compressed cache: kernel == decode -> attend, and KakeyaCache on the kernel path."""
+
+from __future__ import annotations
+
+import kakeya_py as kp
+import numpy as np
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+from kakeya_py import _kakeya
+from kakeya_py.cache import KakeyaCache, rotate_rope
+from transformers import DynamicCache
+
+MEAN_ONLY = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0, "basis": "none"}
+# the layouts of the generation presets: recommended (Lloyd-Max 4/3-bit, f16 scales) and
+# uniform-ec-log8 (uniform 5/4-bit alphabets, rANS codes, log8 scales)
+LAYOUTS = {
+    "recommended": ({"bits": 4, **MEAN_ONLY}, {"bits": 3, **MEAN_ONLY}),
+    "uniform-ec-log8": (
+        {**MEAN_ONLY, "bits": 5, "uniform_step": 0.3376, "entropy_coding": True, "scale_format": "log8",
+         "outlier_threshold": 4.5},
+        {**MEAN_ONLY, "bits": 4, "uniform_step": 0.6438, "entropy_coding": True, "scale_format": "log8",
+         "outlier_threshold": 4.5},
+    ),
+    "per-block means, 2-bit": (
+        {"bits": 2, "block_size": 48, "basis": "none", "outlier_threshold": 2.5},
+        {"bits": 2, "block_size": 48, "basis": "none", "outlier_threshold": 2.5},
+    ),
+}
+
+
+def _policy(layout: str, sink: int = 1) -> dict:
+    k, v = LAYOUTS[layout]
+    return {"k": k, "v": v, "sink_tokens": sink}
+
+
+def _kv(gen, t, h, d):
+    x = torch.randn(t, h, d, generator=gen)
+    return x + 0.3 * x**3 + torch.randn(1, h, d, generator=gen)
+
+
+def _reference(q, ks, vs, skip, scale):
+    """softmax(q K^T) V over decoded K/V with torch sdpa, per batch row: ``[b, hkv, rows, d]``."""
+    outs = []
+    for b in range(q.shape[0]):
+        k = torch.cat(ks[b])[skip[b] :].permute(1, 0, 2)  # [h, n, d]
+        v = torch.cat(vs[b])[skip[b] :].permute(1, 0, 2)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q[b], k, v, scale=scale))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("rope_mean", [False, True])
+@pytest.mark.parametrize("simd", [True, False])
+def test_kernel_equals_decode_then_sdpa(layout, rope_mean, simd):
+    gen = torch.Generator().manual_seed(0)
+    batch, hkv, rows, d = 2, 2, 3, 64
+    kcfg, vcfg = (kp.CodecConfig(**c) for c in LAYOUTS[layout])
+    positions = 1 + 100 + 7 + 60
+    theta = torch.rand(batch, positions, d // 2, generator=gen) * 6
+    table = _kakeya.RopeTable(d // 2)
+    table.append(0, theta.cos().numpy(), theta.sin().numpy())
+    full_cos, full_sin = torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
+    kch, vch, kdec, vdec = [], [], [], []
+    for b in range(batch):
+        krow, vrow, kd, vd = [], [], [], []
+        start = 1
+        for n in (100, 7, 60):
+            k, v = _kv(gen, n, hkv, d), _kv(gen, n, hkv, d)
+            mean = torch.randn(hkv, d, generator=gen) if rope_mean else None
+            ke, ve = kp.encode(k, kcfg), kp.encode(v, vcfg)
+            kc = _kakeya.AttnChunk(ke._inner, start, None if mean is None else mean.numpy())
+            vc = _kakeya.AttnChunk(ve._inner, start)
+            kx = torch.from_numpy(ke._inner.decode("f32")[0])
+            if mean is not None:
+                c, s = full_cos[b : b + 1, start : start + n], full_sin[b : b + 1, start : start + n]
+                rot = rotate_rope(mean[None, :, None, :].expand(1, hkv, n, d), c, s)[0].permute(1, 0, 2)
+                kx = kx + rot
+            krow.append(kc)
+            vrow.append(vc)
+            kd.append(kx)
+            vd.append(torch.from_numpy(ve._inner.decode("f32")[0]))
+            start += n
+        kch.append(krow)
+        vch.append(vrow)
+        kdec.append(kd)
+        vdec.append(vd)
+    q = torch.randn(batch, hkv, rows, d, generator=gen)
+    skip = [0, 9]
+    kp.set_simd(simd)
+    try:
+        out, mx, sm = _kakeya.attend_compressed(q.numpy(), kch, vch, skip, 0.125, table, 2)
+        out1, _, _ = _kakeya.attend_compressed(q.numpy(), kch, vch, skip, 0.125, table, 1)
+    finally:
+        kp.set_simd(True)
+    assert np.array_equal(out, out1), "thread count changed the result"
+    want = _reference(q, kdec, vdec, skip, 0.125)
+    torch.testing.assert_close(torch.from_numpy(out), want, rtol=2e-4, atol=2e-5)
+    assert mx.shape == sm.shape == (batch, hkv, rows)
+    assert (sm >= 1.0).all()  # the max term contributes e^0
+
+
+def test_kernel_errors_are_kakeya_errors():
+    gen = torch.Generator().manual_seed(1)
+    cfg = kp.CodecConfig(bits=4, basis="none")
+    k = _kakeya.AttnChunk(kp.encode(_kv(gen, 10, 1, 16), cfg)._inner)
+    v = _kakeya.AttnChunk(kp.encode(_kv(gen, 11, 1, 16), cfg)._inner)
+    q = np.zeros((1, 1, 2, 16), np.float32)
+    with pytest.raises(kp.ShapeError, match="K has 10 tokens, V has 11"):
+        _kakeya.attend_compressed(q, [[k]], [[v]], [0], 1.0)
+    with pytest.raises(kp.ShapeError, match=r"expected 1 batch rows"):
+        _kakeya.attend_compressed(q, [[k], [k]], [[k]], [0], 1.0)
+    with pytest.raises(kp.ConfigError, match='basis "none"'):
+        _kakeya.AttnChunk(kp.encode(_kv(gen, 10, 1, 16), kp.CodecConfig(bits=4))._inner)
+    with pytest.raises(kp.ShapeError, match="no RoPE table"):
+        km = _kakeya.AttnChunk(kp.encode(_kv(gen, 10, 1, 16), cfg)._inner, 0, np.zeros((1, 16), np.float32))
+        _kakeya.attend_compressed(q, [[km]], [[k]], [0], 1.0)
+    assert "AttnChunk(tokens=10" in repr(k)
+
+
+def _steps(model, ids, cache, mask, n=10):
+    """Prefill then ``n`` greedy steps by hand; the logits of every step."""
+    logits = []
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, past_key_values=cache)
+        logits.append(out.logits[:, -1])
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(n):
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], 1)
+            out = model(nxt, attention_mask=mask, past_key_values=cache)
+            logits.append(out.logits[:, -1])
+            nxt = out.logits[:, -1:].argmax(-1)
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("layout", ["recommended", "uniform-ec-log8"])
+def test_cache_kernel_equals_decode_of_the_same_chunks(arch, layout):
+    """Batch 2 with left padding, sink, GQA: the kernel path's logits equal decoding the very
+    same chunks and running the model's sdpa on them (the reference path of the cache)."""
+    model = tiny_model(arch)
+    ids = random_ids(40, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    runs = []
+    for check in (False, True):
+        cache = KakeyaCache(_policy(layout), model, residual_length=4, block_tokens=8)
+        assert all(layer.kernel for layer in cache.layers)
+        cache._decode_attention_check = check
+        runs.append(_steps(model, ids, cache, mask))
+        assert cache.nbytes()["encoded_tokens"] > 40
+        cache.close()
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_identity_policy_matches_dynamic_cache_with_kernel_enabled():
+    model = tiny_model("llama")
+    ids = random_ids(37, batch=2)
+    gen = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(), **gen)
+        cache = KakeyaCache("identity", model, residual_length=4, block_tokens=8, attention="kernel")
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **gen)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_on_the_kernel_path(do_sample):
+    model = tiny_model("qwen3")
+    ids = random_ids(50, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    cache = KakeyaCache(_policy("recommended"), model, residual_length=4, block_tokens=8)
+    assert model.config._attn_implementation == "kakeya_sdpa"
+    calls = []
+    real = _kakeya.attend_compressed
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    import kakeya_py.cache_attention as ca
+
+    ca._kakeya.attend_compressed = spy
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, min_new_tokens=12,
+                do_sample=do_sample, pad_token_id=0,
+            )
+    finally:
+        ca._kakeya.attend_compressed = real
+    assert out.shape == (2, 62)
+    assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step, every layer
+    cache.close()
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_rope_mean_layout_decodes_to_post_rope_keys():
+    """The RoPE-mean chunk plus RoPE_p(mean) decodes to the post-RoPE keys (lossless codec)."""
+    model = tiny_model("llama")
+    ids = random_ids(30)
+    ident = {"identity": False, "bits": 8, "basis": "none", "block_size": 4096, "outlier_threshold": 0.5}
+    cache = KakeyaCache({"k": ident, "v": ident}, model, residual_length=2, block_tokens=4)
+    dyn = DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=dyn)
+    layer = cache.layers[1]
+    assert layer.k.rope_mean and layer.k.chunks
+    chunk = layer.k.chunks[0]
+    got = layer._decoded(layer.k, chunk)
+    want = dyn.layers[1].keys[..., chunk.start : chunk.start + chunk.length, :]
+    # 8-bit codes with most coordinates stored as f16 outliers: error ~f16 rounding of z times the scale
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
+    assert chunk.encodings[0].rope_mean.shape == (2, 16)
+    cache.close()
