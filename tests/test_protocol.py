@@ -149,3 +149,29 @@ def test_vllm_plugin_refuses_tensor_parallelism(monkeypatch):
     monkeypatch.setattr(P, "tensor_parallel_size", lambda: 2)
     with pytest.raises(P.VLLMHookError, match="tensor_parallel_size=2"):
         P.install(_FakeModel(), policy=None)
+
+
+# -- the exact recent window: a policy option, counted in the bytes, also for peers ---------------
+def test_policy_window_keeps_the_last_positions_exact_and_counts_them():
+    from kakeya_py.peers import PeerPolicy, parse_method
+    from kakeya_py.policy import Policy, PolicyCodec
+
+    x = torch.randn(64, 2, 16)
+    base = {"k": {"bits": 3}, "v": {"bits": 3}, "sink_tokens": 1}
+    plain = PolicyCodec(Policy.from_dict(base), 2)
+    windowed_policy = Policy.from_dict({**base, "window_tokens": 8})
+    assert Policy.from_dict(windowed_policy.to_dict()).window_tokens == 8
+    windowed = PolicyCodec(windowed_policy, 2)
+    y, n = windowed.roundtrip(0, "k", x)
+    assert torch.equal(y[:1], x[:1]) and torch.equal(y[-8:], x[-8:]) and not torch.equal(y[1:-8], x[1:-8])
+    inner, n_inner = plain.roundtrip(0, "k", x[:-8].contiguous())
+    assert torch.equal(y[:-8], inner) and n == n_inner + 8 * 2 * 16 * 2
+    everything, none = PolicyCodec(Policy.from_dict({**base, "window_tokens": 100}), 2).roundtrip(0, "k", x)
+    assert everything is x and none is None
+    with pytest.raises(ValueError, match="window_tokens"):
+        Policy.from_dict({**base, "window_tokens": -1})
+    # a peer gets the same option, unless it has a residual window of its own
+    turbo = PeerPolicy(parse_method("turbo-4"), 2, window_tokens=8)
+    assert torch.equal(turbo.roundtrip(0, "v", x)[0][-8:], x[-8:])
+    kivi = PeerPolicy(parse_method("kivi-4"), 2, window_tokens=8)
+    assert torch.equal(kivi.roundtrip(0, "v", x)[0], parse_method("kivi-4").roundtrip(0, "v", x)[0])

@@ -680,11 +680,16 @@ class PeerPolicy:
     #: leading positions kept exact (bf16 bytes), the option kakeya's presets get; a method
     #: with a sink of its own (KVQuant's ``sink=``) keeps that one instead
     sink_tokens: int = 0
+    #: the last positions kept exact, as a policy's ``window_tokens``; a method with a
+    #: residual window of its own (KIVI's / int's ``r=``) keeps that one instead
+    window_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.streams = parse_streams(self.streams)
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        for name in ("sink_tokens", "window_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.k_position not in K_POSITIONS:
             raise ValueError(f"k_position must be one of {K_POSITIONS}, got {self.k_position!r}")
         exact = set(parse_layers(self.exact_layers, self.num_layers) or [])
@@ -712,11 +717,13 @@ class PeerPolicy:
     def roundtrip(self, layer: int, stream: str, x) -> tuple[Any, int | None]:
         if (layer, stream) not in self._on:
             return x, None
-        if self.sink_tokens == 0 or hasattr(self.method, "sink"):
+        sink = 0 if hasattr(self.method, "sink") else self.sink_tokens
+        window = 0 if getattr(self.method, "residual", 0) else self.window_tokens
+        if sink == 0 and window == 0:
             return self.method.roundtrip(layer, stream, x)
         from .policy import roundtrip_after_sink
 
-        return roundtrip_after_sink(x, self.sink_tokens, lambda rest: self.method.roundtrip(layer, stream, rest))
+        return roundtrip_after_sink(x, sink, lambda rest: self.method.roundtrip(layer, stream, rest), window)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -728,6 +735,7 @@ class PeerPolicy:
             "streams": list(self.streams),
             "k_position": self.k_position,
             "sink_tokens": self.sink_tokens,
+            "window_tokens": self.window_tokens,
         }
 
     @classmethod
@@ -740,6 +748,7 @@ class PeerPolicy:
             streams=tuple(d.get("streams") or STREAMS),
             k_position=d.get("k_position", "pre_rope"),
             sink_tokens=int(d.get("sink_tokens", 0)),
+            window_tokens=int(d.get("window_tokens", 0)),
         )
 
 

@@ -215,6 +215,9 @@ class Policy:
     sigma_q: str | None = None
     description: str = ""
     sink_tokens: int = 0  # leading positions of each sequence kept exact (attention sinks)
+    #: the last positions of what the codec is given kept exact (bf16 bytes, counted): in
+    #: snapshot mode the most recent prefix positions, as KakeyaCache's exact recent window
+    window_tokens: int = 0
     #: the model its per-layer settings were made for: ``{name, num_layers, num_kv_heads,
     #: head_dim}`` or None (model-agnostic); see :func:`fit_to_model`
     model: dict[str, Any] | None = None
@@ -226,8 +229,10 @@ class Policy:
         self.streams = parse_streams(self.streams)
         self.model = check_model_record(self.model)
         self.provenance = [check_provenance(r) for r in self.provenance]
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        for name in ("sink_tokens", "window_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.k_position not in K_POSITIONS:
             raise ValueError(f"k_position must be one of {K_POSITIONS}, got {self.k_position!r}")
         self.overrides = {int(layer): dict(per) for layer, per in self.overrides.items()}
@@ -246,7 +251,7 @@ class Policy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, name: str | None = None) -> Policy:
         known = {"name", "description", "k", "v", "exact_layers", "overrides", "layers", "streams"}
-        known |= {"k_position", "sigma_q", "sink_tokens", "provenance"}
+        known |= {"k_position", "sigma_q", "sink_tokens", "window_tokens", "provenance"}
         known |= {"model"}
         unknown = set(d) - known
         if unknown:
@@ -263,6 +268,7 @@ class Policy:
             k_position=d.get("k_position", "pre_rope"),
             sigma_q=d.get("sigma_q"),
             sink_tokens=d.get("sink_tokens", 0),
+            window_tokens=d.get("window_tokens", 0),
             model=d.get("model"),
             provenance=list(d.get("provenance") or []),
         )
@@ -280,6 +286,7 @@ class Policy:
             "k_position": self.k_position,
             "sigma_q": self.sigma_q,
             "sink_tokens": self.sink_tokens,
+            "window_tokens": self.window_tokens,
             "model": copy.deepcopy(self.model),
             "provenance": copy.deepcopy(self.provenance),
         }
@@ -620,24 +627,31 @@ class PolicyCodec:
         if self.threads is not None:
             kwargs["threads"] = self.threads
         return roundtrip_after_sink(
-            x, self.policy.sink_tokens, lambda rest: self._roundtrip(rest, cfg, **kwargs)
+            x,
+            self.policy.sink_tokens,
+            lambda rest: self._roundtrip(rest, cfg, **kwargs),
+            self.policy.window_tokens,
         )
 
 
 def roundtrip_after_sink(
-    x, sink_tokens: int, roundtrip: Callable[[Any], tuple[Any, int]]
+    x, sink_tokens: int, roundtrip: Callable[[Any], tuple[Any, int]], window_tokens: int = 0
 ) -> tuple[Any, int | None]:
-    """``roundtrip`` of ``x[sink_tokens:]`` (``[T, H, D]``) with the leading positions kept
-    exact, their bytes counted at bf16; ``(x, None)`` when every position is a sink."""
+    """``roundtrip`` of ``x[sink_tokens : T - window_tokens]`` (``[T, H, D]``) with the leading
+    (sink) and trailing (recent window) positions kept exact, their bytes counted at bf16;
+    ``(x, None)`` when every position is exact."""
     sink = min(sink_tokens, x.shape[0])
-    if sink == 0:
+    window = min(window_tokens, x.shape[0] - sink)
+    if sink == 0 and window == 0:
         return roundtrip(x.contiguous())
-    if sink == x.shape[0]:
+    if sink + window == x.shape[0]:
         return x, None
     import torch
 
-    rest, nbytes = roundtrip(x[sink:].contiguous())
-    return torch.cat([x[:sink], rest.to(x.dtype)]), nbytes + x[:sink].numel() * BF16_BYTES
+    end = x.shape[0] - window
+    rest, nbytes = roundtrip(x[sink:end].contiguous())
+    exact_bytes = (x[:sink].numel() + x[end:].numel()) * BF16_BYTES
+    return torch.cat([x[:sink], rest.to(x.dtype), x[end:]]), nbytes + exact_bytes
 
 
 class Ledger:

@@ -69,6 +69,13 @@ def register(sub) -> None:
         "KVQuant keeps its own sink= option)",
     )
     p.add_argument(
+        "--window-tokens",
+        type=int,
+        default=0,
+        help="last prefix positions every peer keeps exact, as a kakeya policy's window_tokens "
+        "(default 0; KIVI / int keep their own r= window)",
+    )
+    p.add_argument(
         "--k-position",
         default=None,
         choices=["pre_rope", "post_rope"],
@@ -172,6 +179,7 @@ def build_method(method: str, args, info, text):
         streams=args.streams or "kv",
         k_position=k_position,
         sink_tokens=args.sink_tokens,
+        window_tokens=args.window_tokens,
     )
     return peer, peer
 
