@@ -66,10 +66,14 @@ def test_peer_cache_generates_decode_time_chunks_crops_and_repeats():
     ids = random_ids(20, batch=2)
     cache = PeerCache("turbo-4", model, residual_length=8, block_tokens=4, exact_layers=[0])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, past_key_values=cache)
+        out = model.generate(
+            ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, past_key_values=cache
+        )
     assert out.shape == (2, 32)
     layer = cache.layers[1]
-    assert [c.length for c in layer.k.chunks][:1] == [12] and len(layer.k.chunks) >= 3  # prefill, then decode steps
+    assert [c.length for c in layer.k.chunks][:1] == [12] and len(
+        layer.k.chunks
+    ) >= 3  # prefill, then decode steps
     assert cache.layers[0].k.chunks == [] and cache.exact_layers == [0]
     n = cache.get_seq_length()
     cache.crop(-3)
@@ -266,7 +270,9 @@ def test_generate_eval_end_to_end(tmp_path, capsys):
     dyn = r["trajectory"][0]
     assert dyn["tf_top1"] == 1.0 and dyn["kl_max"] < 1e-9 and dyn["first_divergence_median"] == 5
     assert r["trajectory"][3]["cache_bytes"]["encoded_tokens"] > 0
-    assert {(x["method"], x["context"]) for x in r["retrieval"]} == {(m, c) for m in methods for c in (96, 160)}
+    assert {(x["method"], x["context"]) for x in r["retrieval"]} == {
+        (m, c) for m in methods for c in (96, 160)
+    }
     for x in r["retrieval"]:
         assert x["trials"] == 2 and x["baseline_accuracy"] is not None
         assert x["accuracy_ci95"][0] <= x["accuracy"] <= x["accuracy_ci95"][1]
@@ -282,7 +288,16 @@ def test_generate_eval_end_to_end(tmp_path, capsys):
     assert "kakeya generate-eval" in (out / "report.md").read_text()
     assert "Generation verdict" in capsys.readouterr().out
     # a retrieval-only run merged with a trajectory-only run gives the same rows
-    common = ["--model", str(folder), "--text-file", str(text), "--residual-length", "8", "--block-tokens", "16"]
+    common = [
+        "--model",
+        str(folder),
+        "--text-file",
+        str(text),
+        "--residual-length",
+        "8",
+        "--block-tokens",
+        "16",
+    ]
     common += ["--methods", "kivi-4", "--no-progress", "--threads", "2", "--needles", "1"]
     a, b, m = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
     tr = ["--prompts", "4", "--prompt-tokens", "40", "--gen-tokens", "5", "--batch", "2", "--contexts", ""]
@@ -293,9 +308,22 @@ def test_generate_eval_end_to_end(tmp_path, capsys):
     merged = json.loads(m.read_text())
     assert [t["method"] for t in merged["trajectory"]] == ["dynamic", "kivi-4"]
     assert merged["trajectory"][1]["tf_top1"] == r["trajectory"][1]["tf_top1"]
-    assert [(x["context"], x["trials"]) for x in merged["retrieval"]] == [(96, 2), (96, 2), (160, 1), (160, 1)]
+    assert [(x["context"], x["trials"]) for x in merged["retrieval"]] == [
+        (96, 2),
+        (96, 2),
+        (160, 1),
+        (160, 1),
+    ]
     assert [v["method"] for v in merged["verdicts"]] == ["kivi-4"] and len(merged["merged_from"]) == 2
-    assert main(["generate-eval", "--merge", str(b), str(b), "--no-progress"]) != 0  # trials twice
+    assert main(["generate-eval", "--merge", str(b), str(b), "--no-progress"]) != 0  # kivi-4 trials twice
+    # dynamic repeats (every run measures it) are checked and kept once
+    c = tmp_path / "c.json"
+    other = [w if w != "kivi-4" else "turbo-4" for w in common]
+    assert main(["generate-eval", *other, *tr, "--json", str(c)]) == 0
+    assert main(["generate-eval", "--merge", str(a), str(c), "--json", str(m), "--no-progress"]) == 0
+    merged = json.loads(m.read_text())
+    assert [t["method"] for t in merged["trajectory"]] == ["dynamic", "kivi-4", "turbo-4"]
+    assert [x["method"] for x in merged["rl"]] == ["dynamic", "kivi-4", "turbo-4"]
 
 
 def test_generate_eval_refuses_bad_requests(capsys):

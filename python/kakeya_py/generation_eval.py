@@ -929,7 +929,8 @@ def merge_records(args) -> int:
 
     The runs must share the model, dtype, text part and cache settings; a method may have
     its trajectory in one run only, and a retrieval trial (method, context, haystack,
-    needle) may appear once.
+    needle) may appear once, except for ``dynamic``, which every run measures: its repeats
+    must agree (first-divergence positions, correctness of each trial) and the first is kept.
     """
     recs = [json.loads(Path(p).read_text()) for p in args.merge]
     keys = ("residual_length", "block_tokens", "peer_sink_tokens", "seed")
@@ -950,15 +951,21 @@ def merge_records(args) -> int:
     methods = list(dict.fromkeys(m for r in recs for m in r["methods"]))
     trajectory, rl, trials, seen = [], [], [], set()
     for path, r in zip(args.merge, recs, strict=True):
-        for row in r["trajectory"]:
-            if any(t["method"] == row["method"] for t in trajectory):
-                raise GenerationEvalError(f"{path}: a second trajectory of {row['method']}")
+        for row, rl_row in zip(r["trajectory"], r["rl"], strict=True):
+            prev = next((t for t in trajectory if t["method"] == row["method"]), None)
+            if prev is not None:
+                _check_repeat(path, row["method"], prev["first_divergence"], row["first_divergence"])
+                continue
             trajectory.append(row)
-        rl += r["rl"]
+            rl.append(rl_row)
         for t in r.get("retrieval_trials", []):
             key = (t["method"], t["context"], t["haystack"], t["label"])
             if key in seen:
-                raise GenerationEvalError(f"{path}: retrieval trial {key} appears twice")
+                prev = next(
+                    x for x in trials if (x["method"], x["context"], x["haystack"], x["label"]) == key
+                )
+                _check_repeat(path, f"retrieval trial {key}", prev["correct"], t["correct"])
+                continue
             seen.add(key)
             trials.append(t)
     order = {m: i for i, m in enumerate(methods)}
@@ -997,6 +1004,14 @@ def merge_records(args) -> int:
     record["verdicts"] = verdicts(record)
     _emit(record, args)
     return 0
+
+
+def _check_repeat(path, what: str, first, again) -> None:
+    """A method measured twice (the reference ``dynamic`` in every run) must give the same result."""
+    if not str(what).startswith(("dynamic", "retrieval trial ('dynamic'")):
+        raise GenerationEvalError(f"{path}: {what} was measured in two runs (only dynamic may repeat)")
+    if first != again:
+        raise GenerationEvalError(f"{path}: {what} differs between runs ({first!r} vs {again!r})")
 
 
 def _emit(record: dict[str, Any], args) -> None:
