@@ -63,7 +63,9 @@ def _time(fn, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def run(shape_name: str, hq: int, hkv: int, d: int, t: int, repeats: int, inner: int, threads: int | None = 1) -> dict:
+def run(
+    shape_name: str, hq: int, hkv: int, d: int, t: int, repeats: int, inner: int, threads: int | None = 1
+) -> dict:
     import kakeya_py as kp
     from kakeya_py import _kakeya
     from kakeya_py.cache_attention import PendingAttention
@@ -121,11 +123,18 @@ def run(shape_name: str, hq: int, hkv: int, d: int, t: int, repeats: int, inner:
 
     def sdpa(dt):
         def f():
-            torch.nn.functional.scaled_dot_product_attention(qt[dt], kt[dt], vt[dt], scale=scale, enable_gqa=True)
+            torch.nn.functional.scaled_dot_product_attention(
+                qt[dt], kt[dt], vt[dt], scale=scale, enable_gqa=True
+            )
 
         return f
 
-    fns = {"kernel": kernel, "step": step, "sdpa_bf16": sdpa(torch.bfloat16), "sdpa_fp32": sdpa(torch.float32)}
+    fns = {
+        "kernel": kernel,
+        "step": step,
+        "sdpa_bf16": sdpa(torch.bfloat16),
+        "sdpa_fp32": sdpa(torch.float32),
+    }
     for f in fns.values():  # warm up
         f()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -185,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(("# " if not args.json else "") + json.dumps({"meta": meta}), flush=True)
     if not args.json:
-        print(f"{'shape':30} {'ctx':>6} {'kernel ms':>10} {'step ms':>9} {'bf16 ms':>9} {'fp32 ms':>9} {'speedup':>8} {'bytes':>7}")
+        print(
+            f"{'shape':30} {'ctx':>6} {'kernel ms':>10} {'step ms':>9} {'bf16 ms':>9} {'fp32 ms':>9} {'speedup':>8} {'bytes':>7}"
+        )
     for name in args.shapes.split(","):
         hq, hkv, d = SHAPES[name]
         for t in (int(c) for c in args.contexts.split(",")):

@@ -1,15 +1,23 @@
 """Generation with a compressed KV cache: cache bytes, peak memory, speed, greedy agreement.
 
-SmolLM2-135M (``kakeya_py.models``), a prompt of ``--prompt-tokens`` tokens from the
-evaluation part of WikiText-2 (``kakeya_py.corpus``), ``--max-new-tokens`` greedy tokens,
-for each cache in ``--caches``:
+SmolLM2-135M (``kakeya_py.models``) in ``--dtype`` (default bfloat16, so ``DynamicCache``
+holds bf16 K/V: the baseline's bytes are bf16 bytes, rows say ``baseline_dtype``), a prompt
+of each of ``--prompt-tokens`` lengths (comma-separated) from the test part of WikiText-2
+(``kakeya_py.corpus``), ``--max-new-tokens`` greedy tokens, for each cache in ``--caches``:
 
 - ``dynamic``: transformers' ``DynamicCache`` (the uncompressed reference);
 - ``quanto``: transformers' ``QuantizedCache`` (backend optimum-quanto, 4-bit, residual 128),
   or a row saying why it could not run (backend not installable/importable);
 - ``kakeya:<preset>``: :class:`kakeya_py.cache.KakeyaCache` with a policy preset
   (``recommended``, ``identity``, or defined here: ``k4v4`` K and V 4-bit, ``k3v2`` K 3-bit,
-  V 2-bit, both with the first and last layer exact).
+  V 2-bit, both with the first and last layer exact); ``kakeya:<preset>@decode`` runs it with
+  ``attention="decode"`` (every chunk decoded every step, the pre-kernel path), otherwise
+  decode steps of supported layers run attention on the codes (``attention="kernel"``).
+
+``decode_tokens_per_s`` times the generated tokens after the first (the prefill is
+``prefill_s``); ``identical_to_dynamic`` says whether the greedy tokens equal DynamicCache's.
+With ``--plot PATH`` a figure of decode tokens/s and cache bytes against the prompt length
+is written (matplotlib).
 
 Each cache runs in a fresh subprocess so that peak RSS (``ru_maxrss``) belongs to that
 run alone. ``greedy_agreement`` is the share of generated positions whose token equals
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -45,7 +54,7 @@ EXTRA_POLICIES = {
     },
 }
 
-DEFAULT_CACHES = "dynamic,quanto,kakeya:recommended,kakeya:k3v2"
+DEFAULT_CACHES = "dynamic,kakeya:recommended,kakeya:identity"
 
 
 def _rss_now() -> int:
@@ -77,10 +86,10 @@ def _tensor_bytes(obj, seen=None) -> int:
 
 
 def _prompt(tok, n: int, wikitext: str | None) -> list[int]:
-    from kakeya_py.corpus import evaluation_passages, load_wikitext
+    from kakeya_py.corpus import load_wikitext, part_passages
 
     corpus = load_wikitext(wikitext)
-    passage = evaluation_passages(corpus, tok, 1, ctx=n, n_eval=1)[0]
+    passage = part_passages(corpus, tok, "test", 1, ctx=n, n_eval=1)[0]
     return list(passage.token_ids[:n])
 
 
@@ -108,7 +117,7 @@ def _make_cache(name: str, model, args):
         from kakeya_py.cache import KakeyaCache
         from kakeya_py.policy import Policy
 
-        preset = name.split(":", 1)[1]
+        preset, _, mode = name.split(":", 1)[1].partition("@")
         policy = Policy.from_dict(EXTRA_POLICIES[preset], name=preset) if preset in EXTRA_POLICIES else preset
         cache = KakeyaCache(
             policy,
@@ -117,6 +126,7 @@ def _make_cache(name: str, model, args):
             block_tokens=args.block_tokens,
             decoded_budget_bytes=args.decoded_budget_bytes,
             threads=args.threads,
+            attention=mode or "kernel",
         )
         return cache, lambda: cache.nbytes()["total_bytes"]
     raise ValueError(f"unknown cache {name!r}")
@@ -130,8 +140,8 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from kakeya_py.models import load_model
 
-    model, tok, info = load_model(args.model, progress=False)
-    ids = torch.tensor([_prompt(tok, args.prompt_tokens, args.wikitext)])
+    model, tok, info = load_model(args.model, dtype=args.dtype, progress=False)
+    ids = torch.tensor([_prompt(tok, int(args.prompt_tokens), args.wikitext)])
     row: dict = {"cache": args.worker, "prompt_tokens": ids.shape[1], "new_tokens": args.max_new_tokens}
     try:
         cache, nbytes = _make_cache(args.worker, model, args)
@@ -176,12 +186,13 @@ def worker(args) -> dict:
         row["dynamic_equivalent_bytes"] = nb["dynamic_cache_bytes"]
         cache.close()
     row["model"] = info.name
+    row["baseline_dtype"] = args.dtype
     return row
 
 
 def _run_worker(name: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name]
-    for key in ("model", "prompt_tokens", "max_new_tokens", "threads", "residual_length", "block_tokens"):
+    for key in ("model", "prompt_tokens", "max_new_tokens", "threads", "residual_length", "block_tokens", "dtype"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.decoded_budget_bytes is not None:
         cmd += ["--decoded-budget-bytes", str(args.decoded_budget_bytes)]
@@ -205,6 +216,55 @@ def _quanto_installable() -> str | None:
     return None
 
 
+def _compare(rows: list[dict]) -> None:
+    """Agreement, bytes and speed of each row against the first (DynamicCache) row."""
+    ref = rows[0].get("tokens")
+    dyn_bytes = rows[0].get("cache_bytes")
+    for row in rows:
+        toks = row.pop("tokens", None)
+        if toks is not None and ref is not None:
+            same = [a == b for a, b in zip(toks, ref, strict=False)]
+            row["greedy_agreement"] = sum(same) / len(ref)
+            row["first_divergence"] = same.index(False) if False in same else None
+            row["identical_to_dynamic"] = toks == ref
+        else:
+            row.setdefault("greedy_agreement", None)
+        if row.get("cache_bytes") and dyn_bytes:
+            row["bytes_vs_dynamic"] = row["cache_bytes"] / dyn_bytes
+        if row.get("tokens_per_s") and rows[0].get("tokens_per_s"):
+            row["speed_vs_dynamic"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+        if row.get("decode_tokens_per_s") and rows[0].get("decode_tokens_per_s"):
+            row["decode_speed_vs_dynamic"] = row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+
+
+def _plot(rows: list[dict], path: str, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["cache"] for r in rows):
+        pts = sorted(
+            (r["prompt_tokens"], r["decode_tokens_per_s"], r["cache_bytes"])
+            for r in rows
+            if r["cache"] == name and r.get("decode_tokens_per_s")
+        )
+        if not pts:
+            continue
+        x = [p[0] for p in pts]
+        a.plot(x, [p[1] for p in pts], "o-", label=name)
+        b.plot(x, [p[2] / 2**20 for p in pts], "o-", label=name)
+    a.set(xlabel="prompt tokens", ylabel="decode tokens/s", title="decode speed", xscale="log")
+    b.set(xlabel="prompt tokens", ylabel="cache MiB (as stored)", title="cache bytes", xscale="log", yscale="log")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(command, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def _budget(text: str) -> int | None:
     return None if text == "all" else int(text)
 
@@ -212,7 +272,9 @@ def _budget(text: str) -> int | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--prompt-tokens", type=int, default=2048)
+    ap.add_argument("--prompt-tokens", default="1024,4096,8192", help="comma-separated prompt lengths")
+    ap.add_argument("--dtype", default="bfloat16", help="model dtype (the DynamicCache baseline's K/V dtype)")
+    ap.add_argument("--plot", default=None, help="write a figure of decode tokens/s and bytes vs prompt length")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--caches", default=DEFAULT_CACHES, help=f"comma-separated (default {DEFAULT_CACHES})")
     ap.add_argument("--residual-length", type=int, default=64, help="KakeyaCache exact window R")
@@ -242,28 +304,26 @@ def main(argv=None) -> int:
     if "dynamic" in names:
         names.remove("dynamic")
     names.insert(0, "dynamic")  # the reference runs first
-    rows = []
-    for name in names:
-        if name == "quanto" and (why := _quanto_installable()):
-            rows.append({"cache": name, "error": why})
-            continue
-        rows.append(_run_worker(name, args))
-        print(f"# done {name}", file=sys.stderr, flush=True)
-    ref = rows[0].get("tokens")
-    dyn_bytes = rows[0].get("cache_bytes")
-    for row in rows:
-        toks = row.pop("tokens", None)
-        if toks is not None and ref is not None:
-            same = [a == b for a, b in zip(toks, ref, strict=False)]
-            row["greedy_agreement"] = sum(same) / len(ref)
-            row["first_divergence"] = same.index(False) if False in same else None
-        else:
-            row.setdefault("greedy_agreement", None)
-        if row.get("cache_bytes") and dyn_bytes:
-            row["bytes_vs_dynamic"] = row["cache_bytes"] / dyn_bytes
-        if row.get("tokens_per_s") and rows[0].get("tokens_per_s"):
-            row["speed_vs_dynamic"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
-
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    print(f"# command: {command}", file=sys.stderr, flush=True)
+    all_rows = []
+    for length in [int(x) for x in str(args.prompt_tokens).split(",")]:
+        one = argparse.Namespace(**{**vars(args), "prompt_tokens": length})
+        rows = []
+        for name in names:
+            if name == "quanto" and (why := _quanto_installable()):
+                rows.append({"cache": name, "prompt_tokens": length, "error": why})
+                continue
+            rows.append(_run_worker(name, one))
+            print(f"# done {name} at {length}", file=sys.stderr, flush=True)
+        _compare(rows)
+        all_rows += rows
+        if args.json:
+            for row in rows:
+                print(json.dumps({**row, "command": command}), flush=True)
+    rows = all_rows
+    if args.plot:
+        _plot(rows, args.plot, command)
     import kakeya_py
     import torch
     import transformers
@@ -278,21 +338,25 @@ def main(argv=None) -> int:
         "decoded_budget_bytes": args.decoded_budget_bytes,
     }
     if args.json:
-        for row in rows:
-            print(json.dumps({**row, **{"meta": meta}}))
+        print(json.dumps({"meta": meta, "command": command}))
         return 0
+    print(f"# command: {command}")
     print(f"# {meta}")
-    print(f"# prompt {args.prompt_tokens} tokens + {args.max_new_tokens} generated, greedy, batch 1")
-    head = f"{'cache':22} {'cache MiB':>10} {'vs dyn':>7} {'peak RSS MiB':>12} {'tok/s':>7} {'decode tok/s':>12} {'agree':>6}"
+    print(f"# prompt + {args.max_new_tokens} generated, greedy, batch 1, model {args.dtype}")
+    head = (
+        f"{'cache':26} {'prompt':>6} {'cache MiB':>10} {'vs dyn':>7} {'peak RSS MiB':>12} {'tok/s':>7} "
+        f"{'decode tok/s':>12} {'vs dyn':>7} {'agree':>6}"
+    )
     print(head)
     for r in rows:
         if "error" in r:
-            print(f"{r['cache']:22} {r['error']}")
+            print(f"{r['cache']:26} {r.get('prompt_tokens', ''):>6} {r['error']}")
             continue
         print(
-            f"{r['cache']:22} {r['cache_bytes'] / 2**20:10.2f} {r.get('bytes_vs_dynamic', 0):7.3f} "
+            f"{r['cache']:26} {r['prompt_tokens']:6d} {r['cache_bytes'] / 2**20:10.2f} {r.get('bytes_vs_dynamic', 0):7.3f} "
             f"{r['peak_rss_bytes'] / 2**20:12.1f} {r['tokens_per_s']:7.2f} "
-            f"{(r.get('decode_tokens_per_s') or 0):12.2f} {r['greedy_agreement']:6.3f}"
+            f"{(r.get('decode_tokens_per_s') or 0):12.2f} {(r.get('decode_speed_vs_dynamic') or 0):7.3f} "
+            f"{r['greedy_agreement']:6.3f}"
         )
     for r in rows:
         if "kakeya" in r:

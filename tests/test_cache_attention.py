@@ -17,10 +17,22 @@ MEAN_ONLY = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0, 
 LAYOUTS = {
     "recommended": ({"bits": 4, **MEAN_ONLY}, {"bits": 3, **MEAN_ONLY}),
     "uniform-ec-log8": (
-        {**MEAN_ONLY, "bits": 5, "uniform_step": 0.3376, "entropy_coding": True, "scale_format": "log8",
-         "outlier_threshold": 4.5},
-        {**MEAN_ONLY, "bits": 4, "uniform_step": 0.6438, "entropy_coding": True, "scale_format": "log8",
-         "outlier_threshold": 4.5},
+        {
+            **MEAN_ONLY,
+            "bits": 5,
+            "uniform_step": 0.3376,
+            "entropy_coding": True,
+            "scale_format": "log8",
+            "outlier_threshold": 4.5,
+        },
+        {
+            **MEAN_ONLY,
+            "bits": 4,
+            "uniform_step": 0.6438,
+            "entropy_coding": True,
+            "scale_format": "log8",
+            "outlier_threshold": 4.5,
+        },
     ),
     "per-block means, 2-bit": (
         {"bits": 2, "block_size": 48, "basis": "none", "outlier_threshold": 2.5},
@@ -186,8 +198,13 @@ def test_generate_on_the_kernel_path(do_sample):
         torch.manual_seed(0)
         with torch.no_grad():
             out = model.generate(
-                ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, min_new_tokens=12,
-                do_sample=do_sample, pad_token_id=0,
+                ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                max_new_tokens=12,
+                min_new_tokens=12,
+                do_sample=do_sample,
+                pad_token_id=0,
             )
     finally:
         ca._kakeya.attend_compressed = real

@@ -685,6 +685,8 @@ class KakeyaCache(Cache):
 
     def _append_rope_half(self, start: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Records positions for the RoPE-mean K layout (half width: ``cos = cat(f, f)``)."""
+        if self._rope_half is not None and start + cos.shape[-2] <= len(self._rope_half):
+            return  # another layer already recorded these positions
         d = cos.shape[-1]
         half = d // 2
         if d % 2 or not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):

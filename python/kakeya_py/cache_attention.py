@@ -91,7 +91,9 @@ def _make_attention(fallback: str, registry):
         pending = cache._pending.pop(module.layer_idx, None) if cache is not None else None
         original = _original(fallback, registry)
         if pending is None:
-            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return original(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         return pending.attend(module, query, key, value, attention_mask, scaling, original, dropout, kwargs)
 
     attention.__name__ = f"kakeya_{fallback}_attention"
@@ -160,7 +162,9 @@ class PendingAttention:
             n0 = self.n_sink
             key = torch.cat([key[:, :, :n0], k_dec.to(key.dtype), key[:, :, n0:]], dim=2)
             value = torch.cat([value[:, :, :n0], v_dec.to(value.dtype), value[:, :, n0:]], dim=2)
-            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return original(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         # [b, hq, q, d] -> [b, hkv, groups * q, d]: the rows of each kv head (query heads are kv-major)
         q_rows = query.detach().to(torch.float32).reshape(b, hkv, groups * q_len, d)
         q_np = np.ascontiguousarray(q_rows.cpu().numpy())
@@ -174,7 +178,7 @@ class PendingAttention:
         n_exact = key.shape[2]
         ke, ve = key.to(torch.float32), value.to(torch.float32)
         scores = torch.matmul(q_rows, ke.transpose(-1, -2)) * scale  # [b, hkv, g*q, ne]
-        scores = scores.view(b, hkv, groups, q_len, n_exact)
+        masked = allowed is not None or q_len > 1
         if allowed is not None:
             n0, n = self.n_sink, self.n_compressed
             cols = torch.cat([allowed[..., :n0], allowed[..., n0 + n :]], dim=-1)  # [b, 1|h, q, ne]
@@ -182,29 +186,28 @@ class PendingAttention:
                 cols = cols[:, :, None]
             else:
                 cols = cols.view(b, hkv, groups, q_len, n_exact)
-            scores = scores.masked_fill(~cols, float("-inf"))
-        else:
+            scores = scores.view(b, hkv, groups, q_len, n_exact).masked_fill(~cols, float("-inf"))
+        elif q_len > 1:
             # no mask given: causal over the exact tokens (queries are the last q positions)
-            total = self.n_sink + self.n_compressed + (n_exact - self.n_sink)
+            rest = n_exact - self.n_sink
+            total = self.n_sink + self.n_compressed + rest
             kpos = torch.cat(
                 [
                     torch.arange(self.n_sink, device=scores.device),
-                    torch.arange(total - (n_exact - self.n_sink), total, device=scores.device),
+                    torch.arange(total - rest, total, device=scores.device),
                 ]
             )
             qpos = torch.arange(total - q_len, total, device=scores.device)
+            scores = scores.view(b, hkv, groups, q_len, n_exact)
             scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
         scores = scores.reshape(b, hkv, groups * q_len, n_exact)
-        max_e = scores.amax(-1)
-        finite_e = torch.where(torch.isfinite(max_e), max_e, torch.zeros_like(max_e))
-        p = torch.exp(scores - finite_e[..., None])
-        sum_e = p.sum(-1)
-        out_e = torch.matmul(p, ve) / sum_e.clamp_min(1e-30)[..., None]
-        m = torch.maximum(max_c, max_e)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m = torch.maximum(max_c, scores.amax(-1))
+        if masked:  # a row may see no token at all: keep the arithmetic finite
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(scores - m[..., None])  # exact weights relative to the common max
         w_c = sum_c * torch.exp(max_c - m)
-        w_e = sum_e * torch.exp(max_e - m)
-        out = (w_c[..., None] * out_c + w_e[..., None] * out_e) / (w_c + w_e).clamp_min(1e-30)[..., None]
+        total_w = p.sum(-1) + w_c
+        out = (torch.matmul(p, ve) + w_c[..., None] * out_c) / total_w.clamp_min(1e-30)[..., None]
         out = out.view(b, hkv, groups, q_len, d).reshape(b, hq, q_len, d)
         return out.transpose(1, 2).contiguous().to(query.dtype), None
 

@@ -34,12 +34,12 @@ impl Table {
 /// The eight centroids of the eight `B`-bit codes in `bytes[..B]`.
 ///
 /// # Safety
-/// AVX2; `bytes` has at least `B` bytes.
+/// AVX2; `bytes` has at least 4 readable bytes.
 #[inline(always)]
 unsafe fn decode8<const B: usize>(t: &Table, bytes: *const u8) -> __m256 {
-    let mut word = [0u8; 4];
-    std::ptr::copy_nonoverlapping(bytes, word.as_mut_ptr(), B);
-    let word = _mm256_set1_epi32(i32::from_le_bytes(word));
+    // Four bytes even for B < 4: the codes are padded (`CODE_PADDING`), and the bits beyond
+    // the group's 8·B are masked off below.
+    let word = _mm256_set1_epi32(bytes.cast::<i32>().read_unaligned());
     let codes = _mm256_and_si256(_mm256_srlv_epi32(word, t.shifts), t.mask);
     let v = _mm256_permutevar8x32_ps(t.lo, codes);
     if B == 4 {
@@ -60,7 +60,8 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 /// Inputs of [`scores`] for one tile.
 pub(crate) struct ScoreTile<'a> {
-    /// Codes of the tile's rows (starting at its first row), `dim · B / 8` bytes per row.
+    /// Codes of the tile's rows (starting at its first row), `dim · B / 8` bytes per row,
+    /// then at least `4 − B` readable bytes.
     pub codes: &'a [u8],
     pub n: usize,
     pub dim: usize,
@@ -89,7 +90,7 @@ pub(crate) unsafe fn scores<const B: usize, const R: usize>(
     let groups = dim / 8;
     let row_bytes = dim * B / 8;
     let half = dim / 2;
-    assert!(tile.codes.len() >= tile.n * row_bytes && tile.q_rot.len() >= R * dim);
+    assert!(tile.codes.len() >= tile.n * row_bytes + 4 - B && tile.q_rot.len() >= R * dim);
     assert!(tile.scale.len() >= tile.n && tile.base.len() >= R);
     assert!(out.len() >= (R - 1) * stride + tile.n);
     if let Some((w, c, s)) = tile.rope {
@@ -134,7 +135,7 @@ pub(crate) unsafe fn scores<const B: usize, const R: usize>(
 /// weights, `dim % 16 == 0`).
 ///
 /// # Safety
-/// AVX2 and FMA; `codes` holds `n` rows of `dim · B / 8` bytes; `acc` `R · dim` values; `w`
+/// AVX2 and FMA; `codes` holds `n` rows of `dim · B / 8` bytes and `4 − B` more; `acc` `R · dim` values; `w`
 /// `R` rows of `n` weights at `stride`.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn accumulate<const B: usize, const R: usize>(
@@ -148,7 +149,7 @@ pub(crate) unsafe fn accumulate<const B: usize, const R: usize>(
 ) {
     let groups = dim / 8;
     let row_bytes = dim * B / 8;
-    assert!(codes.len() >= n * row_bytes && acc.len() >= R * dim);
+    assert!(codes.len() >= n * row_bytes + 4 - B && acc.len() >= R * dim);
     assert!(n == 0 || w.len() >= (R - 1) * stride + n);
     let (cp, wp, ap) = (codes.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
     for g in 0..groups {

@@ -7,6 +7,9 @@ use crate::error::{CodecError, Result};
 use crate::format::ScaleDtype;
 use crate::{bitpack, f16, hadamard, Encoded};
 
+/// Zero bytes after each block's codes, so the AVX2 loops read whole `u32` words.
+pub(crate) const CODE_PADDING: usize = 4;
+
 /// Per-row scales as stored: f16 where the encoding's scales are f16 (exact), else f32
 /// (f32 scales and log8 levels, whose values f16 does not hold exactly).
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +49,8 @@ pub(crate) struct HeadBlock {
     /// `μ̂`, `D` values.
     pub mean: Vec<f32>,
     pub scales: Scales,
-    /// `rows · D` codes, `bits` bits each, row-major, least-significant bit first.
+    /// `rows · D` codes, `bits` bits each, row-major, least-significant bit first, then
+    /// [`CODE_PADDING`] zero bytes.
     pub codes: Vec<u8>,
     /// Outlier positions `row · D + j`, increasing, and their f16 values.
     pub outlier_at: Vec<u32>,
@@ -125,7 +129,11 @@ impl AttnChunk {
                 } else {
                     Scales::F32(b.scales)
                 },
-                codes: b.codes,
+                codes: {
+                    let mut codes = b.codes;
+                    codes.extend_from_slice(&[0; CODE_PADDING]);
+                    codes
+                },
                 outlier_at: b.outliers.iter().map(|&(i, _)| i as u32).collect(),
                 outlier_z: b.outliers.iter().map(|&(_, z)| f16::from_f32(z)).collect(),
             })

@@ -159,7 +159,7 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
             // Online softmax.
             for r in 0..rows {
                 let sr = &mut scores[r * TILE..r * TILE + n];
-                let tile_max = sr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let tile_max = lanes_max(sr);
                 let new_max = st.max[r].max(tile_max);
                 if st.max[r] != new_max {
                     let alpha = if st.max[r] == f32::NEG_INFINITY {
@@ -178,13 +178,13 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
                 }
                 sr.iter_mut().for_each(|s| *s -= new_max);
                 exp_in_place(sr);
-                st.sum[r] += sr.iter().sum::<f32>();
+                st.sum[r] += lanes_sum(sr);
             }
             // Values: Σ p μ_v + Σ (p s) ẑ.
             vblk.scales.read(vf, &mut v_scale[..n]);
             for r in 0..rows {
                 let sr = &scores[r * TILE..r * TILE + n];
-                let p_sum: f32 = sr.iter().sum();
+                let p_sum = lanes_sum(sr);
                 st.acc_out[r * dim..(r + 1) * dim]
                     .iter_mut()
                     .zip(&vblk.mean)
@@ -397,4 +397,35 @@ mod fast {
         }
         true
     }
+}
+
+/// `Σ x` as eight interleaved partial sums combined pairwise (a fixed order that vectorises).
+#[inline(always)]
+fn lanes_sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        acc.iter_mut().zip(c).for_each(|(a, &v)| *a += v);
+    }
+    acc.iter_mut().zip(rest).for_each(|(a, &v)| *a += v);
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+/// The largest of `x` (−∞ for none), eight lanes at a time (NaN-free input).
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        acc.iter_mut()
+            .zip(c)
+            .for_each(|(a, &v)| *a = if v > *a { v } else { *a });
+    }
+    acc.iter_mut()
+        .zip(rest)
+        .for_each(|(a, &v)| *a = if v > *a { v } else { *a });
+    acc.iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
