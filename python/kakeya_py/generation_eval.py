@@ -532,6 +532,7 @@ class Haystack:
     tokens: list[int] = field(repr=False)
     offset: int  # where the filler text starts in the part's token stream
     needles: list[Needle]
+    seed: int = 0  # the seed that drew it (with ``index``, it names the haystack across runs)
 
 
 def _encode(tok, text: str) -> list[int]:
@@ -596,7 +597,7 @@ def build_haystacks(
                 seq += text
                 prev = c
             seq += fill[prev:]
-            out.append(Haystack(context, h, seq, offset, made))
+            out.append(Haystack(context, h, seq, offset, made, seed))
     return out
 
 
@@ -651,6 +652,7 @@ def run_retrieval(
                 {
                     "method": method,
                     "context": hay.context,
+                    "seed": hay.seed,
                     "haystack": hay.index,
                     "label": nd.label,
                     "depth": nd.depth,
@@ -672,14 +674,14 @@ def summarize_retrieval(
     for ctx in contexts:
         base = [t for t in trials if t["method"] == "dynamic" and t["context"] == ctx]
         base_acc = float(np.mean([t["correct"] for t in base])) if base else None
-        base_ok = {(t["haystack"], t["label"]): t["correct"] for t in base}
+        base_ok = {(t.get("seed", 0), t["haystack"], t["label"]): t["correct"] for t in base}
         for m in methods:
             sel = [t for t in trials if t["method"] == m and t["context"] == ctx]
             if not sel:
                 continue
             k = sum(bool(t["correct"]) for t in sel)
             acc = k / len(sel)
-            paired = [(base_ok.get((t["haystack"], t["label"])), t["correct"]) for t in sel]
+            paired = [(base_ok.get((t.get("seed", 0), t["haystack"], t["label"])), t["correct"]) for t in sel]
             rows.append(
                 {
                     "method": m,
@@ -933,7 +935,7 @@ def merge_records(args) -> int:
     must agree (first-divergence positions, correctness of each trial) and the first is kept.
     """
     recs = [json.loads(Path(p).read_text()) for p in args.merge]
-    keys = ("residual_length", "block_tokens", "peer_sink_tokens", "seed")
+    keys = ("residual_length", "block_tokens", "peer_sink_tokens")
     first = recs[0]
     for path, r in zip(args.merge, recs, strict=True):
         for what, a, b in (
@@ -959,10 +961,12 @@ def merge_records(args) -> int:
             trajectory.append(row)
             rl.append(rl_row)
         for t in r.get("retrieval_trials", []):
-            key = (t["method"], t["context"], t["haystack"], t["label"])
+            key = (t["method"], t["context"], t.get("seed", 0), t["haystack"], t["label"])
             if key in seen:
                 prev = next(
-                    x for x in trials if (x["method"], x["context"], x["haystack"], x["label"]) == key
+                    x
+                    for x in trials
+                    if (x["method"], x["context"], x.get("seed", 0), x["haystack"], x["label"]) == key
                 )
                 _check_repeat(path, f"retrieval trial {key}", prev["correct"], t["correct"])
                 continue
@@ -1000,7 +1004,19 @@ def merge_records(args) -> int:
         "seconds": sum(r.get("seconds") or 0 for r in recs),
     }
     if with_ret is not None:
-        record["retrieval_task"] = with_ret["retrieval_task"]
+        task = dict(with_ret["retrieval_task"])
+        hays, names = [], set()
+        for r in recs:
+            seed = r["settings"]["seed"]
+            for h in r.get("retrieval_task", {}).get("haystacks", []):
+                name = (seed, h["context"], h["index"])
+                if name not in names:
+                    names.add(name)
+                    hays.append({"seed": seed, **h})
+        task["haystacks"] = hays
+        record["retrieval_task"] = task
+        counts = {c: sum(1 for h in hays if h["context"] == c) for c in contexts}
+        settings["contexts"], settings["haystacks_per_context"] = contexts, [counts[c] for c in contexts]
     record["verdicts"] = verdicts(record)
     _emit(record, args)
     return 0
