@@ -230,17 +230,27 @@ def bootstrap_dppl_ci(
         nll_ref_sums, nll_alt_sums: per-passage sums of −log p of the true tokens.
         counts: per-passage token counts (passages with 0 tokens are ignored).
     """
-    s_ref = np.asarray(nll_ref_sums, np.float64)
-    s_alt = np.asarray(nll_alt_sums, np.float64)
+    return _pooled_bootstrap(
+        lambda ref, alt, n: np.expm1((alt - ref) / n),
+        (nll_ref_sums, nll_alt_sums),
+        counts,
+        samples=samples,
+        seed=seed,
+        level=level,
+    )
+
+
+def _pooled_bootstrap(stat, sums, counts, *, samples: int, seed: int, level: float) -> tuple[float, float]:
+    """Percentile CI of ``stat(*pooled sums, pooled count)`` over passage resamples drawn with
+    replacement (one seeded draw: every statistic of one summary sees the same resamples)."""
     n = np.asarray(counts, np.float64)
     keep = n > 0
-    s_ref, s_alt, n = s_ref[keep], s_alt[keep], n[keep]
+    cols = [np.asarray(x, np.float64)[keep] for x in sums]
+    n = n[keep]
     if n.size == 0:
         raise EmptyEvaluationError("no passage has evaluated tokens")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n.size, size=(samples, n.size))
-    diff = (s_alt[idx].sum(1) - s_ref[idx].sum(1)) / n[idx].sum(1)
-    boot = np.expm1(diff)
+    idx = np.random.default_rng(seed).integers(0, n.size, size=(samples, n.size))
+    boot = stat(*(c[idx].sum(1) for c in cols), n[idx].sum(1))
     tail = (1.0 - level) / 2 * 100
     lo, hi = np.percentile(boot, [tail, 100 - tail])
     return float(lo), float(hi)
@@ -262,18 +272,7 @@ def bootstrap_top1_ci(
         matches: per-passage counts of positions whose argmax tokens agree.
         counts: per-passage token counts (passages with 0 tokens are ignored).
     """
-    m = np.asarray(matches, np.float64)
-    n = np.asarray(counts, np.float64)
-    keep = n > 0
-    m, n = m[keep], n[keep]
-    if n.size == 0:
-        raise EmptyEvaluationError("no passage has evaluated tokens")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n.size, size=(samples, n.size))
-    boot = m[idx].sum(1) / n[idx].sum(1)
-    tail = (1.0 - level) / 2 * 100
-    lo, hi = np.percentile(boot, [tail, 100 - tail])
-    return float(lo), float(hi)
+    return _pooled_bootstrap(lambda m, n: m / n, (matches,), counts, samples=samples, seed=seed, level=level)
 
 
 def top_mass(abs_values, share: float = 0.01) -> float:
