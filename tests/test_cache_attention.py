@@ -233,3 +233,47 @@ def test_rope_mean_layout_decodes_to_post_rope_keys():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
     assert chunk.encodings[0].rope_mean.shape == (2, 16)
     cache.close()
+
+
+def test_crop_and_beam_search_on_the_kernel_path():
+    model = tiny_model("llama")
+    ids = random_ids(40)
+    cache = KakeyaCache(_policy("recommended"), model, residual_length=4, block_tokens=8)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        layer = cache.layers[1]
+        encoded = layer.k.encoded_tokens
+        assert encoded > 8 and layer.kernel
+        cache.crop(30)  # into the chunk: decoded back into the window
+        assert cache.get_seq_length() == 30 and layer.k.encoded_tokens < encoded
+        assert layer.k.sink_tokens + layer.k.encoded_tokens + layer.k.window_tokens == 30
+        out = model(random_ids(1), past_key_values=cache)
+        assert torch.isfinite(out.logits).all()
+    cache.close()
+    cache = KakeyaCache(_policy("recommended"), model, residual_length=4, block_tokens=8)
+    with torch.no_grad():
+        out = model.generate(
+            random_ids(30, batch=2),
+            attention_mask=torch.ones(2, 30, dtype=torch.long),
+            past_key_values=cache,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            num_beams=2,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert out.shape == (2, 40)
+    cache.close()
+
+
+def test_two_caches_share_the_model_attention_switch():
+    model = tiny_model("llama")
+    a = KakeyaCache(_policy("recommended"), model)
+    b = KakeyaCache(_policy("recommended"), model)
+    assert model.config._attn_implementation == "kakeya_sdpa"
+    a.close()
+    assert model.config._attn_implementation == "kakeya_sdpa"  # b still needs it
+    b.close()
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="attention must be"):
+        KakeyaCache(_policy("recommended"), model, attention="fast")

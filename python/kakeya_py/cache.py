@@ -614,7 +614,9 @@ class KakeyaCache(Cache):
             self._handles.append(
                 site.attn.register_forward_pre_hook(capture_hook(self), with_kwargs=True)
             )
-        return (weakref.ref(model), current if current != name else name)
+        from .cache_attention import fallback_of
+
+        return (weakref.ref(model), fallback_of(current))
 
     def __repr__(self) -> str:
         return (
@@ -835,6 +837,4 @@ def _remove_handles(handles: list, restore=None) -> None:
         users = getattr(model, "_kakeya_attention_users", 1) - 1
         model._kakeya_attention_users = users
         if users <= 0 and original != model.config._attn_implementation:
-            from .cache_attention import fallback_of
-
-            model.set_attn_implementation(fallback_of(original))
+            model.set_attn_implementation(original)
