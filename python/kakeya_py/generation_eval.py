@@ -1233,7 +1233,7 @@ def write_report(record: dict[str, Any], out: Path) -> None:
         for t in record["trajectory"]:
             d = np.sort(np.array(t["first_divergence"]))
             gen = t["gen_tokens"]
-            xs = np.arange(0, gen + 1)
+            xs = np.arange(0, gen)  # a prompt that never diverged (d = gen) stays counted to the end
             ax.step(xs, [(d > x).mean() * 100 for x in xs], where="post", label=t["method"])
         ax.set(
             xlabel="generated position", ylabel="prompts not yet diverged (%)", title="Free running, greedy"
