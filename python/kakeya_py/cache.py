@@ -21,15 +21,22 @@ the window and chunks start at position ``N`` (``L`` above counts the tokens aft
 sink). Tokens passed to the current ``update`` call are always attended exactly;
 tokens from earlier calls that were encoded are attended as decoded.
 
-**Decode policy.** Attention needs every past key and value at each step. Each step
-decodes a layer's chunks once, concatenates them with the window and the new tokens,
-and hands the tensors to attention; nothing decoded is kept after that layer's
-attention (``decoded_budget_bytes=0``, the default). Cost: one codec decode of every
-encoded token per layer per step (O(T), like the attention itself); extra memory: one
-layer's decoded K and V at a time (reported as ``transient_peak_bytes``, not held
-between steps). A positive ``decoded_budget_bytes`` keeps the decoded tensors of
-chunks, oldest first, until that many bytes are held (counted in ``nbytes()`` as
-``decoded_bytes``): faster steps for more memory; ``None`` keeps all (no saving).
+**Attention.** By default (``attention="kernel"``) decode steps of layers whose K and V are
+lossy mean-only uniform encodings attend on the codes: chunks are held as
+``kakeya_py._kakeya.AttnChunk`` (parsed once), ``update`` returns only the exact tokens, and
+the attention function the cache selects on the model (``kakeya_sdpa`` / ``kakeya_eager``,
+:mod:`kakeya_py.cache_attention`) runs the Rust kernel over the chunks and merges it with exact
+attention over the sink, window and new tokens (log-sum-exp). K of those layers is stored in
+the RoPE-mean layout (``RoPE_p(x_p - mean)`` encoded per chunk; docs/cache.md).
+
+**Decode policy (other layers, or ``attention="decode"``).** Each step decodes a layer's
+chunks once, concatenates them with the window and the new tokens, and hands the tensors to
+attention; nothing decoded is kept after that layer's attention (``decoded_budget_bytes=0``,
+the default). Cost: one codec decode of every encoded token per layer per step (O(T), like
+the attention itself); extra memory: one layer's decoded K and V at a time (reported as
+``transient_peak_bytes``, not held between steps). A positive ``decoded_budget_bytes`` keeps
+the decoded tensors of chunks, oldest first, until that many bytes are held (counted in
+``nbytes()`` as ``decoded_bytes``): faster steps for more memory; ``None`` keeps all (no saving).
 
 **K position.** The cache receives post-RoPE K. For a lossy K stream the cache encodes
 **pre-RoPE K** (the policy's ``k_position``, default ``pre_rope``): RoPE is a rotation

@@ -144,3 +144,60 @@ pub fn mean_term_weights(q: &[f32], mean: &[f32], a: &mut [f32], b: &mut [f32]) 
         b[j] = q2[j] * m1[j] - q1[j] * m2[j];
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_truncate_select_and_errors() {
+        let mut t = RopeTable::new(2).unwrap();
+        t.append(0, 1, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0])
+            .unwrap();
+        assert_eq!((t.len(), t.rows()), (2, 1));
+        t.append(1, 1, &[3.0, 4.0], &[7.0, 8.0]).unwrap(); // already held: skipped
+        assert_eq!(t.len(), 2);
+        let err = t
+            .append(5, 1, &[0.0; 2], &[0.0; 2])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("holds 2 positions but positions 5..6"),
+            "{err}"
+        );
+        // a per-row append widens a shared table
+        t.append(2, 2, &[9.0, 9.5, 10.0, 10.5], &[0.0; 4]).unwrap();
+        assert_eq!((t.len(), t.rows()), (3, 2));
+        assert_eq!(t.row(1).0, &[1.0, 2.0, 3.0, 4.0, 10.0, 10.5]);
+        t.select(&[1, 1, 0]).unwrap();
+        assert_eq!(t.rows(), 3);
+        assert_eq!(t.row(2).0[4..], [9.0, 9.5]);
+        assert!(t.select(&[7]).is_err());
+        t.truncate(1);
+        assert_eq!((t.len(), t.row(0).0.len()), (1, 2));
+        assert_eq!(t.nbytes(), 3 * 2 * 2 * 4);
+        let err = t
+            .append(1, 2, &[0.0; 3], &[0.0; 3])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected [batch=2, n, half=2]"), "{err}");
+    }
+
+    #[test]
+    fn mean_term_weights_give_the_rope_of_the_mean() {
+        let (q, mean) = ([0.3f32, -1.2, 0.7, 2.0], [1.5f32, -0.4, 0.2, 0.9]);
+        let (c, s) = ([0.6f32, -0.1], [0.8f32, 0.995]);
+        let (mut a, mut b) = ([0.0f32; 2], [0.0f32; 2]);
+        mean_term_weights(&q, &mean, &mut a, &mut b);
+        // RoPE(mean) = mean ⊙ [c, c] + [−m₂, m₁] ⊙ [s, s]
+        let rot = [
+            mean[0] * c[0] - mean[2] * s[0],
+            mean[1] * c[1] - mean[3] * s[1],
+            mean[2] * c[0] + mean[0] * s[0],
+            mean[3] * c[1] + mean[1] * s[1],
+        ];
+        let want: f32 = q.iter().zip(&rot).map(|(x, y)| x * y).sum();
+        let got = a[0] * c[0] + a[1] * c[1] + b[0] * s[0] + b[1] * s[1];
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+}
