@@ -277,3 +277,22 @@ def test_two_caches_share_the_model_attention_switch():
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="attention must be"):
         KakeyaCache(_policy("recommended"), model, attention="fast")
+
+
+@pytest.mark.slow
+def test_real_model_kernel_equals_decode_of_the_same_chunks():
+    """SmolLM2-135M, `recommended`: logits of the kernel path equal decoding the same chunks."""
+    from kakeya_py.models import load_model
+
+    model, tok, _ = load_model("smollm2-135m", progress=False)
+    text = "The history of the city begins in the Roman period, when a small fort was built. " * 30
+    ids = tok(text, return_tensors="pt").input_ids[:, :300]
+    runs = []
+    for check in (False, True):
+        cache = KakeyaCache("recommended", model, residual_length=16, block_tokens=32)
+        assert all(layer.kernel for layer in cache.layers)
+        cache._decode_attention_check = check
+        runs.append(_steps(model, ids, cache, torch.ones_like(ids), n=4))
+        cache.close()
+    scale = float(runs[1].abs().max())
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-4 * scale)
