@@ -1161,8 +1161,12 @@ def generation_markdown(r: dict[str, Any]) -> str:
             )
             + f"; {s['needles_per_haystack']} needle(s) each)",
             "",
-            f"Chance: {task.get('chance_guess', 0):.1e} for a guessed key, {_pct(task.get('chance_pick_in_context'), 0)} "
-            "for picking one of the keys in context.",
+            f"Chance: {task.get('chance_guess', 0):.1e} per trial for a guessed key"
+            + (
+                f", {_pct(task.get('chance_pick_in_context'), 0)} for picking one of the keys in context."
+                if s["needles_per_haystack"] > 1
+                else " (one needle per haystack)."
+            ),
             "",
             "| method | context | correct / trials | accuracy | Wilson 95% CI | baseline | Δ vs baseline (points) "
             "| lost / gained |",
