@@ -296,3 +296,35 @@ def test_real_model_kernel_equals_decode_of_the_same_chunks():
         cache.close()
     scale = float(runs[1].abs().max())
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-4 * scale)
+
+
+def test_attend_compressed_releases_the_gil():
+    """While one thread runs a long kernel call, another thread's Python keeps running."""
+    import threading
+    import time
+
+    gen = torch.Generator().manual_seed(2)
+    cfg = kp.CodecConfig(bits=4, basis="none", block_size=4096, share_basis=True)
+    chunk = _kakeya.AttnChunk(kp.encode(_kv(gen, 4096, 4, 128), cfg)._inner)
+    q = np.zeros((1, 4, 8, 128), np.float32)
+    keys = [[chunk] * 40]  # one long call
+    entered = threading.Event()
+    span = {}
+
+    def work():
+        entered.set()
+        t0 = time.perf_counter()
+        _kakeya.attend_compressed(q, keys, keys, [0], 0.1, None, 1)
+        span["call"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    entered.wait()
+    time.sleep(0.02)  # let the worker enter the call
+    t0 = time.perf_counter()
+    ticks = sum(1 for _ in range(1000))
+    main_loop = time.perf_counter() - t0
+    thread.join()
+    assert ticks == 1000
+    assert span["call"] > 0.1, f"the call was too short to tell ({span['call']:.3f} s)"
+    assert main_loop < span["call"] / 4, f"main loop {main_loop:.3f} s during a {span['call']:.3f} s call"
