@@ -259,7 +259,10 @@ def test_generate_eval_end_to_end(tmp_path, capsys):
     argv += ["--haystacks", "2", "--needles", "1", "--residual-length", "8", "--block-tokens", "16"]
     argv += ["--methods", "kivi-4,turbo-4,kakeya:recommended,quanto", "--json", str(js), "--out", str(out)]
     argv += ["--no-progress", "--threads", "2"]
-    assert main(argv) == 0
+    assert main(argv) == 2  # recommended was made for SmolLM2's 30 layers
+    argv += ["--force-model"]
+    with pytest.warns(UserWarning, match="applied where it fits"):
+        assert main(argv) == 0
     r = json.loads(js.read_text())
     methods = ["dynamic", "kivi-4", "turbo-4", "kakeya:recommended"]
     assert [t["method"] for t in r["trajectory"]] == methods
@@ -324,6 +327,13 @@ def test_generate_eval_end_to_end(tmp_path, capsys):
     merged = json.loads(m.read_text())
     assert [t["method"] for t in merged["trajectory"]] == ["dynamic", "kivi-4", "turbo-4"]
     assert [x["method"] for x in merged["rl"]] == ["dynamic", "kivi-4", "turbo-4"]
+    # trajectories of other prompt lengths do not join
+    d = tmp_path / "d.json"
+    longer = [w if w != "40" else "48" for w in tr]
+    assert main(["generate-eval", *other, *longer, "--json", str(d)]) == 0
+    capsys.readouterr()
+    assert main(["generate-eval", "--merge", str(a), str(d), "--no-progress"]) != 0
+    assert "cannot join" in capsys.readouterr().err
 
 
 def test_generate_eval_refuses_bad_requests(capsys):

@@ -196,6 +196,7 @@ class CacheSettings:
     peer_sink_tokens: int = 0
     quanto_bits: int = 4
     threads: int | None = None
+    force_model: bool = False  # apply a kakeya preset made for another model where it fits
 
 
 def parse_methods(text: str) -> list[str]:
@@ -261,6 +262,7 @@ def make_cache(method: str, model, settings: CacheSettings):
             block_tokens=settings.block_tokens,
             decoded_budget_bytes=None,
             threads=settings.threads,
+            force_model=settings.force_model,
         )
     from .peer_cache import PeerCache
 
@@ -724,6 +726,11 @@ def register(sub) -> None:
         help=f"comma list; dynamic is always run first (default {DEFAULT_METHODS}); "
         "kakeya:<preset>, peers (kivi-4, int4, turbo-4, fp8, kvquant-4 ...), quanto",
     )
+    g.add_argument(
+        "--force-model",
+        action="store_true",
+        help="apply a kakeya preset made for another model where it fits (warned), instead of an error",
+    )
     g.add_argument("--residual-length", type=int, default=64, help="exact recent window R of every cache")
     g.add_argument("--block-tokens", type=int, default=128, help="encode when the window reaches R + B")
     g.add_argument("--peer-sink-tokens", type=int, default=0, help="first positions peers keep exact")
@@ -810,7 +817,11 @@ def cmd_generate_eval(args) -> int:
     contexts = _contexts(args.contexts)
     counts = _haystack_counts(args.haystacks, contexts)
     settings = CacheSettings(
-        args.residual_length, args.block_tokens, args.peer_sink_tokens, threads=args.threads
+        args.residual_length,
+        args.block_tokens,
+        args.peer_sink_tokens,
+        threads=args.threads,
+        force_model=args.force_model,
     )
     skipped = {}
     if "quanto" in methods and (why := quanto_available()):
@@ -950,6 +961,16 @@ def merge_records(args) -> int:
         ):
             if a != b:
                 raise GenerationEvalError(f"{path}: {what} {a!r} differs from {args.merge[0]}'s {b!r}")
+    traj_keys = ("prompts", "prompt_tokens", "gen_tokens")
+    with_rows = [(p, r) for p, r in zip(args.merge, recs, strict=True) if r["trajectory"]]
+    for path, r in with_rows[1:]:
+        a = [r["settings"][k] for k in traj_keys]
+        b = [with_rows[0][1]["settings"][k] for k in traj_keys]
+        if a != b:
+            raise GenerationEvalError(
+                f"{path}: trajectory of {dict(zip(traj_keys, a, strict=True))} cannot join "
+                f"{with_rows[0][0]}'s {dict(zip(traj_keys, b, strict=True))}"
+            )
     methods = list(dict.fromkeys(m for r in recs for m in r["methods"]))
     trajectory, rl, trials, seen = [], [], [], set()
     for path, r in zip(args.merge, recs, strict=True):
