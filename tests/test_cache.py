@@ -126,8 +126,13 @@ def test_encode_boundaries_window_and_blocks(length):
 
 @pytest.mark.parametrize("preset", ["recommended", "uniform-ec"])
 def test_recommended_presets_run(preset):
+    from kakeya_py.policy import PolicyModelError
+
     model = tiny_model("qwen3")
-    cache = KakeyaCache(preset, model, residual_length=2, block_tokens=4)
+    with pytest.raises(PolicyModelError, match="made for smollm2-135m"):
+        KakeyaCache(preset, model)  # its per-layer settings name layers this model lacks
+    with pytest.warns(UserWarning, match="applied where it fits"):
+        cache = KakeyaCache(preset, model, residual_length=2, block_tokens=4, force_model=True)
     assert _gen(model, random_ids(20), cache, n=4).shape == (1, 24)
     assert cache.nbytes()["encoded_bytes"] > 0
 

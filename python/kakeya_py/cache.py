@@ -480,6 +480,26 @@ def _as_policy(spec: Any) -> Policy:
     )
 
 
+def _fit_policy(policy: Policy, model, sites, force: bool) -> Policy:
+    """``policy`` checked against the model's shape (:func:`~kakeya_py.policy.fit_to_model`): a
+    preset made for another model is refused, or with ``force`` applied where it fits (warned)."""
+    import warnings
+    from types import SimpleNamespace
+
+    from .policy import fit_to_model
+
+    shape = SimpleNamespace(
+        name=str(getattr(model.config, "name_or_path", "") or type(model).__name__),
+        num_layers=len(sites),
+        num_kv_heads=sites[0].num_kv_heads,
+        head_dim=sites[0].head_dim,
+    )
+    fitted, dropped = fit_to_model(policy, shape, force=force)
+    if dropped:
+        warnings.warn(f"policy {policy.name!r} applied where it fits: {'; '.join(dropped)}", stacklevel=3)
+    return fitted
+
+
 def _rope_matches(site) -> bool:
     """Whether the layer's ``apply_rotary_pos_emb`` is the rotate-half RoPE we invert."""
     fn = getattr(site.modeling_module, "apply_rotary_pos_emb", None)
@@ -519,6 +539,8 @@ class KakeyaCache(Cache):
             ``"decode"``: every layer decodes its chunks each step (the pre-kernel behaviour).
             The kernel path selects the model's attention implementation ``kakeya_sdpa`` (or
             ``kakeya_eager``), which is the original one wherever no compressed chunk is read.
+        force_model: apply a policy made for another model where it fits (a warning lists what
+            was dropped) instead of raising :class:`~kakeya_py.policy.PolicyModelError`.
 
     Example:
         >>> cache = KakeyaCache("recommended", model, residual_length=64)  # doctest: +SKIP
@@ -538,6 +560,7 @@ class KakeyaCache(Cache):
         k_position: str | None = None,
         threads: int | None = None,
         attention: str = "kernel",
+        force_model: bool = False,
     ):
         if residual_length < 0:
             raise ValueError(f"residual_length must be >= 0, got {residual_length}")
@@ -562,6 +585,7 @@ class KakeyaCache(Cache):
         self.attention = attention
         sites = find_attention_sites(model)
         self.num_layers = len(sites)
+        self.policy = _fit_policy(self.policy, model, sites, force_model)
         self._rope = _RopeTable()
         self._rope_half = None  # kakeya_py._kakeya.RopeTable (RoPE-mean K layout), made on first use
         self._pending: dict[int, PendingAttention] = {}
