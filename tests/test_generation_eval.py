@@ -109,8 +109,8 @@ def test_generation_verdict_rule():
     assert v([0.96, 0.99], 0.97, [0.0, -0.0625]) == "MARGINAL"  # one length 6.25 points down
     assert v([0.80, 0.90], 0.85, [0.0]) == "REJECT"
     assert v([0.96, 0.99], 0.97, [-0.2]) == "REJECT"
-    assert v([0.96, 0.99], 0.97, []) == "REJECT"  # no retrieval measured
-    assert v(None, None, [0.0]) == "REJECT"
+    assert v([0.96, 0.99], 0.97, []) == "INCOMPLETE"  # no retrieval measured
+    assert v(None, None, [0.0]) == "INCOMPLETE"
 
 
 def test_rl_metrics_identity_and_known_values():
@@ -317,6 +317,8 @@ def test_generate_eval_end_to_end(tmp_path, capsys):
         (160, 1),
     ]
     assert [v["method"] for v in merged["verdicts"]] == ["kivi-4"] and len(merged["merged_from"]) == 2
+    assert merged["verdicts"][0]["verdict"] in ("ACCEPT", "MARGINAL", "REJECT")
+    assert json.loads(a.read_text())["verdicts"][0]["verdict"] == "INCOMPLETE"  # trajectory only
     assert main(["generate-eval", "--merge", str(b), str(b), "--no-progress"]) != 0  # kivi-4 trials twice
     # dynamic repeats (every run measures it) are checked and kept once
     c = tmp_path / "c.json"

@@ -74,7 +74,7 @@ GENERATION_VERDICT_RULE = (
     f"ACCEPT iff the lower bound of teacher-forced top-1's 95% CI >= {TF_TOP1_BOUND:.0%} and retrieval "
     f"accuracy >= baseline - {RETRIEVAL_POINTS * 100:.0f} points at every context length; MARGINAL iff "
     f"teacher-forced top-1 >= {MARGINAL_TOP1:.0%} and retrieval >= baseline - {MARGINAL_POINTS * 100:.0f} "
-    "points at every length; REJECT otherwise"
+    "points at every length; REJECT otherwise (INCOMPLETE where either was not measured)"
 )
 BOOTSTRAP_SAMPLES = 2000
 NEEDLE_LABELS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
@@ -129,11 +129,14 @@ def generation_verdict(tf_top1_ci95: Sequence[float] | None, tf_top1: float | No
         tf_top1_ci95: the teacher-forced top-1 CI (None: not measured, then REJECT).
         tf_top1: the point estimate.
         retrieval_deltas: accuracy − baseline accuracy at each measured context length
-            (empty: no retrieval measured, then at most MARGINAL is impossible to tell: REJECT).
+            (empty: no retrieval measured).
+
+    Returns ``INCOMPLETE`` when the trajectory or the retrieval was not measured (a run of one
+    part only; ``--merge`` it with the other).
     """
     deltas = list(retrieval_deltas)
     if tf_top1_ci95 is None or tf_top1 is None or not deltas:
-        return "REJECT"
+        return "INCOMPLETE"
     values = [*tf_top1_ci95, tf_top1, *deltas]
     if not all(math.isfinite(v) for v in values):
         return "REJECT"
