@@ -307,7 +307,7 @@ def test_attend_compressed_releases_the_gil():
     cfg = kp.CodecConfig(bits=4, basis="none", block_size=4096, share_basis=True)
     chunk = _kakeya.AttnChunk(kp.encode(_kv(gen, 4096, 4, 128), cfg)._inner)
     q = np.zeros((1, 4, 8, 128), np.float32)
-    keys = [[chunk] * 40]  # one long call
+    keys = [[chunk] * 200]  # one long call (~0.5 s on an idle 2-core machine)
     entered = threading.Event()
     span = {}
 
