@@ -303,7 +303,7 @@ def frontier_markdown(records: list[dict[str, Any]], *, seconds: float) -> str:
         f"- **model**: `{model['name']}` ({model['architecture']}, {model['num_layers']} layers, "
         f"{model['num_kv_heads']} KV heads × {model['head_dim']}), {r0['dtype']}; source `{model['source']}`"
         + (f" (sha256 `{model['source_sha256']}`)" if model.get("source_sha256") else ""),
-        f"- **text**: {corpus['name']} (sha256 `{corpus['sha256']}`), evaluation part (split: "
+        f"- **text**: {corpus['name']} (sha256 `{corpus['sha256']}`), {r0['text_usage']['part']} part (split: "
         f"{corpus['split'].get('rule', '')}); {r0['passages']} passages × ({r0['ctx']} context + {r0['n_eval']} evaluated) "
         f"tokens = {r0['eval_tokens']} scored positions"
         + (f"; articles used: {arts}" if arts is not None else ""),
