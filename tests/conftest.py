@@ -54,17 +54,11 @@ def _scale_qkv(model) -> None:
                 p.mul_(4.0)
 
 
-def save_tiny_llama(folder, **overrides) -> None:
-    """A tiny random Llama (``TINY`` with ``overrides``, seed 0) and a word-level tokenizer
-    over ``t0`` … ``t255``, saved as an HF folder for the CLI and vLLM."""
+def _save_word_tokenizer(folder) -> None:
+    """The word-level tokenizer over ``t0`` … ``t255`` every tiny model folder carries."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**{**TINY, **overrides}, architectures=["LlamaForCausalLM"])
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    _scale_qkv(model)
-    model.save_pretrained(folder)
     tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(TINY["vocab_size"])}, unk_token="t0"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(
@@ -72,11 +66,23 @@ def save_tiny_llama(folder, **overrides) -> None:
     ).save_pretrained(folder)
 
 
+def save_tiny_llama(folder, **overrides) -> None:
+    """A tiny random Llama (``TINY`` with ``overrides``, seed 0) and a word-level tokenizer
+    over ``t0`` … ``t255``, saved as an HF folder for the CLI and vLLM."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**TINY, **overrides}, architectures=["LlamaForCausalLM"])
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _scale_qkv(model)
+    model.save_pretrained(folder)
+    _save_word_tokenizer(folder)
+
+
 def save_tiny(folder, arch: str, **overrides) -> None:
     """:func:`save_tiny_llama` for any of :data:`ARCHS`: ``tiny_config(arch)`` with ``overrides``
     (seed 0, Q/K/V scaled) and the same word-level tokenizer, saved as an HF folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     cfg = tiny_config(arch)
@@ -87,11 +93,7 @@ def save_tiny(folder, arch: str, **overrides) -> None:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     _scale_qkv(model)
     model.save_pretrained(folder)
-    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(TINY["vocab_size"])}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2"
-    ).save_pretrained(folder)
+    _save_word_tokenizer(folder)
 
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
