@@ -183,17 +183,29 @@ class _Chunk:
         return sum(e.nbytes for e in self.encodings)
 
 
-@dataclass
-class _Stream:
-    """One layer's K or V: an exact sink, encoded chunks, then an exact window."""
+def check_window_sizes(residual_length: int, block_tokens: int) -> None:
+    """Refuses a negative exact window ``R`` or a chunk size ``B`` below 1 (``ValueError``)."""
+    if residual_length < 0:
+        raise ValueError(f"residual_length must be >= 0, got {residual_length}")
+    if block_tokens < 1:
+        raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
 
-    config: CodecConfig | None
-    rope: bool  # encode pre-RoPE (K only)
-    rope_mean: bool = False  # RoPE-mean layout (K on kernel layers): encode RoPE_p(x - mean_pre)
-    kernel: bool = False  # chunks held as AttnChunk for the attention kernel
-    sink: torch.Tensor | None = None  # [b, h, n, d], exact, the first positions
-    chunks: list[_Chunk] = field(default_factory=list)
-    window: torch.Tensor | None = None  # [b, h, n, d], exact
+
+class SinkChunksWindow:
+    """Bookkeeping of one K or V stream held as an exact sink, lossy chunks, then an exact window.
+
+    Shared by :class:`KakeyaCache` and :class:`kakeya_py.peer_cache.PeerCache` streams, which
+    define ``sink`` and ``window`` (``[b, h, n, d]`` or ``None``), ``chunks`` (items with
+    ``start`` and ``length``) and ``compressed`` (whether the stream gets a sink and chunks).
+    """
+
+    sink: torch.Tensor | None
+    chunks: list
+    window: torch.Tensor | None
+
+    @property
+    def compressed(self) -> bool:
+        raise NotImplementedError
 
     @property
     def sink_tokens(self) -> int:
@@ -207,13 +219,137 @@ class _Stream:
     def window_tokens(self) -> int:
         return 0 if self.window is None else self.window.shape[-2]
 
+    def clear(self) -> None:
+        """Drops every token."""
+        self.sink = None
+        self.chunks.clear()
+        self.window = None
 
-class KakeyaLayer(CacheLayerMixin):
-    """One attention layer of a :class:`KakeyaCache` (K and V streams)."""
+    def append_exact(self, new: torch.Tensor, sink_tokens: int) -> None:
+        """Appends ``new`` tokens: the sink's first ``sink_tokens`` positions first, the rest to the window."""
+        room = sink_tokens - self.sink_tokens if self.compressed else 0
+        if room > 0:
+            # clone: a view would keep the whole prefill tensor alive
+            head, new = new[..., :room, :].clone(), new[..., room:, :]
+            self.sink = head if self.sink is None else torch.cat([self.sink, head], dim=-2)
+        self.window = new if self.window is None else torch.cat([self.window, new], dim=-2)
+
+    def take_due_chunk(self, residual_length: int, block_tokens: int) -> tuple[int, torch.Tensor] | None:
+        """``(start, tokens)`` cut from the window once it holds ``R + B`` tokens (all but its last ``R``).
+
+        ``None`` while the window is shorter, or for a stream kept exact.
+        """
+        if not self.compressed or self.window_tokens < residual_length + block_tokens:
+            return None
+        cut = self.window_tokens - residual_length
+        start = self.sink_tokens + self.encoded_tokens
+        old, self.window = self.window[..., :cut, :], self.window[..., cut:, :].clone()
+        return start, old
+
+    def crop(self, keep: int, chunk_values) -> None:
+        """Keeps the first ``keep`` tokens; chunks reaching past them go back into the window as
+        ``chunk_values(chunk)`` (their lossy values)."""
+        while self.chunks and self.chunks[-1].start + self.chunks[-1].length > keep:
+            values = chunk_values(self.chunks.pop())
+            self.window = values if self.window is None else torch.cat([values, self.window], dim=-2)
+        if self.sink is not None:
+            self.sink = self.sink[..., :keep, :]
+        if self.window is not None:
+            self.window = self.window[..., : max(keep - self.sink_tokens - self.encoded_tokens, 0), :]
+
+
+class SinkChunksWindowLayer(CacheLayerMixin):
+    """The transformers layer interface shared by :class:`KakeyaLayer` and ``PeerLayer``.
+
+    Subclasses hold two :class:`SinkChunksWindow` streams ``k`` and ``v`` and define ``update``,
+    ``batch_select_indices``, ``batch_size_now`` and ``_chunk_values`` (a chunk's lossy values).
+    """
 
     is_compileable = False
     is_croppable = True
     is_sliding = False
+
+    k: SinkChunksWindow
+    v: SinkChunksWindow
+    cumulative_length: int
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for s in (self.k, self.v):
+            s.clear()
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop tokens from the end (negative: that many; positive: keep that many, legacy).
+
+        Chunks reaching into the removed range go back into the window as their decoded
+        values (those tokens stay lossy); a sink longer than what is kept is cut.
+        """
+        length = self.cumulative_length
+        keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
+        if keep >= length or not self.is_initialized:
+            return
+        keep = max(keep, 0)
+        for s in (self.k, self.v):
+            s.crop(keep, lambda chunk, s=s: self._chunk_values(s, chunk))
+        self.cumulative_length = keep
+        self._mirror_windows()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
+        self.batch_select_indices(torch.arange(self.batch_size_now()).repeat_interleave(repeats))
+
+    def offload(self):  # nothing offloadable beyond the window; keep it where it is
+        return
+
+    def prefetch(self):
+        return
+
+    def _mirror_windows(self) -> None:
+        """``keys``/``values`` mirror the exact windows (read by generic transformers code paths)."""
+        self.keys, self.values = self.k.window, self.v.window
+
+    def _chunk_values(self, s: SinkChunksWindow, chunk) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class _Stream(SinkChunksWindow):
+    """One layer's K or V: an exact sink, encoded chunks, then an exact window."""
+
+    config: CodecConfig | None
+    rope: bool  # encode pre-RoPE (K only)
+    rope_mean: bool = False  # RoPE-mean layout (K on kernel layers): encode RoPE_p(x - mean_pre)
+    kernel: bool = False  # chunks held as AttnChunk for the attention kernel
+    sink: torch.Tensor | None = None  # [b, h, n, d], exact, the first positions
+    chunks: list[_Chunk] = field(default_factory=list)
+    window: torch.Tensor | None = None  # [b, h, n, d], exact
+
+    @property
+    def compressed(self) -> bool:
+        return self.config is not None
+
+
+class KakeyaLayer(SinkChunksWindowLayer):
+    """One attention layer of a :class:`KakeyaCache` (K and V streams)."""
 
     def __init__(
         self,
@@ -247,10 +383,6 @@ class KakeyaLayer(CacheLayerMixin):
         )
 
     # -- transformers interface --------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -291,53 +423,8 @@ class KakeyaLayer(CacheLayerMixin):
         self.cumulative_length += n
         for stream, new in ((self.k, key_states), (self.v, value_states)):
             self._append(stream, new)
-        # keys/values mirror the exact windows (read by generic transformers code paths)
-        self.keys, self.values = self.k.window, self.v.window
+        self._mirror_windows()
         return keys, values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        for s in (self.k, self.v):
-            s.sink = None
-            s.chunks.clear()
-            s.window = None
-        self.keys = self.values = None
-        self.is_initialized = False
-        self.cumulative_length = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop tokens from the end (negative: that many; positive: keep that many, legacy).
-
-        Chunks reaching into the removed range are decoded back into the window (their
-        tokens stay as decoded, i.e. lossy); a sink longer than what is kept is cut.
-        """
-        length = self.cumulative_length
-        keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
-        if keep >= length or not self.is_initialized:
-            return
-        keep = max(keep, 0)
-        for s in (self.k, self.v):
-            while s.chunks and s.chunks[-1].start + s.chunks[-1].length > keep:
-                chunk = s.chunks.pop()
-                dec = self._decoded(s, chunk)
-                s.window = dec if s.window is None else torch.cat([dec, s.window], dim=-2)
-            if s.sink is not None:
-                s.sink = s.sink[..., :keep, :]
-            if s.window is not None:
-                s.window = s.window[..., : max(keep - s.sink_tokens - s.encoded_tokens, 0), :]
-        self.cumulative_length = keep
-        self.keys, self.values = self.k.window, self.v.window
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
@@ -355,13 +442,7 @@ class KakeyaLayer(CacheLayerMixin):
                     c.decoded = c.decoded.index_select(0, index.to(c.decoded.device))
             if s.window is not None:
                 s.window = s.window.index_select(0, index.to(s.window.device))
-        self.keys, self.values = self.k.window, self.v.window
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if not self.is_initialized:
-            return
-        b = self.batch_size_now()
-        self.batch_select_indices(torch.arange(b).repeat_interleave(repeats))
+        self._mirror_windows()
 
     def batch_size_now(self) -> int:
         s = self.k
@@ -369,12 +450,6 @@ class KakeyaLayer(CacheLayerMixin):
             if exact is not None:
                 return exact.shape[0]
         return len(s.chunks[0].encodings) if s.chunks else 0
-
-    def offload(self):  # nothing offloadable beyond the window; keep it where it is
-        return
-
-    def prefetch(self):
-        return
 
     # -- internals ---------------------------------------------------------------------
     def _exact(self, s: _Stream, new: torch.Tensor) -> torch.Tensor:
@@ -395,13 +470,11 @@ class KakeyaLayer(CacheLayerMixin):
         return out
 
     def _append(self, s: _Stream, new: torch.Tensor) -> None:
-        room = self._cache.sink_tokens - s.sink_tokens if s.config is not None else 0
-        if room > 0:
-            # clone: a view would keep the whole prefill tensor alive
-            head, new = new[..., :room, :].clone(), new[..., room:, :]
-            s.sink = head if s.sink is None else torch.cat([s.sink, head], dim=-2)
-        s.window = new if s.window is None else torch.cat([s.window, new], dim=-2)
+        s.append_exact(new, self._cache.sink_tokens)
         self._maybe_flush(s)
+
+    def _chunk_values(self, s: _Stream, chunk: _Chunk) -> torch.Tensor:
+        return self._decoded(s, chunk)
 
     def _decoded(self, s: _Stream, chunk: _Chunk) -> torch.Tensor:
         if chunk.decoded is not None:
@@ -425,14 +498,11 @@ class KakeyaLayer(CacheLayerMixin):
 
     def _maybe_flush(self, s: _Stream) -> None:
         cache = self._cache
-        if s.config is None:
+        due = s.take_due_chunk(cache.residual_length, cache.block_tokens)
+        if due is None:
             return
-        n = s.window_tokens
-        if n < cache.residual_length + cache.block_tokens:
-            return
-        cut = n - cache.residual_length
-        start = s.sink_tokens + s.encoded_tokens
-        old, s.window = s.window[..., :cut, :], s.window[..., cut:, :].clone()
+        start, old = due
+        cut = old.shape[-2]
         means = None
         if s.rope:
             cos, sin = cache._rope.slice(start, start + cut, old.shape[0])
@@ -562,10 +632,7 @@ class KakeyaCache(Cache):
         attention: str = "kernel",
         force_model: bool = False,
     ):
-        if residual_length < 0:
-            raise ValueError(f"residual_length must be >= 0, got {residual_length}")
-        if block_tokens < 1:
-            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        check_window_sizes(residual_length, block_tokens)
         if decoded_budget_bytes is not None and decoded_budget_bytes < 0:
             raise ValueError(f"decoded_budget_bytes must be >= 0 or None, got {decoded_budget_bytes}")
         if k_position not in (None, "pre_rope", "post_rope"):

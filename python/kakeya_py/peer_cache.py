@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from .cache import SinkChunksWindow, SinkChunksWindowLayer, check_window_sizes
 from .hooks import find_attention_sites, parse_layers
 from .peers import PeerMethod, parse_method
 
@@ -71,34 +72,24 @@ class _PeerChunk:
 
 
 @dataclass
-class _PeerStream:
+class _PeerStream(SinkChunksWindow):
+    """One layer's K or V: an exact sink, the peer's decoded chunks, then an exact window."""
+
     on: bool
     sink: torch.Tensor | None = None
     chunks: list[_PeerChunk] = field(default_factory=list)
     window: torch.Tensor | None = None
 
     @property
-    def sink_tokens(self) -> int:
-        return 0 if self.sink is None else self.sink.shape[-2]
-
-    @property
-    def encoded_tokens(self) -> int:
-        return sum(c.length for c in self.chunks)
-
-    @property
-    def window_tokens(self) -> int:
-        return 0 if self.window is None else self.window.shape[-2]
+    def compressed(self) -> bool:
+        return self.on
 
     def parts(self) -> list[torch.Tensor]:
         return [p for p in (self.sink, *(c.values for c in self.chunks), self.window) if p is not None]
 
 
-class PeerLayer(CacheLayerMixin):
+class PeerLayer(SinkChunksWindowLayer):
     """One attention layer of a :class:`PeerCache` (K and V streams)."""
-
-    is_compileable = False
-    is_croppable = True
-    is_sliding = False
 
     def __init__(self, cache: PeerCache, layer_idx: int, on: bool):
         super().__init__()
@@ -114,10 +105,6 @@ class PeerLayer(CacheLayerMixin):
             f"tokens={self.cumulative_length}, encoded={self.k.encoded_tokens})"
         )
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -127,47 +114,8 @@ class PeerLayer(CacheLayerMixin):
             out.append(torch.cat([*parts, new], dim=-2) if parts else new)
             self._append(name, s, new)
         self.cumulative_length += key_states.shape[-2]
-        self.keys, self.values = self.k.window, self.v.window
+        self._mirror_windows()
         return out[0], out[1]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        for s in (self.k, self.v):
-            s.sink, s.window = None, None
-            s.chunks.clear()
-        self.keys = self.values = None
-        self.is_initialized = False
-        self.cumulative_length = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop tokens from the end (negative: that many; positive: keep that many).
-
-        Chunks reaching into the removed range go back into the window as their decoded
-        (lossy) values, as in ``KakeyaCache``.
-        """
-        length = self.cumulative_length
-        keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
-        if keep >= length or not self.is_initialized:
-            return
-        keep = max(keep, 0)
-        for s in (self.k, self.v):
-            while s.chunks and s.chunks[-1].start + s.chunks[-1].length > keep:
-                chunk = s.chunks.pop()
-                s.window = chunk.values if s.window is None else torch.cat([chunk.values, s.window], dim=-2)
-            if s.sink is not None:
-                s.sink = s.sink[..., :keep, :]
-            if s.window is not None:
-                s.window = s.window[..., : max(keep - s.sink_tokens - s.encoded_tokens, 0), :]
-        self.cumulative_length = keep
-        self.keys, self.values = self.k.window, self.v.window
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
@@ -184,35 +132,22 @@ class PeerLayer(CacheLayerMixin):
             for c in s.chunks:
                 c.values = c.values.index_select(0, index.to(c.values.device))
                 c.nbytes = [c.nbytes[i] for i in rows]
-        self.keys, self.values = self.k.window, self.v.window
+        self._mirror_windows()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
+    def batch_size_now(self) -> int:
+        return self.k.parts()[0].shape[0]
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if not self.is_initialized:
-            return
-        parts = self.k.parts()
-        self.batch_select_indices(torch.arange(parts[0].shape[0]).repeat_interleave(repeats))
-
-    def offload(self):  # everything stays where it is
-        return
-
-    def prefetch(self):
-        return
+    def _chunk_values(self, s: _PeerStream, chunk: _PeerChunk) -> torch.Tensor:
+        return chunk.values
 
     def _append(self, name: str, s: _PeerStream, new: torch.Tensor) -> None:
         cache = self._cache
-        room = cache.sink_tokens - s.sink_tokens if s.on else 0
-        if room > 0:
-            head, new = new[..., :room, :].clone(), new[..., room:, :]
-            s.sink = head if s.sink is None else torch.cat([s.sink, head], dim=-2)
-        s.window = new if s.window is None else torch.cat([s.window, new], dim=-2)
-        if not s.on or s.window_tokens < cache.residual_length + cache.block_tokens:
+        s.append_exact(new, cache.sink_tokens)
+        due = s.take_due_chunk(cache.residual_length, cache.block_tokens)
+        if due is None:
             return
-        cut = s.window_tokens - cache.residual_length
-        start = s.sink_tokens + s.encoded_tokens
-        old, s.window = s.window[..., :cut, :], s.window[..., cut:, :].clone()
+        start, old = due
+        cut = old.shape[-2]
         values, sizes = [], []
         for row in old.permute(0, 2, 1, 3):  # [n, h, d] per batch row
             x_hat, nbytes = cache.method.roundtrip(self.layer_idx, name, row.contiguous())
@@ -248,10 +183,7 @@ class PeerCache(Cache):
         sink_tokens: int = 0,
         exact_layers=(),
     ):
-        if residual_length < 0:
-            raise ValueError(f"residual_length must be >= 0, got {residual_length}")
-        if block_tokens < 1:
-            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        check_window_sizes(residual_length, block_tokens)
         if sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
         self.method = peer_cache_method(method)
