@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
+from _output import command_line, print_row
 
 SHAPES = {
     "smollm2-135m (9q/3kv x 64)": (9, 3, 64),
@@ -183,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import kakeya_py as kp
 
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     meta = {
-        "command": command,
+        "command": command_line(argv),
         "kakeya": kp.__version__,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -201,15 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         hq, hkv, d = SHAPES[name]
         for t in (int(c) for c in args.contexts.split(",")):
             row = run(name, hq, hkv, d, t, args.repeats, args.inner, args.threads)
-            if args.json:
-                print(json.dumps(row), flush=True)
-            else:
-                print(
-                    f"{name:30} {t:6d} {row['kernel_s'] * 1e3:10.3f} {row['step_s'] * 1e3:9.3f} "
-                    f"{row['sdpa_bf16_s'] * 1e3:9.3f} {row['sdpa_fp32_s'] * 1e3:9.3f} {row['speedup']:7.2f}x "
-                    f"{row['bytes_ratio']:6.3f}",
-                    flush=True,
-                )
+            print_row(
+                row,
+                args.json,
+                f"{name:30} {t:6d} {row['kernel_s'] * 1e3:10.3f} {row['step_s'] * 1e3:9.3f} "
+                f"{row['sdpa_bf16_s'] * 1e3:9.3f} {row['sdpa_fp32_s'] * 1e3:9.3f} {row['speedup']:7.2f}x "
+                f"{row['bytes_ratio']:6.3f}",
+            )
     return 0
 
 

@@ -22,13 +22,11 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shlex
-import sys
 import time
 
 import torch
+from _output import command_line, print_row
 
 SETUPS = {
     "decode": {"attention": "decode"},
@@ -88,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from kakeya_py.corpus import load_wikitext, part_passages
     from kakeya_py.models import load_model
 
-    print("# command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]))
+    print("# command: " + command_line(argv))
     model, tok, _ = load_model(args.model)
     corpus = load_wikitext(args.wikitext)
     passages = []
@@ -100,14 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     for setup in args.setups.split(","):
         row = run_setup(model, passages, args.policy, setup, args.residual_length, args.block_tokens)
         row.update(policy=args.policy, passages=args.passages, ctx=args.ctx, n_eval=args.n_eval)
-        if args.json:
-            print(json.dumps(row), flush=True)
-        else:
-            print(
-                f"{setup:18} KL {row['kl']:.5f}  top-1 {row['top1']:.2%}  dppl {row['dppl']:+.2%}  "
-                f"({row['positions']} positions, {row['wall_s']:.0f} s)",
-                flush=True,
-            )
+        print_row(
+            row,
+            args.json,
+            f"{setup:18} KL {row['kl']:.5f}  top-1 {row['top1']:.2%}  dppl {row['dppl']:+.2%}  "
+            f"({row['positions']} positions, {row['wall_s']:.0f} s)",
+        )
     return 0
 
 
