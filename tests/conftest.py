@@ -118,3 +118,29 @@ def _few_threads():
 def random_ids(n: int, batch: int = 1, seed: int = 1, vocab: int = TINY["vocab_size"]):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, n), generator=g)
+
+
+# -- vLLM tests (test_vllm.py, test_vllm_archs.py): each module defines ``tiny_dir`` ----------
+@pytest.fixture(scope="module")
+def vllm_in_process() -> bool:
+    """Whether ``engine`` runs vLLM's engine core in the test process (a module may override it)."""
+    return True
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir, vllm_in_process):
+    """A float32 vLLM engine over the module's tiny model folder (top-5 log-probs, 2 threads)."""
+    from _vllm_helpers import LEN
+    from kakeya_py.integrations.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(tiny_dir, "float32", max_len=LEN, topk=5, threads=2, in_process=vllm_in_process)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_dir):
+    """The module's tiny model folder loaded by HF transformers (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()

@@ -16,26 +16,26 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+from _vllm_helpers import (
+    CTX,
+    LEN,
+    N_EVAL,
+    Passage,
+    assert_captured_kv_match_hf,
+    assert_identity_exact,
+    assert_snapshot_matches_hf,
+    hf_snapshot,
+    passage_ids,
+    skip_without_vllm,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-try:
-    import vllm  # noqa: F401
-
-    _VLLM_ERROR = None
-except Exception as exc:  # noqa: BLE001
-    _VLLM_ERROR = f"vllm is not importable ({type(exc).__name__}: {exc}); run scripts/install_vllm_cpu.sh"
-
-if _VLLM_ERROR:
-    pytest.skip(_VLLM_ERROR, allow_module_level=True)
+skip_without_vllm()
 
 from conftest import save_tiny_llama  # noqa: E402
-from kakeya_py.integrations.vllm_engine import VLLMEngine, lumped_kl, topk_from_logits  # noqa: E402
-from kakeya_py.policy import Policy, PolicyCodec, load_policy  # noqa: E402
-
-CTX, N_EVAL = 48, 16
-LEN = CTX + N_EVAL + 1
+from kakeya_py.integrations.vllm_engine import lumped_kl  # noqa: E402
+from kakeya_py.policy import Policy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,30 +43,6 @@ def tiny_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llama_vllm")
     save_tiny_llama(folder, hidden_size=128, intermediate_size=192)  # head_dim 32, vLLM CPU minimum
     return str(folder)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    eng = VLLMEngine(tiny_dir, "float32", max_len=LEN, topk=5, threads=2, in_process=True)
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-
-
-class _Passage:
-    def __init__(self, ids):
-        self.token_ids, self.ctx, self.n_eval = list(ids), CTX, N_EVAL
-
-
-def _ids(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 256, (LEN,), generator=g).tolist()
 
 
 def _codec_policy(**kw) -> Policy:
@@ -86,29 +62,12 @@ def test_plugin_installed_on_every_layer(engine):
 
 def test_hook_placement_pre_rope_k_and_v_match_hf(engine, hf_model):
     """The captured prefix K is HF's k_proj output (pre-RoPE) and V is v_proj's, per layer."""
-    from kakeya_py.hooks import KVInterceptor
-
-    ids = _ids()
-    engine.configure(load_policy("identity"))
-    engine.set_phase("capture", prefix=CTX)
-    engine.prompt_topk(ids, CTX + 1, LEN)
-    engine.set_phase("off")
-    snap = engine.rpc("kakeya_snapshot")
+    snap, _ = assert_captured_kv_match_hf(engine, hf_model, passage_ids(1))
     assert sorted(snap) == [f"{la}.{s}" for la in range(3) for s in ("k", "v")]
-    seen = {}
-    with (
-        torch.inference_mode(),
-        KVInterceptor(hf_model, lambda la, s, x: seen.__setitem__((la, s), x[0].clone())),
-    ):
-        hf_model(input_ids=torch.tensor([ids]))
-    for (layer, stream), x in seen.items():
-        got = torch.tensor(snap[f"{layer}.{stream}"])
-        assert got.shape == (CTX, 2, 32)
-        torch.testing.assert_close(got, x[:CTX], rtol=1e-4, atol=1e-4)
 
 
 def test_events_follow_the_phase_window(engine):
-    ids = _ids(2)
+    ids = passage_ids(2)
     engine.configure(_codec_policy(exact_layers=[0], streams=["k", "v"]))
     for phase, kw, n in (
         ("in-forward", {"end": CTX + N_EVAL}, CTX + N_EVAL),
@@ -128,16 +87,12 @@ def test_events_follow_the_phase_window(engine):
 
 @pytest.mark.parametrize("mode", ["snapshot", "in-forward", "prefix-in-forward"])
 def test_identity_codec_reproduces_codec_off_exactly(engine, mode):
-    engine.configure(load_policy("identity"))
-    ref, alt, ledger, _, _ = engine.run_passage(_Passage(_ids(3)), mode)
-    np.testing.assert_array_equal(ref.true_lp, alt.true_lp)
-    np.testing.assert_array_equal(ref.top_ids, alt.top_ids)
-    np.testing.assert_array_equal(ref.top_lp, alt.top_lp)
+    ledger = assert_identity_exact(engine, mode)
     assert ledger.ratio() is not None and all(ledger.compressed.values())
 
 
 def test_codec_changes_logprobs_and_streams_select(engine):
-    p = _Passage(_ids(4))
+    p = Passage(passage_ids(4))
     engine.configure(_codec_policy())
     ref, alt, led, _, _ = engine.run_passage(p, "snapshot")
     assert np.abs(alt.true_lp - ref.true_lp).max() > 1e-4
@@ -150,32 +105,11 @@ def test_codec_changes_logprobs_and_streams_select(engine):
 
 def test_snapshot_matches_hf_snapshot(engine, hf_model):
     """vLLM's capture/substitute gives HF's prefill -> compress -> evaluate log-probs."""
-    from kakeya_py.harness import HFRunner, Variant, codec_transform
-    from kakeya_py.policy import Ledger
-
-    ids = _ids(5)
+    ids = passage_ids(5)
     policy = _codec_policy(exact_layers=[-1], overrides={1: {"v": {"bits": 4}}})
     engine.configure(policy)
-    ref_v, alt_v, led_v, _, _ = engine.run_passage(_Passage(ids), "snapshot")
-
-    runner = HFRunner(hf_model)
-    codec = PolicyCodec(policy, 3)
-    t = torch.tensor([ids])
-    state = runner.prefill(t[:, :CTX])
-    led_h = Ledger()
-    reps = runner.snapshot_replacements(state, Variant("p", codec_transform(codec)), led_h, {})
-    targets = ids[CTX + 1 : LEN]
-    ref_h = topk_from_logits(runner.eval_logits(state, t[:, CTX : CTX + N_EVAL])[0].float(), targets, 5)
-    alt_h = topk_from_logits(runner.eval_logits(state, t[:, CTX : CTX + N_EVAL], reps)[0].float(), targets, 5)
-    np.testing.assert_allclose(ref_v.true_lp, ref_h.true_lp, atol=2e-4)
-    # The codec's effect is the same in both engines. Their K/V differ in the 7th digit, so a
-    # value on a 2-bit quantization boundary may take the other code in one engine (the
-    # codec is discontinuous there); one such flip moves a log-prob by ~4e-4 here. The bound
-    # is relative to the effect: a missing or misplaced substitution misses it by ~100%.
-    d_v, d_h = alt_v.true_lp - ref_v.true_lp, alt_h.true_lp - ref_h.true_lp
-    assert np.abs(d_h).max() > 1e-2
-    np.testing.assert_allclose(d_v, d_h, atol=0.02 * np.abs(d_h).max())
-    assert led_v.ratio() == pytest.approx(led_h.ratio())
+    ref_v, alt_v, led_v, _, _ = engine.run_passage(Passage(ids), "snapshot")
+    assert_snapshot_matches_hf((ref_v, alt_v, led_v), hf_snapshot(hf_model, ids, policy))
     assert lumped_kl(ref_v, alt_v).shape == (N_EVAL,)
 
 
