@@ -60,12 +60,14 @@ import json
 import math
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .report import fmt_num
 
 TF_TOP1_BOUND = 0.95
 RETRIEVAL_POINTS = 0.05
@@ -1098,9 +1100,107 @@ def _ci_pct(ci, d: int = 1) -> str:
 
 
 def _num(x, d: int = 4) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:.{d}f}" if x == 0 or 1e-3 <= abs(x) < 1e4 else f"{x:.{d - 1}e}"
+    """:func:`kakeya_py.report.fmt_num`, but in scientific notation from 1e4 (not 1e5) on."""
+    if x is not None and abs(x) >= 1e4:
+        return f"{x:.{d - 1}e}"
+    return fmt_num(x, d)
+
+
+def _with_ci(x, ci, fmt=_num) -> str:
+    """``x [lo, hi]``, each formatted by ``fmt``."""
+    return f"{fmt(x)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def _points(x) -> str:
+    """A difference of fractions in signed percentage points (``+1.5``), ``n/a`` for ``None``."""
+    return "n/a" if x is None else f"{x * 100:+.1f}"
+
+
+def _table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, then one line per row of cells."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [line(columns), "|" + "---|" * len(columns), *map(line, rows)]
+
+
+_TRAJECTORY_COLUMNS = (
+    "method | ratio | tf top-1 | 95% CI | KL mean [CI] | KL rmse | KL p95 | KL max | first div. median [CI] "
+    "| never div. | NLL own − greedy [CI]"
+).split(" | ")
+
+
+def _trajectory_cells(t: dict[str, Any]) -> list[str]:
+    ratio = (t.get("cache_bytes") or {}).get("ratio_vs_dynamic")
+    return [
+        t["method"],
+        "—" if ratio is None else f"{ratio:.2f}×",
+        _pct(t["tf_top1"], 2),
+        _ci_pct(t["tf_top1_ci95"], 2),
+        _with_ci(t["kl_mean"], t["kl_mean_ci95"]),
+        _num(t["kl_rmse"]),
+        _num(t["kl_p95"]),
+        _num(t["kl_max"]),
+        _with_ci(t["first_divergence_median"], t["first_divergence_median_ci95"], "{:.1f}".format),
+        _pct(t["never_diverged"], 0),
+        _with_ci(t["dnll_own_vs_greedy"], t["dnll_own_vs_greedy_ci95"], "{:+.3f}".format),
+    ]
+
+
+_RL_COLUMNS = (
+    "method | per token: ESS [CI] | k3 [CI] | \\|Δlog p\\| mean / max | outside 2× / 5× | clipped / veto "
+    "| top-1% mass | per seq: ESS | k3 | \\|Σ Δlog p\\| mean / max | outside 2× / 5× | veto"
+).split(" | ")
+
+
+def _rl_cells(x: dict[str, Any]) -> list[str]:
+    a, q = x["per_token"], x["per_sequence"]
+    return [
+        x["method"],
+        _with_ci(a["ess"], a["ess_ci95"]),
+        _with_ci(a["k3"], a["k3_ci95"]),
+        f"{_num(a['dlogp_mean'])} / {_num(a['dlogp_max'])}",
+        f"{_pct(a['frac_outside_2x'], 2)} / {_pct(a['frac_outside_5x'], 2)}",
+        f"{_pct(a['frac_clipped'], 2)} / {_pct(a['frac_veto'], 2)}",
+        _pct(a["top1pct_mass"]),
+        _num(q["ess"]),
+        _num(q["k3"]),
+        f"{_num(q['dlogp_mean'])} / {_num(q['dlogp_max'])}",
+        f"{_pct(q['frac_outside_2x'])} / {_pct(q['frac_outside_5x'])}",
+        _pct(q["seq_veto"]),
+    ]
+
+
+_RETRIEVAL_COLUMNS = (
+    "method | context | correct / trials | accuracy | Wilson 95% CI | baseline | Δ vs baseline (points) "
+    "| lost / gained"
+).split(" | ")
+
+
+def _retrieval_cells(x: dict[str, Any]) -> list[str]:
+    return [
+        x["method"],
+        f"{x['context']}",
+        f"{x['correct']} / {x['trials']}",
+        _pct(x["accuracy"]),
+        _ci_pct(x["accuracy_ci95"]),
+        _pct(x["baseline_accuracy"]),
+        _points(x["delta_vs_baseline"]),
+        f"{x['lost_vs_baseline']} / {x['gained_vs_baseline']}",
+    ]
+
+
+_VERDICT_COLUMNS = ("method", "verdict", "tf top-1 CI", "worst retrieval Δ")
+
+
+def _verdict_cells(v: dict[str, Any]) -> list[str]:
+    return [
+        v["method"],
+        f"**{v['verdict']}**",
+        _ci_pct(v["tf_top1_ci95"], 2),
+        _points(v["worst_retrieval_delta"]),
+    ]
 
 
 def _as_list(counts, settings) -> list[int]:
@@ -1131,23 +1231,7 @@ def generation_markdown(r: dict[str, Any]) -> str:
             f"### Trajectory and free running ({t0['prompts']} prompts × {s['prompt_tokens']} tokens, "
             f"{t0['gen_tokens']} generated)",
             "",
-            "| method | ratio | tf top-1 | 95% CI | KL mean [CI] | KL rmse | KL p95 | KL max | first div. median [CI] "
-            "| never div. | NLL own − greedy [CI] |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for t in r["trajectory"]:
-            cb = t.get("cache_bytes") or {}
-            ratio = cb.get("ratio_vs_dynamic")
-            lines.append(
-                f"| {t['method']} | {'—' if ratio is None else f'{ratio:.2f}×'} | {_pct(t['tf_top1'], 2)} | "
-                f"{_ci_pct(t['tf_top1_ci95'], 2)} | {_num(t['kl_mean'])} [{_num(t['kl_mean_ci95'][0])}, "
-                f"{_num(t['kl_mean_ci95'][1])}] | {_num(t['kl_rmse'])} | {_num(t['kl_p95'])} | {_num(t['kl_max'])} | "
-                f"{t['first_divergence_median']:.1f} [{t['first_divergence_median_ci95'][0]:.1f}, "
-                f"{t['first_divergence_median_ci95'][1]:.1f}] | {_pct(t['never_diverged'], 0)} | "
-                f"{t['dnll_own_vs_greedy']:+.3f} [{t['dnll_own_vs_greedy_ci95'][0]:+.3f}, "
-                f"{t['dnll_own_vs_greedy_ci95'][1]:+.3f}] |"
-            )
-        lines += [
+            *_table(_TRAJECTORY_COLUMNS, map(_trajectory_cells, r["trajectory"])),
             "",
             "ratio: DynamicCache bytes / bytes the method stores at the end of the teacher-forced run "
             "(both in the model's dtype; the window and sink count as stored). NLL: the reference model's "
@@ -1159,22 +1243,9 @@ def generation_markdown(r: dict[str, Any]) -> str:
             f"### RL view (temperature-1 samples from each cache, {s['gen_tokens']} tokens, scored by the "
             "uncompressed model; ρ = p_ref / p_alt)",
             "",
-            "| method | per token: ESS [CI] | k3 [CI] | \\|Δlog p\\| mean / max | outside 2× / 5× | clipped / veto "
-            "| top-1% mass | per seq: ESS | k3 | \\|Σ Δlog p\\| mean / max | outside 2× / 5× | veto |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *_table(_RL_COLUMNS, map(_rl_cells, r["rl"])),
+            "",
         ]
-        for x in r["rl"]:
-            a, q = x["per_token"], x["per_sequence"]
-            lines.append(
-                f"| {x['method']} | {_num(a['ess'])} [{_num(a['ess_ci95'][0])}, {_num(a['ess_ci95'][1])}] | "
-                f"{_num(a['k3'])} [{_num(a['k3_ci95'][0])}, {_num(a['k3_ci95'][1])}] | "
-                f"{_num(a['dlogp_mean'])} / {_num(a['dlogp_max'])} | {_pct(a['frac_outside_2x'], 2)} / "
-                f"{_pct(a['frac_outside_5x'], 2)} | {_pct(a['frac_clipped'], 2)} / {_pct(a['frac_veto'], 2)} | "
-                f"{_pct(a['top1pct_mass'])} | {_num(q['ess'])} | {_num(q['k3'])} | {_num(q['dlogp_mean'])} / "
-                f"{_num(q['dlogp_max'])} | {_pct(q['frac_outside_2x'])} / {_pct(q['frac_outside_5x'])} | "
-                f"{_pct(q['seq_veto'])} |"
-            )
-        lines += [""]
     if r["retrieval"]:
         task = r.get("retrieval_task", {})
         lines += [
@@ -1192,32 +1263,17 @@ def generation_markdown(r: dict[str, Any]) -> str:
                 else " (one needle per haystack)."
             ),
             "",
-            "| method | context | correct / trials | accuracy | Wilson 95% CI | baseline | Δ vs baseline (points) "
-            "| lost / gained |",
-            "|---|---|---|---|---|---|---|---|",
+            *_table(_RETRIEVAL_COLUMNS, map(_retrieval_cells, r["retrieval"])),
+            "",
         ]
-        for x in r["retrieval"]:
-            d = x["delta_vs_baseline"]
-            lines.append(
-                f"| {x['method']} | {x['context']} | {x['correct']} / {x['trials']} | {_pct(x['accuracy'])} | "
-                f"{_ci_pct(x['accuracy_ci95'])} | {_pct(x['baseline_accuracy'])} | "
-                f"{'n/a' if d is None else f'{d * 100:+.1f}'} | {x['lost_vs_baseline']} / {x['gained_vs_baseline']} |"
-            )
-        lines += [""]
     if r["verdicts"]:
         lines += [
             "### Generation verdict",
             "",
-            "| method | verdict | tf top-1 CI | worst retrieval Δ |",
-            "|---|---|---|---|",
+            *_table(_VERDICT_COLUMNS, map(_verdict_cells, r["verdicts"])),
+            "",
+            f"Rule: {r['verdict_rule']}.",
         ]
-        for v in r["verdicts"]:
-            w = v["worst_retrieval_delta"]
-            lines.append(
-                f"| {v['method']} | **{v['verdict']}** | {_ci_pct(v['tf_top1_ci95'], 2)} | "
-                f"{'n/a' if w is None else f'{w * 100:+.1f}'} |"
-            )
-        lines += ["", f"Rule: {r['verdict_rule']}."]
     return "\n".join(lines) + "\n"
 
 
