@@ -146,6 +146,30 @@ impl ScaleFormat {
     }
 }
 
+/// What mixes a block's coordinates before quantization (basis "none", allocation "uniform").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rotation {
+    /// Seeded randomized Hadamard: every coordinate gets the same spread.
+    #[default]
+    Hadamard,
+    /// None: the coordinates are already decorrelated and ordered by variance (a model
+    /// basis applied by the caller, `transform`); one step for all of them is the reverse
+    /// water-filling allocation, and entropy coding gives each group of [`COMPONENT_GROUP`]
+    /// coordinates its own frequency table (format version 6).
+    None,
+}
+
+impl Rotation {
+    /// Whether this is the default (Hadamard), omitted from the JSON form.
+    pub fn is_hadamard(&self) -> bool {
+        *self == Self::Hadamard
+    }
+}
+
+/// Coordinates per frequency table with rotation "none" and entropy coding.
+pub const COMPONENT_GROUP: usize = 8;
+
 /// Every parameter of the codec (docs/codec.md, "Configuration").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -202,6 +226,14 @@ pub struct CodecConfig {
     /// Storage of the scales. Omitted from the JSON form when float.
     #[serde(skip_serializing_if = "ScaleFormat::is_float")]
     pub scale_format: ScaleFormat,
+    /// Rotation before quantization. Omitted from the JSON form when Hadamard.
+    #[serde(skip_serializing_if = "Rotation::is_hadamard")]
+    pub rotation: Rotation,
+    /// SHA-256 (64 lowercase hex digits) of the per-model basis the caller applied to the
+    /// input before encoding and must invert after decoding (`kakeya_py.model_basis`); the
+    /// codec only carries it, so that the bytes name the basis they need. Omitted when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transform: Option<String>,
 }
 
 impl Default for CodecConfig {
@@ -228,6 +260,8 @@ impl Default for CodecConfig {
             entropy_coding: false,
             scale_granularity: ScaleGranularity::Vector,
             scale_format: ScaleFormat::Float,
+            rotation: Rotation::Hadamard,
+            transform: None,
         }
     }
 }
@@ -335,6 +369,27 @@ impl CodecConfig {
                 "scale_format",
                 "\"log8\" applies to allocation=\"uniform\" only",
             ));
+        }
+        if self.rotation == Rotation::None
+            && (self.basis != Basis::None || self.allocation != Allocation::Uniform)
+        {
+            return Err(invalid(
+                "rotation",
+                "\"none\" needs basis=\"none\" and allocation=\"uniform\" (the caller's model basis \
+                 replaces the PCA skeleton and the variance allocation)",
+            ));
+        }
+        if let Some(t) = &self.transform {
+            if t.len() != 64
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(invalid(
+                    "transform",
+                    format!("must be a SHA-256 of 64 lowercase hex digits, got {t:?}"),
+                ));
+            }
         }
         if self.basis == Basis::None {
             let reduced = if self.rank.is_some() {

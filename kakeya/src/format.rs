@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Allocation, Basis, CodecConfig, ScaleFormat, ScaleGranularity, SkeletonDtype};
+use crate::config::{
+    Allocation, Basis, CodecConfig, Rotation, ScaleFormat, ScaleGranularity, SkeletonDtype,
+};
 use crate::error::{CodecError, Result};
 use crate::tensor::DType;
 
@@ -15,12 +17,17 @@ pub const MAGIC: &[u8; 6] = b"KAKEYA";
 /// `entropy_coding` (a code-section mode byte in every block record) or
 /// `scale_granularity = "block"` (one scale per block record).
 /// Version 5 adds `scale_format = "log8"` (one byte per scale and a base per record).
-pub const FORMAT_VERSION: u16 = 5;
+/// Version 6 adds `rotation = "none"` (one code section per group of coordinates with
+/// entropy coding) and `transform` (the caller's model basis, named by hash).
+pub const FORMAT_VERSION: u16 = 6;
 /// The oldest format version this library reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 
 /// The version an encoding with `config` is written with.
 pub fn version_for(config: &CodecConfig) -> u16 {
+    if config.rotation == Rotation::None || config.transform.is_some() {
+        return 6;
+    }
     if config.scale_format == ScaleFormat::Log8 {
         return 5;
     }
@@ -274,13 +281,16 @@ pub fn split(bytes: &[u8]) -> Result<(Header, &[u8], usize)> {
     if version < version_for(&header.config) {
         return Err(CodecError::Corrupt(format!(
             "allocation {:?}, basis {:?}, uniform_step {:?}, entropy_coding {}, \
-             scale_granularity {:?} and scale_format {:?} need format version {}, the bytes say {version}",
+             scale_granularity {:?}, scale_format {:?}, rotation {:?} and transform {:?} need format \
+             version {}, the bytes say {version}",
             header.config.allocation,
             header.config.basis,
             header.config.uniform_step,
             header.config.entropy_coding,
             header.config.scale_granularity,
             header.config.scale_format,
+            header.config.rotation,
+            header.config.transform,
             version_for(&header.config)
         )));
     }

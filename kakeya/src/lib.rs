@@ -40,7 +40,8 @@ pub mod tensor;
 
 pub use codec::{encode, Encoded};
 pub use config::{
-    Allocation, Basis, CodecConfig, Metric, PcaMethod, ScaleFormat, ScaleGranularity, SkeletonDtype,
+    Allocation, Basis, CodecConfig, Metric, PcaMethod, Rotation, ScaleFormat, ScaleGranularity,
+    SkeletonDtype,
 };
 pub use error::{CodecError, Result};
 pub use format::{ScaleDtype, FORMAT_VERSION, MIN_FORMAT_VERSION};

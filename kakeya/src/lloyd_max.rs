@@ -204,6 +204,16 @@ pub fn uniform_table(bits: u8, step: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Mid-tread uniform levels `(i − 2^(bits−1))·step`, `i = 0..2^bits`: zero is a level, so a
+/// coordinate whose spread is well below the step codes to one symbol and, entropy-coded,
+/// costs almost nothing (rotation "none").
+pub fn midtread_table(bits: u8, step: f32) -> Vec<f32> {
+    let middle = (1i64 << (bits - 1)) as f64;
+    (0..1i64 << bits)
+        .map(|i| ((i as f64 - middle) * f64::from(step)) as f32)
+        .collect()
+}
+
 /// Checks a caller's centroid table for `bits`.
 pub fn validate_centroids(centroids: &[f32], bits: u8) -> Result<()> {
     let levels = 1usize << bits;
@@ -254,7 +264,15 @@ impl Quantizer {
     /// Coder for [`uniform_table`]`(bits, step)`: the same codes as [`Quantizer::new`] of
     /// that table, found from `z / step` and checked against the neighbouring boundaries.
     pub fn uniform(bits: u8, step: f32) -> Self {
-        let table = uniform_table(bits, step);
+        Self::uniform_grid(uniform_table(bits, step), step)
+    }
+
+    /// The quantizer of [`midtread_table`].
+    pub fn midtread(bits: u8, step: f32) -> Self {
+        Self::uniform_grid(midtread_table(bits, step), step)
+    }
+
+    fn uniform_grid(table: Vec<f32>, step: f32) -> Self {
         Self {
             uniform: Some((table[0], 1.0 / step)),
             ..Self::new(&table)

@@ -1285,3 +1285,162 @@ proptest! {
         }
     }
 }
+
+/// Decorrelated coordinates with spreads `2^(−j/4)`, largest first: what a model basis
+/// (`kakeya_py.model_basis`) hands the codec with rotation "none".
+fn ordered_spectrum(shape: [usize; 3], seed: u64) -> Vec<f32> {
+    let d = shape[2];
+    gaussian(shape.iter().product(), seed)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| v * 2f32.powf(-((i % d) as f32) / 4.0))
+        .collect()
+}
+
+fn basis_config(step: f32, rotation: kakeya::Rotation) -> CodecConfig {
+    CodecConfig {
+        bits: 8,
+        block_size: 512,
+        basis: Basis::None,
+        share_basis: true,
+        uniform_step: Some(step),
+        entropy_coding: true,
+        scale_granularity: ScaleGranularity::Block,
+        outlier_threshold: Some(120.0 * step),
+        rotation,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn rotation_none_spends_bits_where_the_variance_is() {
+    // Reverse water-filling: with one step for every coordinate of a decaying spectrum, the
+    // coordinates below the step cost almost nothing; a Hadamard rotation spreads the
+    // variance evenly and pays for every coordinate. At the same step (the same error per
+    // coded coordinate) rotation "none" must be much smaller and no less accurate.
+    let shape = [1024, 2, 64];
+    let x = ordered_spectrum(shape, 41);
+    for step in [0.05f32, 0.1, 0.2] {
+        let (y_none, enc_none) =
+            roundtrip(&x, shape, &basis_config(step, kakeya::Rotation::None), None);
+        let (y_had, enc_had) = roundtrip(
+            &x,
+            shape,
+            &basis_config(step, kakeya::Rotation::Hadamard),
+            None,
+        );
+        let (e_none, e_had) = (
+            relative_error(&x, &y_none, shape, None),
+            relative_error(&x, &y_had, shape, None),
+        );
+        assert!(
+            (enc_none.nbytes() as f64) < 0.8 * enc_had.nbytes() as f64,
+            "step {step}: none {} B vs hadamard {} B",
+            enc_none.nbytes(),
+            enc_had.nbytes()
+        );
+        assert!(
+            e_none <= 1.05 * e_had,
+            "step {step}: error none {e_none} vs hadamard {e_had}"
+        );
+        assert_eq!(enc_none.header().version, 6);
+    }
+}
+
+#[test]
+fn grouped_entropy_coding_is_lossless() {
+    // Widths that are not a multiple of the group size, and 4-bit codes some of whose
+    // groups fall back to packing.
+    for (dim, bits, step) in [(20usize, 8u8, 0.1f32), (64, 4, 0.5), (7, 6, 0.2)] {
+        let shape = [300, 2, dim];
+        let x = ordered_spectrum(shape, 43 + dim as u64);
+        let coded = CodecConfig {
+            bits,
+            block_size: 128,
+            outlier_threshold: Some(((1u32 << (bits - 1)) - 1) as f32 * step),
+            ..basis_config(step, kakeya::Rotation::None)
+        };
+        let packed = CodecConfig {
+            entropy_coding: false,
+            ..coded.clone()
+        };
+        let (y_coded, enc_coded) = roundtrip(&x, shape, &coded, None);
+        let (y_packed, _) = roundtrip(&x, shape, &packed, None);
+        assert_eq!(y_coded, y_packed, "dim {dim} bits {bits}");
+        let again = encode(
+            TensorView::new(Elements::F32(&x), shape).unwrap(),
+            &coded,
+            None,
+            Some(1),
+        )
+        .unwrap();
+        assert_eq!(
+            again.as_bytes(),
+            enc_coded.as_bytes(),
+            "thread count changed the bytes"
+        );
+    }
+}
+
+#[test]
+fn rotation_none_and_transform_are_checked() {
+    let bad_basis = CodecConfig {
+        rotation: kakeya::Rotation::None,
+        ..Default::default()
+    };
+    assert!(
+        matches!(bad_basis.validate(), Err(CodecError::InvalidConfig { field, .. }) if field == "rotation")
+    );
+    for bad in ["abc", &"A".repeat(64), &"g".repeat(64)] {
+        let config = CodecConfig {
+            transform: Some(bad.to_string()),
+            ..Default::default()
+        };
+        assert!(
+            matches!(config.validate(), Err(CodecError::InvalidConfig { field, .. }) if field == "transform"),
+            "{bad:?} accepted"
+        );
+    }
+    let named = CodecConfig {
+        transform: Some("0123456789abcdef".repeat(4)),
+        ..basis_config(0.1, kakeya::Rotation::None)
+    };
+    let shape = [64, 1, 16];
+    let (_, enc) = roundtrip(&ordered_spectrum(shape, 44), shape, &named, None);
+    assert_eq!(enc.header().config.transform, named.transform);
+}
+
+proptest! {
+    /// Rotation "none": every decoded value within half a step (in units of its scale) of
+    /// the input, wherever it was not stored as an outlier; outliers within f16 rounding.
+    #[test]
+    fn rotation_none_error_is_half_a_step(
+        dim in 1usize..40, bits in 4u8..=8, step in 0.02f32..0.5, block in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let shape = [97, 2, dim];
+        let x = ordered_spectrum(shape, seed);
+        let config = CodecConfig {
+            bits,
+            block_size: 64,
+            scale_granularity: if block { ScaleGranularity::Block } else { ScaleGranularity::Vector },
+            outlier_threshold: Some(((1u32 << (bits - 1)) - 1) as f32 * step),
+            ..basis_config(step, kakeya::Rotation::None)
+        };
+        let (y, _) = roundtrip(&x, shape, &config, None);
+        // Largest value of each block and head bounds its scale and its f16 rounding.
+        for (tok, (row_x, row_y)) in x.chunks_exact(2 * dim).zip(y.chunks_exact(2 * dim)).enumerate() {
+            let b = tok / 64;
+            for h in 0..2 {
+                let peak = x.chunks_exact(2 * dim).skip(b * 64).take(64)
+                    .flat_map(|r| r[h * dim..(h + 1) * dim].iter().map(|v| v.abs()))
+                    .fold(0.0f32, f32::max);
+                for j in 0..dim {
+                    let err = (row_x[h * dim + j] - row_y[h * dim + j]).abs();
+                    prop_assert!(err <= 2.0 * peak * (step / 2.0 + 2e-3) + 1e-6,
+                        "tok {} head {} coord {}: error {} (peak {}, step {})", tok, h, j, err, peak, step);
+                }
+            }
+        }
+    }
+}

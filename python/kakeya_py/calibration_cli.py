@@ -1,8 +1,9 @@
-"""``kakeya calibrate``: ``sigma-q``, ``centroids``, ``policy`` and ``all`` (issue 5).
+"""``kakeya calibrate``: ``sigma-q``, ``centroids``, ``basis``, ``policy`` and ``all``.
 
 ```
 kakeya calibrate sigma-q   --model smollm2-135m --out DIR            # DIR/sigma_q.safetensors + .json
 kakeya calibrate centroids --model smollm2-135m --bits 2 3 4 --stream k v --out DIR [--sigma-q FILE]
+kakeya calibrate basis     --model smollm2-135m --sigma-q FILE --out DIR   # DIR/basis.safetensors + .json
 kakeya calibrate policy    --config recommended --centroids DIR [--sigma-q FILE] --out policy.json
 kakeya calibrate all       --model smollm2-135m --out calibration/smollm2-135m
 ```
@@ -121,6 +122,22 @@ def register(sub) -> None:
         "--sigma-tokens", type=int, default=32768, help="calibration tokens for Σ_q (default 32768)"
     )
     a.set_defaults(func=cmd_all)
+
+    b = csub.add_parser(
+        "basis", help="per-model coefficient bases: K in the Σ_q metric, V in the o_proj metric (model_basis)"
+    )
+    _common(b, tokens=16384, seq_len=1024)
+    b.add_argument(
+        "--sigma-q", default=None, help="Σ_q artifact for K's metric (sigma_q.safetensors or folder)"
+    )
+    b.add_argument(
+        "--k-metric", default="sigma_q", choices=["plain", "sigma_q"], help="K metric (default sigma_q)"
+    )
+    b.add_argument(
+        "--v-metric", default="o_proj", choices=["plain", "o_proj"], help="V metric (default o_proj)"
+    )
+    b.add_argument("--sink-tokens", type=int, default=1, help="leading positions left out (default 1)")
+    b.set_defaults(func=cmd_basis)
 
     o = csub.add_parser("policy", help="write a policy JSON with fitted centroids (and Σ_q for K) applied")
     o.add_argument("--config", default="recommended", help="base policy: preset or JSON file")
@@ -332,6 +349,47 @@ def cmd_all(args) -> int:
     variants = {"plain": None, "sigma_q": sigma}
     outs = {"plain": out / "centroids", "sigma_q": out / "centroids-sigma-q"}
     _centroids(args, model, tok, info, corpus, text_fn, variants, outs, text=text, captured=captured)
+    return 0
+
+
+def cmd_basis(args) -> int:
+    from .calibration import load_sigma_q_artifact
+    from .model_basis import fit_basis, save_basis
+
+    model, tok, info, corpus, text_fn = _setup(args)
+    sigma = None if args.sigma_q is None else load_sigma_q_artifact(args.sigma_q, info)
+    text = text_fn(corpus, tok, tokens=args.tokens, seq_len=args.seq_len)
+    metrics = {"k": args.k_metric, "v": args.v_metric}
+    fits = fit_basis(
+        model,
+        info,
+        text.sequences,
+        metrics=metrics,
+        sigma_q=sigma,
+        sink_tokens=args.sink_tokens,
+        progress=not args.no_progress,
+    )
+    extra = {"tokens": text.tokens, "seq_len": text.seq_len, "sink_tokens": args.sink_tokens}
+    if sigma is not None:
+        extra["sigma_q"] = {"file": str(sigma.path), "sha256": sigma.record.get("safetensors_sha256")}
+    from .calibration import _model_dict
+
+    path = save_basis(
+        args.out,
+        fits,
+        model=_model_dict(info),
+        text=text.usage,
+        metrics=metrics,
+        command=_command(args),
+        extra=extra,
+    )
+    from .model_basis import load_basis
+
+    basis = load_basis(path)
+    print(
+        f"basis: {info.num_layers} layers x {len(metrics)} streams x {info.num_kv_heads} kv-heads from "
+        f"{text.tokens} calibration tokens -> {path} ({basis.nbytes / 1e6:.2f} MB, sha256 {basis.sha256[:16]}…)"
+    )
     return 0
 
 

@@ -213,6 +213,9 @@ class Policy:
     streams: tuple[str, ...] = STREAMS
     k_position: str = "pre_rope"
     sigma_q: str | None = None
+    #: per-model coefficient basis (``basis.safetensors``, :mod:`kakeya_py.model_basis`) that
+    #: configs with ``transform`` set are coded in; the configs name it by its SHA-256
+    basis: str | None = None
     description: str = ""
     sink_tokens: int = 0  # leading positions of each sequence kept exact (attention sinks)
     #: the last positions of what the codec is given kept exact (bf16 bytes, counted): in
@@ -246,13 +249,20 @@ class Policy:
         k_ip = self.k is not None and getattr(self.k, "metric", "mse") == "inner_product"
         if k_ip and self.sigma_q is None:
             raise ValueError("K uses metric='inner_product', which needs a Σ_q file (policy 'sigma_q')")
+        uses_basis = any(getattr(c, "transform", None) for c in (self.k, self.v) if c is not None) or any(
+            isinstance(part, Mapping) and part.get("transform")
+            for per in self.overrides.values()
+            for part in per.values()
+        )
+        if uses_basis and self.basis is None:
+            raise ValueError("a config sets 'transform', which needs a model basis file (policy 'basis')")
 
     # -- (de)serialisation ----------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, name: str | None = None) -> Policy:
         known = {"name", "description", "k", "v", "exact_layers", "overrides", "layers", "streams"}
         known |= {"k_position", "sigma_q", "sink_tokens", "window_tokens", "provenance"}
-        known |= {"model"}
+        known |= {"model", "basis"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown policy fields {sorted(unknown)}; expected some of {sorted(known)}")
@@ -267,6 +277,7 @@ class Policy:
             streams=tuple(d.get("streams", STREAMS)),
             k_position=d.get("k_position", "pre_rope"),
             sigma_q=d.get("sigma_q"),
+            basis=d.get("basis"),
             sink_tokens=d.get("sink_tokens", 0),
             window_tokens=d.get("window_tokens", 0),
             model=d.get("model"),
@@ -285,6 +296,7 @@ class Policy:
             "streams": list(self.streams),
             "k_position": self.k_position,
             "sigma_q": self.sigma_q,
+            "basis": self.basis,
             "sink_tokens": self.sink_tokens,
             "window_tokens": self.window_tokens,
             "model": copy.deepcopy(self.model),
@@ -523,9 +535,21 @@ def load_policy(spec: str) -> Policy:
     if not ({"k", "v", "exact_layers", "overrides", "streams"} & set(d)):
         d = {"k": d, "v": d}
     policy = Policy.from_dict(d, name=d.get("name", path.stem))
-    if policy.sigma_q is not None and not os.path.isabs(policy.sigma_q):
-        policy.sigma_q = str((path.parent / policy.sigma_q).resolve())
+    for name in ("sigma_q", "basis"):
+        value = getattr(policy, name)
+        if value is not None and not os.path.isabs(value):
+            setattr(policy, name, _resolve_artifact(value, path.parent))
     return policy
+
+
+def _resolve_artifact(value: str, folder: Path) -> str:
+    """A relative artifact path of a policy file: beside the file, else from the repository root
+    (presets name ``calibration/<model>/...``)."""
+    here = folder / value
+    if here.exists():
+        return str(here.resolve())
+    root = Path(__file__).resolve().parents[2] / value
+    return str(root.resolve()) if root.exists() else str(here.resolve())
 
 
 # -- Σ_q ---------------------------------------------------------------------------------
@@ -609,6 +633,17 @@ class PolicyCodec:
         )
         if needs_sigma and sigma_q is None:
             raise ValueError("the policy uses metric='inner_product' for K but no Σ_q was loaded")
+        self.basis = None
+        hashes = {c.transform for c in self._configs.values() if c is not None and c.transform}
+        if hashes:
+            from .model_basis import load_basis
+
+            self.basis = load_basis(policy.basis)
+            if hashes != {self.basis.sha256}:
+                raise ValueError(
+                    f"the policy's configs name model basis {sorted(h[:16] for h in hashes)}, but "
+                    f"{policy.basis} has SHA-256 {self.basis.sha256[:16]}…"
+                )
 
     def config(self, layer: int, stream: str):
         return self._configs[(layer, stream)]
@@ -626,12 +661,20 @@ class PolicyCodec:
             kwargs["preconditioner"] = self.sigma_q.factors[layer]
         if self.threads is not None:
             kwargs["threads"] = self.threads
-        return roundtrip_after_sink(
-            x,
-            self.policy.sink_tokens,
-            lambda rest: self._roundtrip(rest, cfg, **kwargs),
-            self.policy.window_tokens,
-        )
+        fn = lambda rest: self._roundtrip(rest, cfg, **kwargs)  # noqa: E731
+        if cfg.transform:
+            fn = self._in_basis(layer, stream, fn)
+        return roundtrip_after_sink(x, self.policy.sink_tokens, fn, self.policy.window_tokens)
+
+    def _in_basis(self, layer: int, stream: str, fn: Callable[[Any], tuple[Any, int]]):
+        """``fn`` applied to the coefficients ``T x`` and the result mapped back by ``T⁻¹``."""
+        basis = self.basis
+
+        def roundtrip(rest):
+            coded, nbytes = fn(basis.apply(layer, stream, rest))
+            return basis.invert(layer, stream, coded).to(rest.dtype), nbytes
+
+        return roundtrip
 
 
 def roundtrip_after_sink(

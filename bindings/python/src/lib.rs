@@ -4,7 +4,7 @@
 
 use kakeya::{
     encode, Allocation, Basis, CodecConfig, CodecError, DType, Elements, Encoded, Metric,
-    OwnedElements, PcaMethod, ScaleFormat, ScaleGranularity, SkeletonDtype, TensorView,
+    OwnedElements, PcaMethod, Rotation, ScaleFormat, ScaleGranularity, SkeletonDtype, TensorView,
 };
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -90,7 +90,7 @@ fn to_py_err(err: CodecError) -> PyErr {
     }
 }
 
-const FIELDS: [&str; 21] = [
+const FIELDS: [&str; 23] = [
     "bits",
     "block_size",
     "pca",
@@ -112,6 +112,8 @@ const FIELDS: [&str; 21] = [
     "entropy_coding",
     "scale_granularity",
     "scale_format",
+    "rotation",
+    "transform",
 ];
 
 fn py_bool(v: bool) -> &'static str {
@@ -151,7 +153,8 @@ impl PyCodecConfig {
     #[pyo3(signature = (*, bits=3, block_size=1024, pca="exact", variance_ratio=1.0, rank=None, rank_cap=None,
         share_basis=false, outlier_threshold=None, metric="mse", centroids=None, skeleton_dtype="f16", seed=0,
         oversampling=8, power_iters=2, identity=false, allocation="uniform", basis="pca", uniform_step=None,
-        entropy_coding=false, scale_granularity="vector", scale_format="float"))]
+        entropy_coding=false, scale_granularity="vector", scale_format="float", rotation="hadamard",
+        transform=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         bits: i64,
@@ -175,6 +178,8 @@ impl PyCodecConfig {
         entropy_coding: bool,
         scale_granularity: &str,
         scale_format: &str,
+        rotation: &str,
+        transform: Option<String>,
     ) -> PyResult<Self> {
         let count = |field: &'static str, v: i64| -> PyResult<usize> {
             usize::try_from(v).map_err(|_| {
@@ -249,6 +254,12 @@ impl PyCodecConfig {
                 scale_format,
                 &[("float", ScaleFormat::Float), ("log8", ScaleFormat::Log8)],
             )?,
+            rotation: parse_choice(
+                "rotation",
+                rotation,
+                &[("hadamard", Rotation::Hadamard), ("none", Rotation::None)],
+            )?,
+            transform,
         };
         inner.validate().map_err(to_py_err)?;
         Ok(Self { inner })
@@ -282,6 +293,10 @@ impl PyCodecConfig {
         dict.set_item("entropy_coding", self.inner.entropy_coding)?;
         dict.set_item("scale_granularity", self.scale_granularity())?;
         dict.set_item("scale_format", self.scale_format())?;
+        dict.set_item("rotation", self.rotation())?;
+        if self.inner.transform.is_none() {
+            dict.set_item("transform", py.None())?;
+        }
         Ok(dict)
     }
 
@@ -307,7 +322,7 @@ impl PyCodecConfig {
             "CodecConfig(bits={}, block_size={}, pca='{}', variance_ratio={:?}, rank={}, rank_cap={}, share_basis={}, \
              outlier_threshold={}, metric='{}', centroids={}, skeleton_dtype='{}', seed={}, oversampling={}, \
              power_iters={}, identity={}, allocation='{}', basis='{}', uniform_step={}, entropy_coding={}, \
-             scale_granularity='{}', scale_format='{}')",
+             scale_granularity='{}', scale_format='{}', rotation='{}', transform={})",
             c.bits,
             c.block_size,
             self.pca(),
@@ -329,6 +344,8 @@ impl PyCodecConfig {
             py_bool(c.entropy_coding),
             self.scale_granularity(),
             self.scale_format(),
+            self.rotation(),
+            opt(c.transform.as_ref().map(|v| format!("'{v}'"))),
         )
     }
 
@@ -427,6 +444,17 @@ impl PyCodecConfig {
             ScaleGranularity::Vector => "vector",
             ScaleGranularity::Block => "block",
         }
+    }
+    #[getter]
+    fn rotation(&self) -> &'static str {
+        match self.inner.rotation {
+            Rotation::Hadamard => "hadamard",
+            Rotation::None => "none",
+        }
+    }
+    #[getter]
+    fn transform(&self) -> Option<String> {
+        self.inner.transform.clone()
     }
     #[getter]
     fn scale_format(&self) -> &'static str {

@@ -6,9 +6,9 @@ use faer::{Accum, MatMut, MatRef, Par};
 
 use super::records::{BlockRecord, CodeValues, Codes};
 use super::variance::{width_quantizers, BitAllocation};
-use super::{quantizer_for, right_multiply, unrotated_basis, Encoded};
+use super::{coded_width, quantizer_for, right_multiply, unrotated_basis, Encoded};
 use crate::bitpack;
-use crate::config::{Allocation, Basis};
+use crate::config::{Allocation, Basis, Rotation};
 use crate::error::{CodecError, Result};
 use crate::hadamard;
 use crate::parallel::{for_each_chunk_mut, map_jobs};
@@ -121,7 +121,8 @@ impl Encoded {
             .as_ref()
             .unwrap_or_else(|| &self.shared[h]);
         let identity = sk.has_identity_basis();
-        let padded = hadamard::padded_len(sk.rank);
+        let padded = coded_width(sk.rank, config);
+        let rotate = config.rotation == Rotation::Hadamard;
         // y: n × width; map: width × D (None: y's first D columns are the rows).
         let (y, width, mut map) = if config.allocation == Allocation::Variance {
             let alloc = record
@@ -145,7 +146,7 @@ impl Encoded {
             let signs = hadamard::signs(config.seed, padded);
             for (row, &s) in z.chunks_exact_mut(padded).zip(&record.scales) {
                 row.iter_mut().for_each(|v| *v *= s);
-                if identity {
+                if identity && rotate {
                     hadamard::unrotate(row, &signs);
                 }
             }
@@ -229,6 +230,7 @@ impl Encoded {
         let config = &self.header.config;
         let dim = self.header.shape[2];
         config.basis == Basis::None
+            && config.rotation == Rotation::Hadamard
             && config.allocation == Allocation::Uniform
             && self.preconditioner.is_none()
             && dim.is_power_of_two()

@@ -5,14 +5,17 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
 use super::records::{
-    round_scale, write_codes, write_outliers, write_rounded_scales, write_skeleton,
+    round_scale, write_codes, write_grouped_codes, write_outliers, write_rounded_scales,
+    write_skeleton,
 };
 use super::variance::{
     allocation_of, variance_scales, width_quantizers, write_allocation, BitAllocation,
 };
-use super::{lower_triangular_inverse, quantizer_for, right_multiply, unrotated_basis, Encoded};
+use super::{
+    coded_width, lower_triangular_inverse, quantizer_for, right_multiply, unrotated_basis, Encoded,
+};
 use crate::bitpack;
-use crate::config::{Allocation, CodecConfig, Metric, ScaleFormat, ScaleGranularity};
+use crate::config::{Allocation, CodecConfig, Metric, Rotation, ScaleFormat, ScaleGranularity};
 use crate::error::{CodecError, Result};
 use crate::format::{self, Header, ScaleDtype, Writer, MAGIC};
 use crate::hadamard;
@@ -104,11 +107,15 @@ fn rotate_rows(
     coef: Vec<f32>,
     n: usize,
     rank: usize,
-    seed: u64,
+    config: &CodecConfig,
     block_scale: bool,
 ) -> (Vec<f32>, Vec<f32>) {
-    let padded = hadamard::padded_len(rank);
-    let signs = hadamard::signs(seed, padded);
+    let padded = coded_width(rank, config);
+    if config.rotation == Rotation::None {
+        let scales = row_scales(&coef, n, padded, block_scale);
+        return (coef, scales);
+    }
+    let signs = hadamard::signs(config.seed, padded);
     let mut rotated = if padded == rank {
         coef // nothing to pad: rotate in place
     } else {
@@ -278,13 +285,7 @@ pub fn encode(
             let (rotated, scales) = if variance {
                 (pca::project(rows, dim, sk), Vec::new())
             } else if sk.has_identity_basis() || rank == 0 {
-                rotate_rows(
-                    pca::project(rows, dim, sk),
-                    n,
-                    rank,
-                    config.seed,
-                    block_scale,
-                )
+                rotate_rows(pca::project(rows, dim, sk), n, rank, config, block_scale)
             } else {
                 project_rotated(&rows, dim, sk, config.seed, block_scale)
             };
@@ -481,7 +482,7 @@ fn quantize_block(
     if let Some(sk) = &block.own_skeleton {
         write_skeleton(&mut w, sk, config.skeleton_dtype);
     }
-    let padded = hadamard::padded_len(block.rank);
+    let padded = coded_width(block.rank, config);
     if padded == 0 {
         return w.buf;
     }
@@ -519,7 +520,11 @@ fn quantize_block(
             }
         }
     }
-    write_codes(&mut w, &codes, config.bits, config.entropy_coding);
+    if config.rotation == Rotation::None && config.entropy_coding {
+        write_grouped_codes(&mut w, &codes, padded, config.bits);
+    } else {
+        write_codes(&mut w, &codes, config.bits, config.entropy_coding);
+    }
     if config.outlier_threshold.is_some() {
         write_outliers(&mut w, &outliers, n, padded);
     }

@@ -71,7 +71,7 @@ impl Encoded {
                     .clone();
                 let codes = match &record.codes {
                     Codes::Packed(bytes) => bytes.to_vec(),
-                    Codes::Entropy { .. } => {
+                    Codes::Entropy { .. } | Codes::Groups { .. } => {
                         let values = record.codes.values(n * dim)?;
                         let mut packed = vec![0u8; bitpack::packed_len(n * dim, config.bits)];
                         bitpack::pack(values.symbols(), config.bits, &mut packed);

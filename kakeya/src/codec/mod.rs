@@ -16,7 +16,7 @@ pub(crate) use layout::RowBlock;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use crate::config::CodecConfig;
+use crate::config::{CodecConfig, Rotation};
 use crate::format::Header;
 use crate::hadamard;
 use crate::lloyd_max::{gaussian_table, Quantizer};
@@ -56,9 +56,21 @@ pub struct Encoded {
     blocks: Vec<(usize, usize)>,
 }
 
+/// Coded values per row of a uniform-allocation block of rank `rank`: padded to the
+/// Hadamard size, or `rank` itself with rotation "none".
+fn coded_width(rank: usize, config: &CodecConfig) -> usize {
+    match config.rotation {
+        Rotation::Hadamard => hadamard::padded_len(rank),
+        Rotation::None => rank,
+    }
+}
+
 fn quantizer_for(config: &CodecConfig) -> Quantizer {
     match (&config.centroids, config.uniform_step) {
         (Some(table), _) => Quantizer::new(table),
+        (None, Some(step)) if config.rotation == Rotation::None => {
+            Quantizer::midtread(config.bits, step)
+        }
         (None, Some(step)) => Quantizer::uniform(config.bits, step),
         (None, None) => Quantizer::new(gaussian_table(config.bits)),
     }

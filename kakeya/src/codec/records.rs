@@ -2,13 +2,14 @@
 //! scales, codes, outliers) and the parser of one block record.
 
 use super::variance::{read_allocation, BitAllocation};
-use super::Encoded;
+use super::{coded_width, Encoded};
 use crate::bitpack;
-use crate::config::{Allocation, Basis, CodecConfig, ScaleGranularity, SkeletonDtype};
+use crate::config::{
+    Allocation, Basis, CodecConfig, Rotation, ScaleGranularity, SkeletonDtype, COMPONENT_GROUP,
+};
 use crate::entropy::{self, FrequencyTable};
 use crate::error::{CodecError, Result};
 use crate::format::{self, Reader, ScaleDtype, Writer};
-use crate::hadamard;
 use crate::log_scale;
 use crate::pca::Skeleton;
 
@@ -33,6 +34,13 @@ pub(super) enum Codes<'a> {
         table: FrequencyTable,
         stream: &'a [u8],
     },
+    /// Rotation "none" with entropy coding: one section per group of [`COMPONENT_GROUP`]
+    /// coordinates (rows of `width` values), each holding that group's codes row by row.
+    Groups {
+        width: usize,
+        bits: u8,
+        sections: Vec<Codes<'a>>,
+    },
 }
 
 /// Code-section mode bytes of format version 4 with `entropy_coding`.
@@ -55,6 +63,44 @@ impl<'a> Codes<'a> {
                 let mut symbols = vec![0u8; count];
                 entropy::decode(stream, table, &mut symbols)?;
                 CodeValues::Symbols(symbols)
+            }
+            Self::Groups {
+                width,
+                bits,
+                sections,
+            } => {
+                let rows = count / width;
+                let mut symbols = vec![0u8; count];
+                for (g, section) in sections.iter().enumerate() {
+                    let first = g * COMPONENT_GROUP;
+                    let w = COMPONENT_GROUP.min(width - first);
+                    let group = section.group_symbols(rows * w, *bits)?;
+                    for (row, codes) in symbols.chunks_exact_mut(*width).zip(group.chunks_exact(w))
+                    {
+                        row[first..first + w].copy_from_slice(codes);
+                    }
+                }
+                CodeValues::Symbols(symbols)
+            }
+        })
+    }
+
+    /// One group's `count` codes, one per byte.
+    fn group_symbols(&self, count: usize, bits: u8) -> Result<Vec<u8>> {
+        Ok(match self {
+            Self::Packed(bytes) => {
+                let table: Vec<f32> = (0..1u32 << bits).map(|i| i as f32).collect();
+                let mut values = vec![0.0f32; count];
+                bitpack::unpack_lookup(bytes, bits, &table, &mut values);
+                values.into_iter().map(|v| v as u8).collect()
+            }
+            Self::Entropy { table, stream } => {
+                let mut symbols = vec![0u8; count];
+                entropy::decode(stream, table, &mut symbols)?;
+                symbols
+            }
+            Self::Groups { .. } => {
+                return Err(CodecError::Corrupt("nested code groups".into()));
             }
         })
     }
@@ -169,6 +215,44 @@ pub(super) fn write_codes(w: &mut Writer, codes: &[u8], bits: u8, entropy: bool)
     bitpack::pack(codes, bits, &mut w.buf[start..]);
 }
 
+/// Rotation "none" with entropy coding: the `n × width` codes as one [`write_codes`]
+/// section per group of [`COMPONENT_GROUP`] coordinates, so that coordinates of similar
+/// spread share a frequency table.
+pub(super) fn write_grouped_codes(w: &mut Writer, codes: &[u8], width: usize, bits: u8) {
+    for first in (0..width).step_by(COMPONENT_GROUP) {
+        let gw = COMPONENT_GROUP.min(width - first);
+        let group: Vec<u8> = codes
+            .chunks_exact(width)
+            .flat_map(|row| row[first..first + gw].iter().copied())
+            .collect();
+        write_codes(w, &group, bits, true);
+    }
+}
+
+/// Reads the sections of [`write_grouped_codes`] for `n` rows of `width` codes.
+fn read_grouped_codes<'a>(
+    r: &mut Reader<'a>,
+    n: usize,
+    width: usize,
+    bits: u8,
+) -> Result<Codes<'a>> {
+    let mut sections = Vec::with_capacity(width.div_ceil(COMPONENT_GROUP));
+    for first in (0..width).step_by(COMPONENT_GROUP) {
+        let gw = COMPONENT_GROUP.min(width - first);
+        sections.push(read_codes(
+            r,
+            bitpack::packed_len(n * gw, bits),
+            bits,
+            true,
+        )?);
+    }
+    Ok(Codes::Groups {
+        width,
+        bits,
+        sections,
+    })
+}
+
 /// Reads a code section written by [`write_codes`] (`packed_len` bytes when packed).
 fn read_codes<'a>(
     r: &mut Reader<'a>,
@@ -270,7 +354,7 @@ impl Encoded {
             let width = if alloc.coded() == 0 { 0 } else { rank };
             (width, len, Some(alloc.bits.clone()))
         } else {
-            let padded = hadamard::padded_len(rank);
+            let padded = coded_width(rank, config);
             (padded, bitpack::packed_len(n * padded, config.bits), None)
         };
         let mut record = BlockRecord {
@@ -306,7 +390,11 @@ impl Encoded {
         if let Some(bad) = record.scales.iter().find(|&&s| s < 0.0) {
             return Err(CodecError::Corrupt(format!("negative scale {bad}")));
         }
-        record.codes = read_codes(&mut r, code_bytes, config.bits, config.entropy_coding)?;
+        record.codes = if config.rotation == Rotation::None && config.entropy_coding {
+            read_grouped_codes(&mut r, n, width, config.bits)?
+        } else {
+            read_codes(&mut r, code_bytes, config.bits, config.entropy_coding)?
+        };
         if config.outlier_threshold.is_some() {
             let padded = width;
             let seg_rows = segment_rows(padded);
