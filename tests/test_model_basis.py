@@ -179,3 +179,12 @@ def test_calibrate_basis_refuses_sigma_q_metric_without_artifact():
     info = SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=16, num_q_heads=4)
     with pytest.raises(mb.ModelBasisError, match="Σ_q"):
         mb.fit_basis(model, info, [[1, 2, 3]], metrics={"k": "sigma_q"}, progress=False)
+
+
+def test_kakeya_cache_refuses_a_basis_policy(tmp_path):
+    from kakeya_py.cache import KakeyaCache
+
+    model, _, path = _tiny_basis(tmp_path, {"k": "plain", "v": "plain"})
+    policy = _basis_policy(path, mb.load_basis(path).sha256)
+    with pytest.raises(ValueError, match="model basis"):
+        KakeyaCache(policy, model)

@@ -644,6 +644,11 @@ class KakeyaCache(Cache):
             raise ValueError(
                 "KakeyaCache does not load Σ_q pre-conditioners yet (policy names a sigma_q file)"
             )
+        if self.policy.basis is not None:
+            raise ValueError(
+                "KakeyaCache does not code in a model basis yet (the policy names a basis file); "
+                "model-basis policies run in kakeya eval (HF snapshot and vLLM)"
+            )
         self.residual_length = int(residual_length)
         self.sink_tokens = self.policy.sink_tokens
         self.block_tokens = int(block_tokens)
