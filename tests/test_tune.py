@@ -163,6 +163,154 @@ def test_the_shipped_tuned_preset_is_the_measured_policy():
             assert a.scale_format == "log8" and a.entropy_coding
 
 
+# -- model basis -------------------------------------------------------------------------------
+def _basis_rung(sha: str, step: float) -> dict:
+    return {
+        "bits": 8,
+        "block_size": 4096,
+        "share_basis": True,
+        "basis": "none",
+        "rotation": "none",
+        "uniform_step": step,
+        "entropy_coding": True,
+        "scale_granularity": "block",
+        "outlier_threshold": 120 * step,
+        "transform": sha,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_basis(tmp_path_factory, llama):
+    """A model basis of the tiny Llama (K plain metric, V o_proj) with a text record."""
+    from kakeya_py import model_basis as mb
+    from kakeya_py.models import describe_model
+
+    info = describe_model(llama, "tiny-llama", "tiny", "random", "0" * 64)
+    seqs = [random_ids(96, seed=s)[0].tolist() for s in range(3)]
+    metrics = {"k": "plain", "v": "o_proj"}
+    fits = mb.fit_basis(llama, info, seqs, metrics=metrics, progress=False)
+    text = {"corpus": "random", "sha256": "f" * 64, "part": "calibration", "articles": [3, 7]}
+    folder = tmp_path_factory.mktemp("basis")
+    path = mb.save_basis(folder, fits, model={"name": "tiny-llama"}, text=text, metrics=metrics, command="t")
+    return mb.load_basis(path)
+
+
+def _basis_ladder(basis, sha: str | None = None) -> Ladder:
+    sha = basis.sha256 if sha is None else sha
+    return Ladder.from_dict(
+        {
+            "basis": str(basis.path),
+            "k": [None, _basis_rung(sha, 0.2), _basis_rung(sha, 0.5)],
+            "v": [_basis_rung(sha, 0.3), _basis_rung(sha, 0.8)],
+        }
+    )
+
+
+def test_basis_rungs_round_trip_as_the_written_policy_codes_them(tiny_basis):
+    """LadderCodec codes a rung with ``transform`` in the model basis exactly as PolicyCodec
+    codes the policy state_policy writes: same tensors, same bytes (sink kept exact)."""
+    import torch
+
+    ladder = _basis_ladder(tiny_basis)
+    codec = LadderCodec(ladder, sink_tokens=1)
+    assert codec.basis.sha256 == tiny_basis.sha256
+    state = {(0, "k"): 1, (0, "v"): 0, (1, "k"): 2, (1, "v"): 1, (2, "k"): 0, (2, "v"): 1}
+    policy = state_policy(state, ladder, 3, sink_tokens=1)
+    assert policy.basis == str(tiny_basis.path)
+    pc = PolicyCodec(policy, 3)
+    gen = torch.Generator().manual_seed(0)
+    for (layer, s), rung in state.items():
+        x = torch.randn(48, 2, 16, generator=gen) * torch.linspace(4, 0.1, 16)
+        got, nbytes = codec.roundtrip(layer, s, rung, x)
+        want, want_bytes = pc.roundtrip(layer, s, x)
+        assert (got is x) == (want is x) and nbytes == want_bytes
+        if ladder.configs[s][rung] is None:
+            assert got is x and nbytes is None
+            continue
+        assert torch.equal(got, want) and torch.equal(got[:1], x[:1]) and not torch.equal(got, x)
+        # by hand: the coefficients T x coded with the rung's config (transform dropped), mapped back
+        step = ladder.configs[s][rung].uniform_step
+        hand = LadderCodec(Ladder.from_dict([{**_basis_rung("0" * 64, step), "transform": None}]))
+        coded, _ = hand.roundtrip(layer, s, 0, tiny_basis.apply(layer, s, x[1:].contiguous()))
+        assert torch.equal(got[1:], tiny_basis.invert(layer, s, coded))
+        assert not torch.equal(got[1:], hand.roundtrip(layer, s, 0, x[1:].contiguous())[0])
+
+
+def test_a_search_over_basis_rungs_measures_what_the_written_policy_measures(llama, tiny_basis):
+    ladder = _basis_ladder(tiny_basis)
+    codec = LadderCodec(ladder, threads=2, sink_tokens=1)
+    settings = TuneSettings(budget_dppl=1e9, min_top1=0.0, check_every=4, max_rounds=1)
+    result = search(reusing_runner(llama), passages(), ladder, codec, settings, progress=False)
+    assert any(r > 0 for r in result.state.values()) and result.search["ratio"] > 1
+    policy = state_policy(result.state, ladder, 3, sink_tokens=1)
+    summary, ledger = measure_policy(llama, policy)
+    assert summary["dppl"] == result.search["dppl"] and summary["top1"] == result.search["top1"]
+    assert sum(ledger.stored.values()) == result.search["bytes_stored"]
+
+
+def test_a_ladder_naming_another_basis_is_refused(tiny_basis, tmp_path):
+    with pytest.raises(ValueError, match="SHA-256"):
+        LadderCodec(_basis_ladder(tiny_basis, sha="0" * 64))
+    ladder = _basis_ladder(tiny_basis)
+    ladder.basis = None
+    with pytest.raises(ValueError, match="basis file"):
+        LadderCodec(ladder)
+    with pytest.raises(ValueError, match="SHA-256"):  # a loaded basis passed in is checked too
+        LadderCodec(_basis_ladder(tiny_basis, sha="1" * 64), basis=tiny_basis)
+    with pytest.raises(ValueError, match="'basis' must be"):
+        Ladder.from_dict({"k": [None], "basis": 3})
+    # a relative basis resolves beside the ladder file; the record names it as given there
+    (tmp_path / "b").symlink_to(tiny_basis.path.parent)
+    d = _basis_ladder(tiny_basis).to_dict()
+    d["basis"] = "b/basis.safetensors"
+    (tmp_path / "ladder.json").write_text(json.dumps(d))
+    loaded = Ladder.load(str(tmp_path / "ladder.json"))
+    assert loaded.basis == str((tmp_path / "b/basis.safetensors").resolve())
+    assert LadderCodec(loaded).basis.sha256 == tiny_basis.sha256
+
+
+def test_the_tuned_policy_names_the_basis_and_its_fit_text(tiny_basis, tmp_path):
+    from kakeya_py.tune import artifact_ref, basis_provenance
+
+    ladder = _basis_ladder(tiny_basis)
+    policy = state_policy({(0, "k"): 1, (0, "v"): 1, (1, "v"): 0}, ladder, 3, name="b")
+    assert policy.basis == str(tiny_basis.path) and policy.k.transform == tiny_basis.sha256
+    policy.provenance = [basis_provenance(tiny_basis)]
+    assert policy.provenance == [
+        {"role": "fit", "corpus": "random", "sha256": "f" * 64, "part": "calibration", "articles": [3, 7]}
+    ]
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy.to_dict()))
+    again = load_policy(str(path))
+    assert again.to_dict() == policy.to_dict()
+    assert PolicyCodec(again, 3).basis.sha256 == tiny_basis.sha256
+    # a basis inside the repository is written relative to its root, which load_policy resolves
+    shipped = REPO / "calibration/smollm2-135m/basis/basis.safetensors"
+    assert artifact_ref(str(shipped)) == "calibration/smollm2-135m/basis/basis.safetensors"
+    assert artifact_ref(str(tiny_basis.path)) == str(tiny_basis.path) and artifact_ref(None) is None
+    # a state on exact rungs only still names the basis; nothing is coded in it
+    exact = state_policy({(0, "k"): 0}, ladder, 3)
+    assert exact.basis == str(tiny_basis.path) and exact.active(3) == []
+
+
+def test_the_shipped_basis_ladder_names_the_smollm2_basis():
+    from kakeya_py.model_basis import load_basis
+
+    ladder = Ladder.load(str(REPO / "reports/tune/ladder_basis.json"))
+    basis = load_basis(ladder.basis)
+    assert basis.path == REPO / "calibration/smollm2-135m/basis/basis.safetensors"
+    assert ladder.transforms() == {basis.sha256}
+    steps = {s: [round(c.uniform_step, 6) for c in ladder.configs[s]] for s in ("k", "v")}
+    assert steps == {"k": [0.2, 0.3, 0.4, 0.5], "v": [0.3, 0.45, 0.6, 0.8, 1.0]}
+    for s in ("k", "v"):
+        for c in ladder.configs[s]:
+            assert (
+                c.rotation == "none" and c.bits == 8 and c.entropy_coding and c.scale_granularity == "block"
+            )
+            assert c.outlier_threshold == pytest.approx(120 * c.uniform_step)
+    assert ladder.to_dict()["basis"] == "calibration/smollm2-135m/basis/basis.safetensors"
+
+
 # -- search --------------------------------------------------------------------------------------
 def test_search_respects_the_budget_and_compresses(llama):
     result, ladder, _ = run_search(llama)
@@ -427,3 +575,42 @@ def test_tune_command_writes_a_policy_that_eval_runs(tmp_path, monkeypatch, caps
     bad[bad.index("--budget-dppl") + 1] = "0.03"
     with pytest.raises(SystemExit, match="settings"):
         main(bad)
+
+
+@pytest.mark.slow
+def test_tune_command_with_a_basis_ladder_writes_the_basis_and_its_provenance(tmp_path, tiny_basis):
+    from kakeya_py.cli import main
+
+    folder = tmp_path / "tiny"
+    save_tiny_llama(folder)  # the same weights as the llama fixture (seed 0), so the basis fits
+    text = tmp_path / "text.txt"
+    rng = np.random.default_rng(0)
+    text.write_text(" ".join(f"t{i}" for i in rng.integers(3, 256, size=900)) + "\n")
+    d = _basis_ladder(tiny_basis).to_dict()
+    del d["basis"]
+    (tmp_path / "ladder.json").write_text(json.dumps(d))
+    out = tmp_path / "out"
+    argv = [
+        "tune",
+        "--model",
+        str(folder),
+        "--text-file",
+        str(text),
+        "--passages",
+        "1",
+        "--val-passages",
+        "1",
+    ]
+    argv += ["--ctx", "192", "--n-eval", "24", "--budget-dppl", "1e9", "--min-top1", "0", "--max-rounds", "1"]
+    argv += ["--ladder", str(tmp_path / "ladder.json"), "--compare", "", "--sink-tokens", "1"]
+    argv += ["--out", str(out), "--no-progress", "--threads", "2", "--select", "greedy"]
+    with pytest.raises(SystemExit, match="--basis"):
+        main(argv)
+    assert main([*argv, "--basis", str(tiny_basis.path)]) == 0
+    policy = json.loads((out / "policy.json").read_text())
+    record = json.loads((out / "tune.json").read_text())
+    assert policy["basis"] == str(tiny_basis.path) == record["ladder"]["basis"]
+    assert policy["provenance"][-1] == {"role": "fit", **tiny_basis.record["text"]}
+    loaded = load_policy(str(out / "policy.json"))
+    assert {c.transform for c in (loaded.k, loaded.v) if c is not None} == {tiny_basis.sha256}
+    assert record["search_result"]["ratio"] > 1

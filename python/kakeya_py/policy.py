@@ -667,14 +667,18 @@ class PolicyCodec:
         return roundtrip_after_sink(x, self.policy.sink_tokens, fn, self.policy.window_tokens)
 
     def _in_basis(self, layer: int, stream: str, fn: Callable[[Any], tuple[Any, int]]):
-        """``fn`` applied to the coefficients ``T x`` and the result mapped back by ``T⁻¹``."""
-        basis = self.basis
+        return in_basis(self.basis, layer, stream, fn)
 
-        def roundtrip(rest):
-            coded, nbytes = fn(basis.apply(layer, stream, rest))
-            return basis.invert(layer, stream, coded).to(rest.dtype), nbytes
 
-        return roundtrip
+def in_basis(basis, layer: int, stream: str, fn: Callable[[Any], tuple[Any, int]]):
+    """``fn`` applied to the coefficients ``T x`` of a :class:`~kakeya_py.model_basis.ModelBasis`
+    and the result mapped back by ``T⁻¹`` (``PolicyCodec`` and ``kakeya tune``'s ``LadderCodec``)."""
+
+    def roundtrip(rest):
+        coded, nbytes = fn(basis.apply(layer, stream, rest))
+        return basis.invert(layer, stream, coded).to(rest.dtype), nbytes
+
+    return roundtrip
 
 
 def roundtrip_after_sink(

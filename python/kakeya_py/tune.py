@@ -13,6 +13,14 @@ e.g. ``"allocation"``, ``"centroids"``, ``"metric": "inner_product"`` with ``--s
 or ``null`` (exact). Every (layer, stream) the search may touch (``--layers``,
 ``--streams``) sits at one rung; all start at rung 0.
 
+Rungs that code in a per-model basis (``"rotation": "none"``, ``"transform": <SHA-256>``;
+:mod:`kakeya_py.model_basis`) need the basis file: the ladder's top-level ``"basis"`` (a
+path, resolved beside the ladder file, else from the repository root, as a policy's) or
+``--basis PATH`` (which wins). Each such rung is coded as :class:`~kakeya_py.policy.PolicyCodec`
+codes it (``T x`` encoded, ``T⁻¹`` applied to the decoded coefficients); a rung naming another
+SHA-256 than the loaded basis is refused. The written policy names the basis (``basis``) and
+records the text the basis was fitted on among its ``provenance`` (role ``fit``).
+
 Algorithm (every measurement: snapshot mode, pooled-NLL Δppl, top-1, KL and the bytes of
 the :class:`~kakeya_py.policy.Ledger`, against **one** codec-off reference per passage;
 the prefill and reference pass of each passage are computed once and reused by every
@@ -103,7 +111,15 @@ from typing import Any
 
 from . import policy as _policy
 from .hooks import STREAMS, parse_layers
-from .policy import POLICY_PRESETS, Policy, PolicyCodec, SigmaQ, load_policy, roundtrip_after_sink
+from .policy import (
+    POLICY_PRESETS,
+    Policy,
+    PolicyCodec,
+    SigmaQ,
+    in_basis,
+    load_policy,
+    roundtrip_after_sink,
+)
 
 _RUNG = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0}
 DEFAULT_LADDER: dict[str, Any] = {
@@ -121,10 +137,12 @@ State = dict[tuple[int, str], int]
 # -- ladder ------------------------------------------------------------------------------------
 @dataclass
 class Ladder:
-    """Per stream, the rungs (codec config dicts or None = exact), most exact first."""
+    """Per stream, the rungs (codec config dicts or None = exact), most exact first; ``basis``:
+    the model basis file of rungs with ``transform`` (module doc)."""
 
     rungs: dict[str, list[dict[str, Any] | None]]
     description: str = ""
+    basis: str | None = None
     configs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -148,32 +166,45 @@ class Ladder:
             d = {"k": d, "v": d}
         if not isinstance(d, Mapping):
             raise ValueError("a ladder is a JSON list of rungs or an object with 'k' and 'v' lists")
-        unknown = set(d) - {"k", "v", "description"}
+        unknown = set(d) - {"k", "v", "description", "basis"}
         if unknown:
             raise ValueError(f"ladder: unknown fields {sorted(unknown)}")
+        if d.get("basis") is not None and not isinstance(d["basis"], str):
+            raise ValueError("ladder: 'basis' must be the path of a model basis file")
         rungs = {s: [None if r is None else dict(r) for r in d.get(s, [None])] for s in STREAMS}
-        return cls(rungs, d.get("description", ""))
+        return cls(rungs, d.get("description", ""), d.get("basis"))
 
     @classmethod
     def load(cls, spec: str | None) -> Ladder:
-        """``None``: :data:`DEFAULT_LADDER`; else a JSON file."""
+        """``None``: :data:`DEFAULT_LADDER`; else a JSON file (a relative ``basis`` is resolved
+        beside it, else from the repository root)."""
         if spec is None:
             return cls.from_dict(copy.deepcopy(DEFAULT_LADDER))
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ValueError(f"--ladder {spec!r}: no such file")
-        return cls.from_dict(json.loads(path.read_text()))
+        ladder = cls.from_dict(json.loads(path.read_text()))
+        if ladder.basis is not None and not Path(ladder.basis).is_absolute():
+            ladder.basis = _policy._resolve_artifact(ladder.basis, path.parent)
+        return ladder
 
     def depth(self, stream: str) -> int:
         return len(self.rungs[stream])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"description": self.description, **{s: copy.deepcopy(self.rungs[s]) for s in STREAMS}}
+        d = {"description": self.description, **{s: copy.deepcopy(self.rungs[s]) for s in STREAMS}}
+        if self.basis is not None:
+            d["basis"] = artifact_ref(self.basis)
+        return d
 
     def needs_sigma_q(self) -> bool:
         return any(
             c is not None and getattr(c, "metric", "mse") == "inner_product" for c in self.configs["k"]
         )
+
+    def transforms(self) -> set[str]:
+        """The model bases (SHA-256) the rungs are coded in."""
+        return {c.transform for s in STREAMS for c in self.configs[s] if c is not None and c.transform}
 
 
 class LadderCodec:
@@ -182,6 +213,10 @@ class LadderCodec:
     The cache holds the input tensor itself next to its result, so a hit (same storage,
     shape, strides, dtype) is always the same data: the search reuses each passage's
     prefill (:class:`ReusingRunner`), so round trips are shared by every variant and round.
+
+    Rungs with ``transform`` are coded in the model basis (``basis``, a loaded
+    :class:`~kakeya_py.model_basis.ModelBasis`, else loaded from ``ladder.basis``), as
+    :class:`~kakeya_py.policy.PolicyCodec` codes them.
     """
 
     def __init__(
@@ -189,6 +224,7 @@ class LadderCodec:
         ladder: Ladder,
         *,
         sigma_q: SigmaQ | None = None,
+        basis=None,
         threads: int | None = None,
         roundtrip_fn: Callable[..., tuple[Any, int]] | None = None,
         sink_tokens: int = 0,
@@ -197,6 +233,22 @@ class LadderCodec:
 
         if ladder.needs_sigma_q() and sigma_q is None:
             raise ValueError("the ladder uses metric='inner_product' for K, which needs --sigma-q")
+        hashes = ladder.transforms()
+        if hashes and basis is None:
+            if ladder.basis is None:
+                raise ValueError(
+                    "the ladder has rungs coded in a model basis ('transform'), which need the basis file "
+                    "(the ladder's 'basis' or --basis)"
+                )
+            from .model_basis import load_basis
+
+            basis = load_basis(ladder.basis)
+        if hashes and hashes != {basis.sha256}:
+            raise ValueError(
+                f"the ladder's rungs name model basis {sorted(h[:16] for h in hashes)}, but "
+                f"{basis.path} has SHA-256 {basis.sha256[:16]}…"
+            )
+        self.basis = basis if hashes else None
         self.ladder = ladder
         self.sigma_q = sigma_q
         self.threads = threads
@@ -221,9 +273,10 @@ class LadderCodec:
             kwargs["preconditioner"] = self.sigma_q.factors[layer]
         if self.threads is not None:
             kwargs["threads"] = self.threads
-        out, nbytes = roundtrip_after_sink(
-            x, self.sink_tokens, lambda rest: self._roundtrip(rest, cfg, **kwargs)
-        )
+        fn = lambda rest: self._roundtrip(rest, cfg, **kwargs)  # noqa: E731
+        if cfg.transform:
+            fn = in_basis(self.basis, layer, stream, fn)
+        out, nbytes = roundtrip_after_sink(x, self.sink_tokens, fn)
         self.encodes += 1
         if nbytes is None:  # every position is a sink: stored exact
             return x, None
@@ -652,10 +705,12 @@ def state_policy(
     sigma_q: str | None = None,
     k_position: str = "pre_rope",
     sink_tokens: int = 0,
+    basis: str | None = None,
 ) -> Policy:
     """A :class:`Policy` that gives every (layer, stream) its rung's config (layers and
     streams absent from ``state`` stay exact). Per stream, the most common compressed rung
-    is the stream's config and the other layers get overrides (partial dicts, or null)."""
+    is the stream's config and the other layers get overrides (partial dicts, or null).
+    ``basis`` (default: the ladder's) is the model basis file of rungs with ``transform``."""
     full = {s: [None if c is None else c.to_dict() for c in ladder.configs[s]] for s in STREAMS}
     rung_of = {(la, s): state.get((la, s), 0) for la in range(num_layers) for s in STREAMS}
     # a (layer, stream) outside the search is exact, whatever rung 0 is
@@ -663,6 +718,9 @@ def state_policy(
     d: dict[str, Any] = {"name": name, "description": description, "overrides": {}, "k_position": k_position}
     d["sigma_q"] = sigma_q
     d["sink_tokens"] = sink_tokens
+    basis = ladder.basis if basis is None else basis
+    if basis is not None:
+        d["basis"] = basis
     base_rung: dict[str, int | None] = {}
     for s in STREAMS:
         counts = Counter(
@@ -700,6 +758,23 @@ def state_policy(
         if got_d != want:
             raise AssertionError(f"policy for layer {la} {s} is {got_d}, expected {want}")
     return policy
+
+
+def basis_provenance(basis) -> dict[str, Any]:
+    """The ``fit`` provenance record of a loaded model basis: the text its sidecar records."""
+    return {"role": "fit", **{k: v for k, v in basis.record["text"].items() if k != "role"}}
+
+
+def artifact_ref(path: str | None) -> str | None:
+    """An artifact path as a written policy names it: relative to the repository root when it
+    lies inside it (``load_policy`` resolves such paths from there), else unchanged."""
+    if path is None:
+        return None
+    root = Path(_policy.__file__).resolve().parents[2]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
 
 
 def save_preset(policy: Policy, name: str, *, presets_dir: Path | None = None) -> Path:
@@ -829,6 +904,12 @@ def register(sub) -> None:
     g.add_argument("--post-rope-k", action="store_true", help="compress K after RoPE (comparison only)")
     g.add_argument("--sigma-q", default=None, help="sigma_q.safetensors for rungs with metric=inner_product")
     g.add_argument(
+        "--basis",
+        default=None,
+        help="model basis (basis.safetensors, `kakeya calibrate basis`) for rungs with 'transform' "
+        "(default: the ladder's 'basis')",
+    )
+    g.add_argument(
         "--sink-tokens",
         type=int,
         default=0,
@@ -867,15 +948,28 @@ def tune_passages(corpus, tok, args):
         )
     else:
         search_p, _ = split_passages(
-            tokenize_articles(tok, corpus.part("calibration")), args.passages, 0, args.ctx, args.n_eval, args.seed
+            tokenize_articles(tok, corpus.part("calibration")),
+            args.passages,
+            0,
+            args.ctx,
+            args.n_eval,
+            args.seed,
         )
         val_p = []
         if args.val_passages:
             val_n = args.val_n_eval or args.n_eval
             val_p, _ = split_passages(
-                tokenize_articles(tok, corpus.part("validation")), args.val_passages, 0, args.ctx, val_n, args.seed
+                tokenize_articles(tok, corpus.part("validation")),
+                args.val_passages,
+                0,
+                args.ctx,
+                val_n,
+                args.seed,
             )
-    usage = {"search": _usage(split, "calibration", search_p), "validation": _usage(split, "validation", val_p)}
+    usage = {
+        "search": _usage(split, "calibration", search_p),
+        "validation": _usage(split, "validation", val_p),
+    }
     return search_p, val_p, usage
 
 
@@ -885,6 +979,7 @@ def cmd_tune(args) -> int:
     from .corpus import check_disjoint, load_corpus
     from .harness import Variant, codec_transform
     from .harness_cli import _finite, emit, kakeya_version, load_hf, set_threads, versions
+    from .model_basis import load_basis
     from .policy import load_sigma_q
 
     t0 = time.perf_counter()
@@ -900,6 +995,8 @@ def cmd_tune(args) -> int:
         budget_kl=args.budget_kl,
     )
     ladder = Ladder.load(args.ladder)
+    if getattr(args, "basis", None):
+        ladder.basis = str(Path(args.basis).expanduser().resolve())
     compare = [c for c in (args.compare or "").split(",") if c]
     compare_policies = [load_policy(c) for c in compare]
     command = shlex.join(getattr(args, "argv", ["kakeya", "tune"]))
@@ -918,9 +1015,21 @@ def cmd_tune(args) -> int:
         if sigma.text is None:
             raise SystemExit(f"{sigma.path}: no calibration text recorded; cannot prove it is disjoint")
         check_disjoint(sigma.text, usage["validation"])  # fits may share the search's calibration text
+    basis = None
+    if ladder.transforms():
+        if ladder.basis is None:
+            raise SystemExit(
+                "the ladder has rungs with 'transform': give the model basis (--basis or its 'basis')"
+            )
+        basis = load_basis(ladder.basis, num_kv_heads=info.num_kv_heads, head_dim=info.head_dim)
+        if not basis.record.get("text"):
+            raise SystemExit(f"{basis.path}: no calibration text recorded; cannot prove it is disjoint")
+        check_disjoint(basis.record["text"], usage["validation"])
     k_position = "post_rope" if args.post_rope_k else "pre_rope"
     runner = reusing_runner(model, k_position=k_position)
-    codec = LadderCodec(ladder, sigma_q=sigma, threads=args.threads, sink_tokens=args.sink_tokens)
+    codec = LadderCodec(
+        ladder, sigma_q=sigma, basis=basis, threads=args.threads, sink_tokens=args.sink_tokens
+    )
     layers = parse_layers(args.layers, info.num_layers) if args.layers else None
     streams = tuple(STREAMS if args.streams == "kv" else (args.streams,))
 
@@ -999,6 +1108,8 @@ def cmd_tune(args) -> int:
     )
     policy.model = _policy.model_record(info)  # its per-layer steps fit this model only
     policy.provenance = [{"role": "fit", **usage["search"]}, {"role": "selection", **usage["validation"]}]
+    if basis is not None:  # the text the basis was fitted on, as calibrated_policy records Σ_q's
+        policy.provenance.append(basis_provenance(basis))
 
     # 3. the written policy, through PolicyCodec, on the search and the held-out passages
     codec.clear()
@@ -1031,6 +1142,7 @@ def cmd_tune(args) -> int:
     if select != "validation" and val_p:
         vrows = final(val_p, val_variants, "validation")
     validation = [{"policy": v.name, **r} for v, r in zip(val_variants, vrows, strict=True)] if vrows else []
+    written = dataclasses.replace(policy, basis=artifact_ref(policy.basis))  # portable path in the files
 
     record = {
         "command": command,
@@ -1067,7 +1179,7 @@ def cmd_tune(args) -> int:
         "search_from": args.reuse_search,
         "path": [{k: v for k, v in e.items() if k != "state"} for e in path],
         "selected": {"by": select, "index": chosen, "round": path[chosen]["round"], "rungs": _rungs(state)},
-        "policy": policy.to_dict(),
+        "policy": written.to_dict(),
         "search_result": search_row,
         "validation": validation,
         "encodes": result.encodes,
@@ -1076,14 +1188,14 @@ def cmd_tune(args) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "policy.json").write_text(json.dumps(policy.to_dict(), indent=2) + "\n")
+    (out / "policy.json").write_text(json.dumps(written.to_dict(), indent=2) + "\n")
     (out / "tune.json").write_text(json.dumps(_finite(record), indent=2, allow_nan=False) + "\n")
     md = tune_markdown(record)
     (out / "tune.md").write_text(md)
     if select == "validation":
         plot_path(record, out / "tune_path.png")
     if args.save_preset:
-        path = save_preset(policy, args.save_preset)
+        path = save_preset(written, args.save_preset)
         md += f"\nPreset written to {path} (`--config {args.save_preset}`)\n"
     emit(record, md + f"\nWritten: {out / 'policy.json'}, {out / 'tune.json'}, {out / 'tune.md'}\n", None)
     return 0
