@@ -84,7 +84,7 @@ def test_allocation_field():
     c = kp.CodecConfig()
     assert c.allocation == "uniform" and repr(c).endswith(
         "identity=False, allocation='uniform', basis='pca', uniform_step=None, entropy_coding=False, scale_granularity='vector', "
-        "scale_format='float')"
+        "scale_format='float', rotation='hadamard', transform=None)"
     )
     assert "allocation" not in c.to_json()  # the version-1 header form
     assert c.to_dict()["allocation"] == "uniform"
