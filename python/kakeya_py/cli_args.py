@@ -204,10 +204,11 @@ def _uses_config(args) -> bool:
 def _load_policy(spec: str, arg: str):
     import json
 
+    from .peers import load_peer_policy
     from .policy import load_policy, preset_names
 
     try:
-        return load_policy(spec)
+        return load_peer_policy(spec) or load_policy(spec)  # a peer policy file / spec, else kakeya's
     except json.JSONDecodeError as exc:
         raise UsageError(
             arg, f"{spec} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"

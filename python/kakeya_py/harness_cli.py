@@ -178,9 +178,12 @@ def prepare_policy(args, info, text: dict[str, Any] | None = None):
     record says ``overlap: true``.
     """
     from .corpus import CorpusError, CorpusOverlapError, check_disjoint
+    from .peers import load_peer_policy
     from .policy import load_policy, load_sigma_q, provenance_overlap
 
-    policy = load_policy(args.config).with_changes(
+    # a peer policy file (``kakeya tune`` over a peer ladder) or a peer method spec, else kakeya's
+    peer = load_peer_policy(args.config, info.num_layers)
+    policy = (load_policy(args.config) if peer is None else peer).with_changes(
         layers=args.layers,
         streams=args.streams,
         exact_layers=args.exact_layers,
@@ -188,7 +191,9 @@ def prepare_policy(args, info, text: dict[str, Any] | None = None):
         sigma_q=args.sigma_q,
     )
     # per-layer settings made for another model, or layers it lacks: refused (--force-model: dropped)
-    policy, _ = _policy.fit_to_model(policy, info, force=getattr(args, "force_model", False))
+    policy, dropped = _policy.fit_to_model(policy, info, force=getattr(args, "force_model", False))
+    if peer is not None and dropped:
+        policy = policy.with_changes()  # its layer selection again, after what was dropped
     sigma = None
     if policy.sigma_q:
         sigma = load_sigma_q(
@@ -219,6 +224,16 @@ def prepare_policy(args, info, text: dict[str, Any] | None = None):
             )
         text.setdefault("overlaps", []).extend(shared)
     return policy, sigma
+
+
+def policy_codec(policy, num_layers: int, *, sigma_q=None, threads: int | None = None):
+    """The codec of a loaded policy: a :class:`~kakeya_py.policy.PolicyCodec` for a kakeya
+    policy; a :class:`~kakeya_py.peers.PeerPolicy` is its own codec."""
+    from .policy import PolicyCodec
+
+    if getattr(policy, "peer", False):
+        return policy
+    return PolicyCodec(policy, num_layers, sigma_q=sigma_q, threads=threads)
 
 
 def versions() -> dict[str, str]:
@@ -320,13 +335,12 @@ def load_hf(args):
 
 def _runner_and_codec(args):
     from .harness import HFRunner
-    from .policy import PolicyCodec
 
     set_threads(args)
     model, tok, info = load_hf(args)
     text = prepare_text(args, tok)
     policy, sigma = prepare_policy(args, info, text)
-    codec = PolicyCodec(policy, info.num_layers, sigma_q=sigma, threads=args.threads)
+    codec = policy_codec(policy, info.num_layers, sigma_q=sigma, threads=args.threads)
     return HFRunner(model, k_position=policy.k_position), codec, info, policy, text
 
 

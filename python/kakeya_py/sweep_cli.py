@@ -123,12 +123,15 @@ def split_k_position(method: str) -> tuple[str, str | None]:
 
 
 def family_of(method: str) -> str:
+    """The family of a ``--methods`` entry: ``kakeya``, or a peer's (also for ``kakeya:FILE`` holding
+    a peer policy, e.g. one ``kakeya tune`` wrote over a peer ladder)."""
+    from .peers import load_peer_policy, parse_method
+
     base, pos = split_k_position(method)
     if base.startswith("kakeya:"):
-        fam = "kakeya"
+        peer = load_peer_policy(base.split(":", 1)[1])
+        fam = "kakeya" if peer is None else peer.family
     else:
-        from .peers import parse_method
-
         fam = parse_method(base).family
     return fam + (f" ({pos.replace('_', '-')} K)" if pos else "")
 
@@ -146,9 +149,9 @@ def build_method(method: str, args, info, text):
     :class:`~kakeya_py.peers.PeerPolicy` (its own codec). The selection flags (``--layers``,
     ``--streams``, ``--exact-layers``, ``--post-rope-k``) apply to every method."""
     from .codec import PRESETS
-    from .harness_cli import prepare_policy
+    from .harness_cli import policy_codec, prepare_policy
     from .peers import PeerPolicy, parse_method
-    from .policy import POLICY_PRESETS, Policy, PolicyCodec, _layer_list
+    from .policy import POLICY_PRESETS, Policy, _layer_list
 
     method_name = method
     method, own_position = split_k_position(method)
@@ -170,7 +173,7 @@ def build_method(method: str, args, info, text):
             margs.post_rope_k = k_position == "post_rope"
             policy, sigma = prepare_policy(margs, info, text)
         policy.name = method_name
-        return policy, PolicyCodec(policy, info.num_layers, sigma_q=sigma, threads=args.threads)
+        return policy, policy_codec(policy, info.num_layers, sigma_q=sigma, threads=args.threads)
     peer = PeerPolicy(
         parse_method(method),
         info.num_layers,
