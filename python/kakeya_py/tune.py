@@ -9,8 +9,8 @@ compressed. The default (:data:`DEFAULT_LADDER`) is ``exact (null) -> 4-bit -> 3
 settings of the ``recommended`` preset). ``--ladder FILE`` gives any other ladder as JSON,
 ``{"k": [null, {...}, ...], "v": [...], "description": "..."}`` or a bare list used for
 both streams; a rung is a codec config dict (any field ``CodecConfig.from_dict`` accepts,
-e.g. ``"allocation"``, ``"centroids"``, ``"metric": "inner_product"`` with ``--sigma-q``)
-or ``null`` (exact). Every (layer, stream) the search may touch (``--layers``,
+e.g. ``"allocation"``, ``"centroids"``, ``"metric": "inner_product"`` with ``--sigma-q``),
+a peer method spec (below) or ``null`` (exact). Every (layer, stream) the search may touch (``--layers``,
 ``--streams``) sits at one rung; all start at rung 0.
 
 Rungs that code in a per-model basis (``"rotation": "none"``, ``"transform": <SHA-256>``;
@@ -20,6 +20,18 @@ path, resolved beside the ladder file, else from the repository root, as a polic
 codes it (``T x`` encoded, ``T⁻¹`` applied to the decoded coefficients); a rung naming another
 SHA-256 than the loaded basis is refused. The written policy names the basis (``basis``) and
 records the text the basis was fitted on among its ``provenance`` (role ``fit``).
+
+Peer rungs: a rung may instead be a peer method spec (any spec
+:func:`kakeya_py.peers.parse_method` accepts: ``"turbo-4"``, ``"kivi-2"``, ``"kivi-2(r=0)"``), so
+that a peer family gets the same search, budgets, passages and selection as ours
+(``reports/tune/ladder_turbo.json``, ``ladder_kivi.json``). A ladder's rungs are all kakeya configs
+or all peer specs of one family (anything else is refused). Each peer rung is coded as
+:class:`~kakeya_py.peers.PeerPolicy` codes it (:func:`~kakeya_py.peers.peer_roundtrip`: the
+``--sink-tokens`` positions exact and counted at bf16, unless the method keeps a sink of its own;
+bytes measured from the method's stored arrays), and the written ``policy.json`` is a per-layer
+:class:`~kakeya_py.peers.PeerPolicy` (``method``: the family; ``peer``: the most common rung;
+``overrides``: per layer, the spec of every other (layer, stream) or null = exact), which
+``kakeya eval --config`` runs. ``--sigma-q``, ``--basis`` and ``--save-preset`` do not apply.
 
 Algorithm (every measurement: snapshot mode, pooled-NLL Δppl, top-1, KL and the bytes of
 the :class:`~kakeya_py.policy.Ledger`, against **one** codec-off reference per passage;
@@ -111,6 +123,7 @@ from typing import Any
 
 from . import policy as _policy
 from .hooks import STREAMS, parse_layers
+from .peers import PeerPolicy, parse_family_specs, parse_peer_spec, peer_roundtrip
 from .policy import (
     POLICY_PRESETS,
     Policy,
@@ -137,27 +150,51 @@ State = dict[tuple[int, str], int]
 # -- ladder ------------------------------------------------------------------------------------
 @dataclass
 class Ladder:
-    """Per stream, the rungs (codec config dicts or None = exact), most exact first; ``basis``:
-    the model basis file of rungs with ``transform`` (module doc)."""
+    """Per stream, the rungs (codec config dicts, or peer method specs such as ``"turbo-4"``,
+    or None = exact), most exact first; ``basis``: the model basis file of rungs with
+    ``transform`` (module doc). ``peer``: the peer family of a peer ladder, else None."""
 
-    rungs: dict[str, list[dict[str, Any] | None]]
+    rungs: dict[str, list[dict[str, Any] | str | None]]
     description: str = ""
     basis: str | None = None
     configs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
+    peer: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         import kakeya_py
 
+        kinds = set()
         for s in STREAMS:
             rungs = self.rungs.get(s)
             if not rungs:
                 raise ValueError(f"ladder: stream {s!r} needs at least one rung")
             for i, r in enumerate(rungs):
-                if r is not None and not isinstance(r, Mapping):
-                    raise ValueError(f"ladder: rung {i} of {s!r} must be a config object or null")
+                if r is not None and not isinstance(r, Mapping | str):
+                    raise ValueError(
+                        f"ladder: rung {i} of {s!r} must be a config object, a peer method spec or null"
+                    )
+                if r is not None:
+                    kinds.add("peer" if isinstance(r, str) else "kakeya")
+        if len(kinds) > 1:
+            raise ValueError(
+                "ladder: kakeya configs and peer method specs in one ladder are not supported; "
+                "give a ladder of one kind"
+            )
+        if "peer" in kinds:
+            if self.basis is not None:
+                raise ValueError("ladder: 'basis' is for kakeya rungs; a peer ladder has none")
+            for s in STREAMS:
+                self.configs[s] = [
+                    None if r is None else parse_peer_spec(r, f"ladder: rung {i} of {s!r}")
+                    for i, r in enumerate(self.rungs[s])
+                ]
+            specs = [r for s in STREAMS for r in self.rungs[s] if r is not None]
+            self.peer = next(iter(parse_family_specs(specs, "ladder").values())).family
+            return
+        for s in STREAMS:
             self.configs[s] = [
                 None if r is None else kakeya_py.CodecConfig.from_dict(dict(r))  # validates
-                for r in rungs
+                for r in self.rungs[s]
             ]
 
     @classmethod
@@ -171,7 +208,7 @@ class Ladder:
             raise ValueError(f"ladder: unknown fields {sorted(unknown)}")
         if d.get("basis") is not None and not isinstance(d["basis"], str):
             raise ValueError("ladder: 'basis' must be the path of a model basis file")
-        rungs = {s: [None if r is None else dict(r) for r in d.get(s, [None])] for s in STREAMS}
+        rungs = {s: copy.deepcopy(list(d.get(s, [None]))) for s in STREAMS}
         return cls(rungs, d.get("description", ""), d.get("basis"))
 
     @classmethod
@@ -204,7 +241,12 @@ class Ladder:
 
     def transforms(self) -> set[str]:
         """The model bases (SHA-256) the rungs are coded in."""
-        return {c.transform for s in STREAMS for c in self.configs[s] if c is not None and c.transform}
+        return {
+            c.transform
+            for s in STREAMS
+            for c in self.configs[s]
+            if c is not None and getattr(c, "transform", None)
+        }
 
 
 class LadderCodec:
@@ -216,7 +258,9 @@ class LadderCodec:
 
     Rungs with ``transform`` are coded in the model basis (``basis``, a loaded
     :class:`~kakeya_py.model_basis.ModelBasis`, else loaded from ``ladder.basis``), as
-    :class:`~kakeya_py.policy.PolicyCodec` codes them.
+    :class:`~kakeya_py.policy.PolicyCodec` codes them. Peer rungs are coded as
+    :class:`~kakeya_py.peers.PeerPolicy` codes them (:func:`~kakeya_py.peers.peer_roundtrip`:
+    the sink kept exact and counted at bf16 unless the method keeps a sink of its own).
     """
 
     def __init__(
@@ -268,20 +312,25 @@ class LadderCodec:
         hit = self._cache.get(key)
         if hit is not None:
             return hit[1], hit[2]
+        if self.ladder.peer is not None:
+            out, nbytes = peer_roundtrip(cfg, layer, stream, x, self.sink_tokens)
+        else:
+            out, nbytes = roundtrip_after_sink(x, self.sink_tokens, self._codec_fn(layer, stream, cfg))
+        self.encodes += 1
+        if nbytes is None:  # every position is a sink: stored exact
+            return x, None
+        self._cache[key] = (x, out, int(nbytes))
+        return out, int(nbytes)
+
+    def _codec_fn(self, layer: int, stream: str, cfg) -> Callable[[Any], tuple[Any, int]]:
+        """The kakeya codec's round trip of one rung (in the model basis when it has ``transform``)."""
         kwargs: dict[str, Any] = {}
         if stream == "k" and getattr(cfg, "metric", "mse") == "inner_product":
             kwargs["preconditioner"] = self.sigma_q.factors[layer]
         if self.threads is not None:
             kwargs["threads"] = self.threads
         fn = lambda rest: self._roundtrip(rest, cfg, **kwargs)  # noqa: E731
-        if cfg.transform:
-            fn = in_basis(self.basis, layer, stream, fn)
-        out, nbytes = roundtrip_after_sink(x, self.sink_tokens, fn)
-        self.encodes += 1
-        if nbytes is None:  # every position is a sink: stored exact
-            return x, None
-        self._cache[key] = (x, out, int(nbytes))
-        return out, int(nbytes)
+        return in_basis(self.basis, layer, stream, fn) if cfg.transform else fn
 
     def transform(self, state: Mapping[tuple[int, str], int]):
         state = dict(state)
@@ -706,11 +755,24 @@ def state_policy(
     k_position: str = "pre_rope",
     sink_tokens: int = 0,
     basis: str | None = None,
-) -> Policy:
+) -> Policy | PeerPolicy:
     """A :class:`Policy` that gives every (layer, stream) its rung's config (layers and
     streams absent from ``state`` stay exact). Per stream, the most common compressed rung
     is the stream's config and the other layers get overrides (partial dicts, or null).
-    ``basis`` (default: the ladder's) is the model basis file of rungs with ``transform``."""
+    ``basis`` (default: the ladder's) is the model basis file of rungs with ``transform``.
+    A peer ladder gives a :class:`~kakeya_py.peers.PeerPolicy` (:func:`state_peer_policy`)."""
+    if ladder.peer is not None:
+        if sigma_q is not None or basis is not None:
+            raise ValueError("a peer ladder takes no Σ_q and no model basis")
+        return state_peer_policy(
+            state,
+            ladder,
+            num_layers,
+            name=name,
+            description=description,
+            k_position=k_position,
+            sink_tokens=sink_tokens,
+        )
     full = {s: [None if c is None else c.to_dict() for c in ladder.configs[s]] for s in STREAMS}
     rung_of = {(la, s): state.get((la, s), 0) for la in range(num_layers) for s in STREAMS}
     # a (layer, stream) outside the search is exact, whatever rung 0 is
@@ -757,6 +819,52 @@ def state_policy(
         got_d = None if got is None else got.to_dict()
         if got_d != want:
             raise AssertionError(f"policy for layer {la} {s} is {got_d}, expected {want}")
+    return policy
+
+
+def state_peer_policy(
+    state: State,
+    ladder: Ladder,
+    num_layers: int,
+    *,
+    name: str = "tuned",
+    description: str = "",
+    k_position: str = "pre_rope",
+    sink_tokens: int = 0,
+) -> PeerPolicy:
+    """The :class:`~kakeya_py.peers.PeerPolicy` of a state of a peer ladder: the most common
+    compressed rung (over both streams; ties: the first in the ladder) is the method, every other
+    (layer, stream) of ``state`` an override (its rung's spec, or null = exact); the layers and
+    streams outside ``state`` are left out (``layers``, ``streams``: exact)."""
+    spec = {
+        (la, s): None if ladder.rungs[s][r] is None else ladder.configs[s][r].name
+        for (la, s), r in state.items()
+    }
+    order = [c.name for s in STREAMS for c in ladder.configs[s] if c is not None]
+    counts = Counter(v for v in spec.values() if v is not None)
+    base = min(counts, key=lambda v: (-counts[v], order.index(v))) if counts else order[0]
+    method = next(c for s in STREAMS for c in ladder.configs[s] if c is not None and c.name == base)
+    overrides: dict[int, dict[str, str | None]] = {}
+    for (la, s), v in sorted(spec.items()):
+        if v != base:
+            overrides.setdefault(la, {})[s] = v
+    policy = PeerPolicy(
+        method,
+        num_layers,
+        layers=sorted({la for la, _ in state}),
+        streams=tuple(s for s in STREAMS if any(st == s for _, st in state)) or STREAMS,
+        k_position=k_position,
+        sink_tokens=sink_tokens,
+        overrides=overrides,
+        label=name,
+        description=description,
+    )
+    for la in range(num_layers):  # the policy must say exactly what the state says
+        for s in STREAMS:
+            got = policy.method_for(la, s)
+            want = spec.get((la, s))
+            if (None if got is None else got.name) != want:
+                raise AssertionError(f"peer policy for layer {la} {s} is {got}, expected {want}")
     return policy
 
 
@@ -978,7 +1086,7 @@ def cmd_tune(args) -> int:
 
     from .corpus import check_disjoint, load_corpus
     from .harness import Variant, codec_transform
-    from .harness_cli import _finite, emit, kakeya_version, load_hf, set_threads, versions
+    from .harness_cli import _finite, emit, kakeya_version, load_hf, policy_codec, set_threads, versions
     from .model_basis import load_basis
     from .policy import load_sigma_q
 
@@ -995,6 +1103,14 @@ def cmd_tune(args) -> int:
         budget_kl=args.budget_kl,
     )
     ladder = Ladder.load(args.ladder)
+    if ladder.peer is not None:
+        given = [f for f in ("sigma_q", "basis", "save_preset") if getattr(args, f, None)]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise SystemExit(
+                f"{flags}: not for a peer ladder ({ladder.peer}); its policy is evaluated with "
+                "`kakeya eval --config OUT/policy.json`"
+            )
     if getattr(args, "basis", None):
         ladder.basis = str(Path(args.basis).expanduser().resolve())
     compare = [c for c in (args.compare or "").split(",") if c]
@@ -1090,7 +1206,8 @@ def cmd_tune(args) -> int:
 
     name = args.name or args.save_preset or f"tuned-dppl{args.budget_dppl:g}"
     description = (
-        f"kakeya tune: per-(layer, stream) ladder search on {info.name}, |dppl| budget "
+        f"kakeya tune: per-(layer, stream) ladder search"
+        f"{'' if ladder.peer is None else f' over peer family {ladder.peer}'} on {info.name}, |dppl| budget "
         f"{args.budget_dppl:g}{'' if args.budget_kl is None else f', KL budget {args.budget_kl:g}'}, "
         f"top-1 >= {args.min_top1:g}, {args.passages} search passages x (ctx "
         f"{args.ctx} + {args.n_eval}), seed {args.seed}, {args.sink_tokens} sink tokens exact, "
@@ -1111,9 +1228,10 @@ def cmd_tune(args) -> int:
     if basis is not None:  # the text the basis was fitted on, as calibrated_policy records Σ_q's
         policy.provenance.append(basis_provenance(basis))
 
-    # 3. the written policy, through PolicyCodec, on the search and the held-out passages
+    # 3. the written policy, through PolicyCodec (a peer policy: its own codec), on the search and
+    # the held-out passages
     codec.clear()
-    winner_codec = PolicyCodec(policy, info.num_layers, sigma_q=sigma, threads=args.threads)
+    winner_codec = policy_codec(policy, info.num_layers, sigma_q=sigma, threads=args.threads)
     winner = Variant(name, codec_transform(winner_codec))
     val_variants = [winner]
     for c, pol in zip(compare, compare_policies, strict=True):
@@ -1142,7 +1260,9 @@ def cmd_tune(args) -> int:
     if select != "validation" and val_p:
         vrows = final(val_p, val_variants, "validation")
     validation = [{"policy": v.name, **r} for v, r in zip(val_variants, vrows, strict=True)] if vrows else []
-    written = dataclasses.replace(policy, basis=artifact_ref(policy.basis))  # portable path in the files
+    written = policy  # a peer policy names no artifact
+    if ladder.peer is None:
+        written = dataclasses.replace(policy, basis=artifact_ref(policy.basis))  # portable path in the files
 
     record = {
         "command": command,
