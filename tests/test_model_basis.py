@@ -188,3 +188,13 @@ def test_kakeya_cache_refuses_a_basis_policy(tmp_path):
     policy = _basis_policy(path, mb.load_basis(path).sha256)
     with pytest.raises(ValueError, match="model basis"):
         KakeyaCache(policy, model)
+
+
+def test_eval_record_names_the_basis_as_a_per_model_constant(tmp_path):
+    from kakeya_py.harness_cli import _model_basis_record
+
+    _, _, path = _tiny_basis(tmp_path, {"k": "plain", "v": "plain"})
+    basis = mb.load_basis(path)
+    rec = _model_basis_record(_basis_policy(path, basis.sha256))
+    assert rec == {"path": str(path), "sha256": basis.sha256, "bytes": path.stat().st_size}
+    assert _model_basis_record(Policy()) is None

@@ -284,7 +284,18 @@ def base_record(args, engine: str, info, policy, text: dict[str, Any]) -> dict[s
         "overlaps": text.get("overlaps", []),
         "policy_provenance": getattr(policy, "provenance", []),
         "passages_provenance": [p.provenance() for p in text["passages"]],
+        "model_basis": _model_basis_record(policy),
     }
+
+
+def _model_basis_record(policy) -> dict[str, Any] | None:
+    """The per-model constant a basis policy needs: its file, hash and size (not in the ratio)."""
+    if getattr(policy, "basis", None) is None:
+        return None
+    from .model_basis import load_basis
+
+    basis = load_basis(policy.basis)
+    return {"path": str(basis.path), "sha256": basis.sha256, "bytes": basis.nbytes}
 
 
 def finish_record(record: dict[str, Any], summary: dict[str, Any], ledger, seconds: float) -> dict[str, Any]:

@@ -119,6 +119,14 @@ def eval_markdown(r: dict[str, Any]) -> str:
         ),
         ("eval tokens", str(r["eval_tokens"])),
     ]
+    if r.get("model_basis"):
+        mb = r["model_basis"]
+        rows.append(
+            (
+                "model basis (per-model constant, not in the ratio)",
+                f"{mb['bytes'] / 1e6:.2f} MB, sha256 {mb['sha256'][:16]}…",
+            )
+        )
     if r.get("underflow_ref") or r.get("underflow_alt"):
         rows.append(("log-probs at floor (ref / codec)", f"{r['underflow_ref']} / {r['underflow_alt']}"))
     lines += ["| metric | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
