@@ -87,18 +87,7 @@ def test_basis_artifact_round_trip_and_tamper_check(tmp_path):
 
 
 def _basis_policy(path, sha, step=0.2, sink=1):
-    cfg = {
-        "bits": 8,
-        "block_size": 4096,
-        "share_basis": True,
-        "basis": "none",
-        "rotation": "none",
-        "uniform_step": step,
-        "entropy_coding": True,
-        "scale_granularity": "block",
-        "outlier_threshold": 120 * step,
-        "transform": sha,
-    }
+    cfg = mb.codec_config(sha, step)
     return Policy.from_dict({"k": cfg, "v": cfg, "basis": str(path), "sink_tokens": sink})
 
 

@@ -165,18 +165,9 @@ def test_the_shipped_tuned_preset_is_the_measured_policy():
 
 # -- model basis -------------------------------------------------------------------------------
 def _basis_rung(sha: str, step: float) -> dict:
-    return {
-        "bits": 8,
-        "block_size": 4096,
-        "share_basis": True,
-        "basis": "none",
-        "rotation": "none",
-        "uniform_step": step,
-        "entropy_coding": True,
-        "scale_granularity": "block",
-        "outlier_threshold": 120 * step,
-        "transform": sha,
-    }
+    from kakeya_py.model_basis import codec_config
+
+    return codec_config(sha, step)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,25 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def codec_config(sha256: str, step: float, *, scales: str = "block") -> dict[str, Any]:
+    """The codec config dict of coefficients in a basis: 8-bit mid-tread codes of one
+    ``step`` (in units of the block's, or with ``scales="vector"`` each vector's, RMS), rANS
+    per group of coordinates, values beyond 120 steps stored exactly (outliers)."""
+    return {
+        "bits": 8,
+        "block_size": 4096,
+        "share_basis": True,
+        "basis": "none",
+        "rotation": "none",
+        "uniform_step": step,
+        "entropy_coding": True,
+        "scale_granularity": scales,
+        "scale_format": "log8" if scales == "vector" else "float",
+        "outlier_threshold": round(120 * step, 4),
+        "transform": sha256,
+    }
+
+
 def o_proj_metric(o_proj_weight: np.ndarray, kv_head: int, group: int, head_dim: int) -> np.ndarray:
     """``M_V = Σ_g W_gᵀ W_g`` over the query heads ``g`` of ``kv_head``'s group (``[D, D]``)."""
     w = np.asarray(o_proj_weight, dtype=np.float64)

@@ -27,21 +27,9 @@ MODEL = {"name": "smollm2-135m", "num_layers": 30, "num_kv_heads": 3, "head_dim"
 
 
 def basis_config(basis: str, step: float, scales: str = "block") -> dict:
-    from kakeya_py.model_basis import load_basis
+    from kakeya_py.model_basis import codec_config, load_basis
 
-    return {
-        "bits": 8,
-        "block_size": 4096,
-        "share_basis": True,
-        "basis": "none",
-        "rotation": "none",
-        "uniform_step": step,
-        "entropy_coding": True,
-        "scale_granularity": scales,
-        "scale_format": "log8" if scales == "vector" else "float",
-        "outlier_threshold": round(120 * step, 4),
-        "transform": load_basis(ROOT / BASIS[basis]).sha256,
-    }
+    return codec_config(load_basis(ROOT / BASIS[basis]).sha256, step, scales=scales)
 
 
 def hadamard_config(step: float, bits: int = 4, metric: str = "mse") -> dict:
