@@ -32,11 +32,15 @@ for step in "${steps[@]}"; do
     case $step in
         headline)  # the README's headline rows: the test part only, 64 passages x (1024 + 256)
             mkdir -p reports/test
-            for preset in recommended uniform-ec-log8-tuned uniform-ec-log8; do
+            for preset in model-basis recommended uniform-ec-log8-tuned uniform-ec-log8; do
                 run "test/eval_${preset}" kakeya eval --config "$preset" --passages 64 \
                     --json "reports/test/eval_${preset}.json"
                 run "test/eval_${preset}_code" kakeya eval --config "$preset" --text code --passages 64 \
                     --json "reports/test/eval_${preset}_code.json"
+            done
+            for text in wikitext code; do  # the model-basis preset under vLLM too
+                run "test/eval_model-basis_vllm_${text}" kakeya eval --engine vllm --config model-basis --text "$text" \
+                    --passages 64 --json "reports/test/eval_model-basis_vllm_${text}.json"
             done ;;
         eval)
             run eval_recommended kakeya eval --json reports/eval_recommended.json ;;

@@ -187,3 +187,17 @@ def test_eval_record_names_the_basis_as_a_per_model_constant(tmp_path):
     rec = _model_basis_record(_basis_policy(path, basis.sha256))
     assert rec == {"path": str(path), "sha256": basis.sha256, "bytes": path.stat().st_size}
     assert _model_basis_record(Policy()) is None
+
+
+def test_model_basis_preset_names_the_shipped_basis():
+    from kakeya_py.policy import preset_policy
+
+    policy = preset_policy("model-basis")
+    basis = mb.load_basis(policy.basis)
+    assert policy.k.transform == basis.sha256 and policy.k.rotation == "none"
+    assert policy.v.transform is None  # V stays on the Hadamard path (reports/model_basis)
+    assert basis.record["text"]["part"] == "calibration"
+    assert {(r["role"], r["part"]) for r in policy.provenance} == {
+        ("fit", "calibration"),
+        ("selection", "validation"),
+    }

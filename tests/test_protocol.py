@@ -96,7 +96,7 @@ def test_presets_record_where_they_were_chosen():
     from kakeya_py.corpus import TEST_ARTICLES
     from kakeya_py.policy import load_policy
 
-    for name in ("recommended", "uniform-ec-log8", "uniform-ec-log8-tuned"):
+    for name in ("recommended", "uniform-ec-log8", "uniform-ec-log8-tuned", "model-basis"):
         prov = load_policy(name).provenance
         assert prov and all(set(r["articles"]).isdisjoint(TEST_ARTICLES) for r in prov), name
         assert {r["part"] for r in prov} <= {"calibration", "validation"}

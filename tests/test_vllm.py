@@ -113,6 +113,34 @@ def test_snapshot_matches_hf_snapshot(engine, hf_model):
     assert lumped_kl(ref_v, alt_v).shape == (N_EVAL,)
 
 
+def test_model_basis_policy_matches_hf(engine, hf_model, tmp_path):
+    """A policy coded in a model basis (T before the codec, T⁻¹ after) moves vLLM's log-probs as
+    HF's and counts the same bytes: the plugin goes through the same PolicyCodec."""
+    from kakeya_py import model_basis as mb
+    from kakeya_py.models import describe_model
+
+    info = describe_model(hf_model, "tiny", "tiny", "random", None)
+    fits = mb.fit_basis(
+        hf_model, info, [passage_ids(s) for s in (1, 2)], metrics={"k": "plain"}, progress=False
+    )
+    path = mb.save_basis(
+        tmp_path / "basis",
+        fits,
+        model={"name": "tiny"},
+        text={},
+        metrics={"k": "plain", "v": "o_proj"},
+        command="t",
+    )
+    sha = mb.load_basis(path).sha256
+    policy = Policy.from_dict(
+        {"k": mb.codec_config(sha, 0.5), "v": mb.codec_config(sha, 0.5), "basis": str(path), "sink_tokens": 1}
+    )
+    ids = passage_ids(6)
+    engine.configure(policy)
+    ref_v, alt_v, led_v, _, _ = engine.run_passage(Passage(ids), "snapshot")
+    assert_snapshot_matches_hf((ref_v, alt_v, led_v), hf_snapshot(hf_model, ids, policy))
+
+
 def test_real_model_through_plugin_in_separate_process(tmp_path):
     """`kakeya eval --engine vllm` on SmolLM2, engine core in its own process (plugin path)."""
     from kakeya_py.models import ModelError, resolve_model_path

@@ -469,13 +469,14 @@ def preset_names() -> list[str]:
 #: One line per built-in preset for ``--help`` (saved presets use their description).
 PRESET_SUMMARIES = {
     "identity": "every codec stage bypassed: exact; stores the model's dtype (0.5x on float32)",
-    "recommended": "K 4-bit, V 3-bit (4-bit on 7 layers), mean only, sink exact: 4.03x ACCEPT",
-    "uniform-ec": "recommended's budget as uniform steps, codes entropy-coded: 4.47x ACCEPT",
-    "uniform-ec-log8": "uniform-ec with one-byte log scales: 4.70x ACCEPT",
+    "recommended": "K 4-bit, V 3-bit (4-bit on 7 layers), mean only, sink exact: 4.03x ACCEPT on test",
+    "uniform-ec": "recommended's budget as uniform steps, codes entropy-coded: 4.47x (validation part)",
+    "uniform-ec-log8": "uniform-ec with one-byte log scales: 4.70x, MARGINAL on test (CI to +1.02%)",
     "k4v4-sink1-nobasis": "K and V 4-bit on every layer, mean only, sink exact: 3.67x ACCEPT",
     "k4v4-sink1": "K and V 4-bit on every layer, one PCA basis per head, sink exact: 3.00x",
     "k4early-v4": "the first recommended: V 4-bit, K 4-bit on layers 0-11 only: 1.88x",
-    "uniform-ec-log8-tuned": "uniform-ec-log8 with per-layer steps from kakeya tune: 5.15x ACCEPT",
+    "uniform-ec-log8-tuned": "uniform-ec-log8 with per-layer steps from kakeya tune: 5.15x, MARGINAL on test",
+    "model-basis": "K in the per-model basis (Σ_q metric, one step), V log8 per-layer steps: 6.13x",
 }
 
 
