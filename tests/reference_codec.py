@@ -70,9 +70,20 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "entropy_coding": False,
     "scale_granularity": "vector",
     "scale_format": "float",
+    "rotation": "hadamard",
+    "transform": None,
 }
 # Config fields newer than version 1: a header omits them when they hold their default.
-NEWER_FIELDS = ("allocation", "basis", "uniform_step", "entropy_coding", "scale_granularity", "scale_format")
+NEWER_FIELDS = (
+    "allocation",
+    "basis",
+    "uniform_step",
+    "entropy_coding",
+    "scale_granularity",
+    "scale_format",
+    "rotation",
+    "transform",
+)
 
 _NP_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
 _OUTLIER_DTYPE = np.dtype([("index", "<u2"), ("value", "<f2")])
@@ -104,6 +115,11 @@ def make_config(config: dict[str, Any] | None = None, **overrides: Any) -> dict[
     def bad(name: str, expected: str) -> ValueError:
         return ValueError(f"config field {name!r} must be {expected}, got {c[name]!r}")
 
+    # Version 6 (rotation "none", a caller's model basis named by `transform`) is specified in
+    # docs/codec.md and tested against its own properties (kakeya/tests/roundtrip.rs,
+    # tests/test_model_basis.py); the reference stops at version 5.
+    if c["rotation"] != "hadamard" or c["transform"] is not None:
+        raise ValueError("rotation 'none' and transform (format version 6) are not in the reference")
     if not _is_int(c["bits"]) or not 1 <= c["bits"] <= MAX_TABLE_BITS:
         raise bad("bits", f"an integer in 1..{MAX_TABLE_BITS}")
     if not _is_int(c["block_size"]) or c["block_size"] < 1:

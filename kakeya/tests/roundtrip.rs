@@ -676,7 +676,7 @@ fn format_versions_follow_the_allocation() {
     };
     let variance = encode(view, &config, None, None).unwrap();
     assert_eq!(&variance.as_bytes()[6..8], &[2, 0]);
-    assert_eq!(kakeya::FORMAT_VERSION, 5);
+    assert_eq!(kakeya::FORMAT_VERSION, 6);
     assert!(variance
         .header_json()
         .contains(r#""allocation":"variance""#));
@@ -694,12 +694,12 @@ fn format_versions_follow_the_allocation() {
         .unwrap()
         .decode(None);
     assert_eq!(y.unwrap(), uniform.decode(None).unwrap());
-    for bad in [0u8, 6] {
+    for bad in [0u8, 7] {
         let mut unknown = variance.as_bytes().to_vec();
         unknown[6] = bad;
         assert!(matches!(
             Encoded::from_bytes(with_fixed_crc(unknown)),
-            Err(CodecError::UnsupportedVersion { found, supported: 5 }) if found == u16::from(bad)
+            Err(CodecError::UnsupportedVersion { found, supported: 6 }) if found == u16::from(bad)
         ));
     }
     // basis "none" is version 3; an older version cannot hold it.
@@ -1345,6 +1345,24 @@ fn rotation_none_spends_bits_where_the_variance_is() {
         );
         assert_eq!(enc_none.header().version, 6);
     }
+}
+
+#[test]
+fn rotation_none_needs_version_6() {
+    let shape = [64, 1, 16];
+    let (_, enc) = roundtrip(
+        &ordered_spectrum(shape, 45),
+        shape,
+        &basis_config(0.1, kakeya::Rotation::None),
+        None,
+    );
+    assert_eq!(&enc.as_bytes()[6..8], &[6, 0]);
+    let mut relabelled = enc.as_bytes().to_vec();
+    relabelled[6] = 5;
+    assert!(matches!(
+        Encoded::from_bytes(with_fixed_crc(relabelled)),
+        Err(CodecError::Corrupt(m)) if m.contains("rotation")
+    ));
 }
 
 #[test]
