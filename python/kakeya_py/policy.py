@@ -657,18 +657,32 @@ class PolicyCodec:
         cfg = self._configs[(layer, stream)]
         if cfg is None:
             return x, None
-        kwargs: dict[str, Any] = {}
-        if stream == "k" and getattr(cfg, "metric", "mse") == "inner_product":
-            kwargs["preconditioner"] = self.sigma_q.factors[layer]
-        if self.threads is not None:
-            kwargs["threads"] = self.threads
-        fn = lambda rest: self._roundtrip(rest, cfg, **kwargs)  # noqa: E731
-        if cfg.transform:
-            fn = self._in_basis(layer, stream, fn)
+        fn = codec_fn(
+            self._roundtrip, cfg, layer, stream, sigma_q=self.sigma_q, basis=self.basis, threads=self.threads
+        )
         return roundtrip_after_sink(x, self.policy.sink_tokens, fn, self.policy.window_tokens)
 
-    def _in_basis(self, layer: int, stream: str, fn: Callable[[Any], tuple[Any, int]]):
-        return in_basis(self.basis, layer, stream, fn)
+
+def codec_fn(
+    roundtrip: RoundtripFn,
+    cfg,
+    layer: int,
+    stream: str,
+    *,
+    sigma_q=None,
+    basis=None,
+    threads: int | None = None,
+) -> Callable[[Any], tuple[Any, int]]:
+    """The codec's round trip of one (layer, stream) tensor under ``cfg``: with K's Σ_q
+    pre-conditioner where the metric asks for it, in the model basis where ``cfg`` names one
+    (``PolicyCodec`` and ``kakeya tune``'s ``LadderCodec``)."""
+    kwargs: dict[str, Any] = {}
+    if stream == "k" and getattr(cfg, "metric", "mse") == "inner_product":
+        kwargs["preconditioner"] = sigma_q.factors[layer]
+    if threads is not None:
+        kwargs["threads"] = threads
+    fn = lambda rest: roundtrip(rest, cfg, **kwargs)  # noqa: E731
+    return in_basis(basis, layer, stream, fn) if cfg.transform else fn
 
 
 def in_basis(basis, layer: int, stream: str, fn: Callable[[Any], tuple[Any, int]]):

@@ -129,7 +129,7 @@ from .policy import (
     Policy,
     PolicyCodec,
     SigmaQ,
-    in_basis,
+    codec_fn,
     load_policy,
     roundtrip_after_sink,
 )
@@ -315,22 +315,24 @@ class LadderCodec:
         if self.ladder.peer is not None:
             out, nbytes = peer_roundtrip(cfg, layer, stream, x, self.sink_tokens)
         else:
-            out, nbytes = roundtrip_after_sink(x, self.sink_tokens, self._codec_fn(layer, stream, cfg))
+            out, nbytes = roundtrip_after_sink(
+                x,
+                self.sink_tokens,
+                codec_fn(
+                    self._roundtrip,
+                    cfg,
+                    layer,
+                    stream,
+                    sigma_q=self.sigma_q,
+                    basis=self.basis,
+                    threads=self.threads,
+                ),
+            )
         self.encodes += 1
         if nbytes is None:  # every position is a sink: stored exact
             return x, None
         self._cache[key] = (x, out, int(nbytes))
         return out, int(nbytes)
-
-    def _codec_fn(self, layer: int, stream: str, cfg) -> Callable[[Any], tuple[Any, int]]:
-        """The kakeya codec's round trip of one rung (in the model basis when it has ``transform``)."""
-        kwargs: dict[str, Any] = {}
-        if stream == "k" and getattr(cfg, "metric", "mse") == "inner_product":
-            kwargs["preconditioner"] = self.sigma_q.factors[layer]
-        if self.threads is not None:
-            kwargs["threads"] = self.threads
-        fn = lambda rest: self._roundtrip(rest, cfg, **kwargs)  # noqa: E731
-        return in_basis(self.basis, layer, stream, fn) if cfg.transform else fn
 
     def transform(self, state: Mapping[tuple[int, str], int]):
         state = dict(state)
