@@ -201,3 +201,10 @@ def test_model_basis_preset_names_the_shipped_basis():
         ("fit", "calibration"),
         ("selection", "validation"),
     }
+
+
+def test_a_basis_of_another_shape_is_refused_clearly(tmp_path):
+    _, info, path = _tiny_basis(tmp_path, {"k": "plain", "v": "plain"})
+    basis = mb.load_basis(path)
+    with pytest.raises(mb.ModelBasisError, match="calibrate basis"):
+        basis.apply(0, "k", torch.zeros(4, info.num_kv_heads + 1, info.head_dim))

@@ -160,6 +160,11 @@ class ModelBasis:
         import torch
 
         t, _ = self.torch_pair(layer, stream)
+        if tuple(x.shape[-2:]) != tuple(t.shape[:2]):
+            raise ModelBasisError(
+                f"{self.path}: the basis is for {t.shape[0]} kv-heads of {t.shape[1]}, the model's K/V are "
+                f"{tuple(x.shape[-2:])}: fit one for this model with `kakeya calibrate basis`"
+            )
         return torch.einsum("thd,hed->the", x.float(), t).contiguous()
 
     def invert(self, layer: int, stream: str, y):
