@@ -23,10 +23,9 @@ size is a per-model constant, reported beside the per-sequence ratio, never insi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,6 @@ DEFAULT_METRICS = {"k": "sigma_q", "v": "o_proj"}
 
 class ModelBasisError(ValueError):
     """A basis file that is missing, malformed or made for another model."""
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def codec_config(sha256: str, step: float, *, scales: str = "block") -> dict[str, Any]:
@@ -137,6 +128,7 @@ class ModelBasis:
     forward: dict[tuple[int, str], np.ndarray]
     inverse: dict[tuple[int, str], np.ndarray]
     variance: dict[tuple[int, str], np.ndarray]
+    _torch: dict[tuple[int, str], Any] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -147,13 +139,12 @@ class ModelBasis:
         """``(T, T⁻¹)`` as float32 torch tensors, cached."""
         import torch
 
-        cache = self.__dict__.setdefault("_torch", {})
         key = (layer, stream)
-        if key not in cache:
+        if key not in self._torch:
             if key not in self.forward:
                 raise ModelBasisError(f"{self.path} has no basis for layer {layer} stream {stream!r}")
-            cache[key] = (torch.from_numpy(self.forward[key]), torch.from_numpy(self.inverse[key]))
-        return cache[key]
+            self._torch[key] = (torch.from_numpy(self.forward[key]), torch.from_numpy(self.inverse[key]))
+        return self._torch[key]
 
     def apply(self, layer: int, stream: str, x):
         """Coefficients ``y = T x`` of ``x [T, H, D]`` (float32 torch)."""
@@ -188,7 +179,7 @@ def save_basis(
     """Write ``out/basis.safetensors`` and ``out/basis.json``; returns the tensors path."""
     from safetensors.numpy import save_file
 
-    from .calibration import kakeya_version
+    from .calibration import _sha256_file, kakeya_version
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -223,6 +214,8 @@ def load_basis(
     """Load and check a basis (the safetensors file or its folder) with its sidecar."""
     from safetensors.numpy import load_file
 
+    from .calibration import _sha256_file
+
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / BASIS_FILE
@@ -247,7 +240,12 @@ def load_basis(
     fwd, inv, var = {}, {}, {}
     for name, arr in tensors.items():
         parts = name.split(".")
-        if len(parts) != 4 or parts[0] != "layers" or parts[2] not in ("k", "v"):
+        if (
+            len(parts) != 4
+            or parts[0] != "layers"
+            or parts[2] not in ("k", "v")
+            or parts[3] not in ("T", "T_inv", "variance")
+        ):
             raise ModelBasisError(f"{p}: unexpected tensor {name!r}")
         key = (int(parts[1]), parts[2])
         {"T": fwd, "T_inv": inv, "variance": var}[parts[3]][key] = arr
@@ -316,12 +314,14 @@ def fit_basis(
         t = np.empty_like(cov)
         t_inv = np.empty_like(cov)
         lam = np.empty(cov.shape[:2])
+        w_o = None
+        if metrics[s] == "o_proj":
+            w_o = model.model.layers[layer].self_attn.o_proj.weight.detach().float().cpu().numpy()
         for h in range(info.num_kv_heads):
             if metrics[s] == "sigma_q":
                 fac = sigma_q.L[layer][h].astype(np.float64).T
             elif metrics[s] == "o_proj":
-                w = model.model.layers[layer].self_attn.o_proj.weight.detach().float().cpu().numpy()
-                fac = metric_factor(o_proj_metric(w, h, group, info.head_dim))
+                fac = metric_factor(o_proj_metric(w_o, h, group, info.head_dim))
             else:
                 fac = np.eye(info.head_dim)
             fac = fac / np.sqrt(np.mean(np.diag(fac @ fac.T)))  # scale-free: the codec's step is relative
