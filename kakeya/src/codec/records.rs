@@ -71,9 +71,7 @@ impl<'a> Codes<'a> {
             } => {
                 let rows = count / width;
                 let mut symbols = vec![0u8; count];
-                for (g, section) in sections.iter().enumerate() {
-                    let first = g * COMPONENT_GROUP;
-                    let w = COMPONENT_GROUP.min(width - first);
+                for (section, (first, w)) in sections.iter().zip(component_groups(*width)) {
                     let group = section.group_symbols(rows * w, *bits)?;
                     for (row, codes) in symbols.chunks_exact_mut(*width).zip(group.chunks_exact(w))
                     {
@@ -215,12 +213,18 @@ pub(super) fn write_codes(w: &mut Writer, codes: &[u8], bits: u8, entropy: bool)
     bitpack::pack(codes, bits, &mut w.buf[start..]);
 }
 
+/// `(first coordinate, width)` of each group of [`COMPONENT_GROUP`] coordinates in a row of `width`.
+fn component_groups(width: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..width)
+        .step_by(COMPONENT_GROUP)
+        .map(move |first| (first, COMPONENT_GROUP.min(width - first)))
+}
+
 /// Rotation "none" with entropy coding: the `n × width` codes as one [`write_codes`]
 /// section per group of [`COMPONENT_GROUP`] coordinates, so that coordinates of similar
 /// spread share a frequency table.
 pub(super) fn write_grouped_codes(w: &mut Writer, codes: &[u8], width: usize, bits: u8) {
-    for first in (0..width).step_by(COMPONENT_GROUP) {
-        let gw = COMPONENT_GROUP.min(width - first);
+    for (first, gw) in component_groups(width) {
         let group: Vec<u8> = codes
             .chunks_exact(width)
             .flat_map(|row| row[first..first + gw].iter().copied())
@@ -237,8 +241,7 @@ fn read_grouped_codes<'a>(
     bits: u8,
 ) -> Result<Codes<'a>> {
     let mut sections = Vec::with_capacity(width.div_ceil(COMPONENT_GROUP));
-    for first in (0..width).step_by(COMPONENT_GROUP) {
-        let gw = COMPONENT_GROUP.min(width - first);
+    for (_, gw) in component_groups(width) {
         sections.push(read_codes(
             r,
             bitpack::packed_len(n * gw, bits),
