@@ -124,6 +124,20 @@ def test_sink_tokens_stay_exact_in_the_search_and_the_policy():
     assert torch.equal(again, out) and again_bytes == nbytes
 
 
+def test_round_trip_cache_is_bounded_and_evicts_least_recently_used():
+    import torch
+
+    ladder = Ladder.load(None)
+    xs = [torch.randn(64, 2, 16) for _ in range(3)]
+    one = xs[0].numel() * 4
+    codec = LadderCodec(ladder, max_cache_bytes=2 * one)
+    outs = [codec.roundtrip(0, "k", 1, x)[0] for x in xs]
+    assert codec.encodes == 3 and codec._cache_bytes <= 2 * one and len(codec._cache) == 2
+    assert torch.equal(codec.roundtrip(0, "k", 1, xs[2])[0], outs[2]) and codec.encodes == 3  # kept
+    again, _ = codec.roundtrip(0, "k", 1, xs[0])  # evicted: encoded again, to the same result
+    assert codec.encodes == 4 and torch.equal(again, outs[0])
+
+
 def test_saved_presets_resolve_by_name(tmp_path, monkeypatch):
     import kakeya_py.policy as P
 

@@ -115,7 +115,7 @@ import dataclasses
 import json
 import shlex
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +143,8 @@ DEFAULT_LADDER: dict[str, Any] = {
 COSTS = ("budget", "dppl", "kl")
 COST_FLOOR = 1e-9
 DEFAULT_OUT = "reports/tune"
+#: Round trips LadderCodec keeps for reuse across variants and rounds (least recently used go first).
+DEFAULT_CACHE_BYTES = 6 << 30
 
 State = dict[tuple[int, str], int]
 
@@ -272,6 +274,7 @@ class LadderCodec:
         threads: int | None = None,
         roundtrip_fn: Callable[..., tuple[Any, int]] | None = None,
         sink_tokens: int = 0,
+        max_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         import kakeya_py
 
@@ -298,11 +301,16 @@ class LadderCodec:
         self.threads = threads
         self._roundtrip = roundtrip_fn if roundtrip_fn is not None else kakeya_py.roundtrip
         self.sink_tokens = sink_tokens
-        self._cache: dict[tuple, tuple[Any, Any, int]] = {}
+        # least recently used first; bounded because a 16-passage search at ctx 1024 kept
+        # every round trip and outgrew a 24 GB machine
+        self._cache: OrderedDict[tuple, tuple[Any, Any, int]] = OrderedDict()
+        self._cache_bytes = 0
+        self.max_cache_bytes = int(max_cache_bytes)
         self.encodes = 0
 
     def clear(self) -> None:
         self._cache.clear()
+        self._cache_bytes = 0
 
     def roundtrip(self, layer: int, stream: str, rung: int, x):
         cfg = self.ladder.configs[stream][rung]
@@ -311,6 +319,7 @@ class LadderCodec:
         key = (layer, stream, rung, x.data_ptr(), tuple(x.shape), tuple(x.stride()), str(x.dtype))
         hit = self._cache.get(key)
         if hit is not None:
+            self._cache.move_to_end(key)
             return hit[1], hit[2]
         if self.ladder.peer is not None:
             out, nbytes = peer_roundtrip(cfg, layer, stream, x, self.sink_tokens)
@@ -332,6 +341,10 @@ class LadderCodec:
         if nbytes is None:  # every position is a sink: stored exact
             return x, None
         self._cache[key] = (x, out, int(nbytes))
+        self._cache_bytes += out.numel() * out.element_size()
+        while self._cache_bytes > self.max_cache_bytes and len(self._cache) > 1:
+            _, (_, old, _) = self._cache.popitem(last=False)
+            self._cache_bytes -= old.numel() * old.element_size()
         return out, int(nbytes)
 
     def transform(self, state: Mapping[tuple[int, str], int]):
@@ -1036,6 +1049,12 @@ def register(sub) -> None:
     g.add_argument("--save-preset", default=None, metavar="NAME", help="also save as preset NAME")
     g.add_argument("--seed", type=int, default=0, help="passage choice and bootstrap seed")
     g.add_argument("--threads", type=int, default=None, help="torch and codec threads")
+    g.add_argument(
+        "--cache-gib",
+        type=float,
+        default=DEFAULT_CACHE_BYTES / (1 << 30),
+        help="memory for reused round trips, GiB (default %(default)g; least recently used go first)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_tune)
 
@@ -1146,7 +1165,12 @@ def cmd_tune(args) -> int:
     k_position = "post_rope" if args.post_rope_k else "pre_rope"
     runner = reusing_runner(model, k_position=k_position)
     codec = LadderCodec(
-        ladder, sigma_q=sigma, basis=basis, threads=args.threads, sink_tokens=args.sink_tokens
+        ladder,
+        sigma_q=sigma,
+        basis=basis,
+        threads=args.threads,
+        sink_tokens=args.sink_tokens,
+        max_cache_bytes=int(args.cache_gib * (1 << 30)),
     )
     layers = parse_layers(args.layers, info.num_layers) if args.layers else None
     streams = tuple(STREAMS if args.streams == "kv" else (args.streams,))
