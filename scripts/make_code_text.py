@@ -1,13 +1,17 @@
-"""Rebuild the out-of-domain test text ``python/kakeya_py/data/python_stdlib.txt``.
+"""Rebuild the out-of-domain code texts under ``python/kakeya_py/data/``.
 
-The text is a fixed list of pure-Python modules of CPython 3.11's standard library (PSF
+Each text is a fixed list of pure-Python modules of CPython 3.11's standard library (PSF
 licence), one "article" per module, each introduced by a marker line
-``# === module: NAME ===``. It is out of domain for a WikiText-tuned preset (code, not
-encyclopaedic prose) and is used only as a *test* text: nothing is chosen on it.
+``# === module: NAME ===``. They are out of domain for a WikiText-tuned preset (code, not
+encyclopaedic prose). Two disjoint module lists make two parts:
+
+- ``python_stdlib.txt``: the *test* part (headline numbers only; nothing is chosen on it);
+- ``python_stdlib_validation.txt``: the *validation* part (choices that must hold under the
+  domain shift are made on it).
 
     python3 scripts/make_code_text.py   # needs a CPython 3.11.x standard library
 
-The SHA-256 of the result is pinned in ``kakeya_py.corpus.CODE_TEXT_SHA256``.
+The SHA-256 of each result is pinned in ``kakeya_py.corpus.CODE_TEXTS``.
 """
 
 from __future__ import annotations
@@ -17,11 +21,17 @@ import sys
 import sysconfig
 from pathlib import Path
 
-MODULES = (
-    "argparse", "bisect", "calendar", "contextlib", "dataclasses", "difflib", "fractions",
-    "functools", "heapq", "shlex", "statistics", "string", "textwrap",
-)  # fmt: skip
-OUT = Path(__file__).resolve().parents[1] / "python" / "kakeya_py" / "data" / "python_stdlib.txt"
+DATA = Path(__file__).resolve().parents[1] / "python" / "kakeya_py" / "data"
+TEXTS = {
+    "python_stdlib.txt": (
+        "argparse", "bisect", "calendar", "contextlib", "dataclasses", "difflib", "fractions",
+        "functools", "heapq", "shlex", "statistics", "string", "textwrap",
+    ),
+    "python_stdlib_validation.txt": (
+        "ast", "base64", "configparser", "copy", "csv", "enum", "graphlib", "ipaddress",
+        "pprint", "queue", "random", "tempfile", "uuid",
+    ),
+}  # fmt: skip
 
 
 def main() -> int:
@@ -29,12 +39,14 @@ def main() -> int:
         print(f"error: needs CPython 3.11's standard library, this is {sys.version.split()[0]}", file=sys.stderr)
         return 2
     lib = Path(sysconfig.get_paths()["stdlib"])
-    parts = []
-    for name in MODULES:
-        src = (lib / f"{name}.py").read_text(encoding="utf-8").replace("\r\n", "\n")
-        parts.append(f"# === module: {name} ===\n{src.rstrip()}\n")
-    OUT.write_text("".join(parts), encoding="utf-8")
-    print(f"{OUT}: {OUT.stat().st_size} bytes, sha256 {hashlib.sha256(OUT.read_bytes()).hexdigest()}")
+    for file, modules in TEXTS.items():
+        parts = []
+        for name in modules:
+            src = (lib / f"{name}.py").read_text(encoding="utf-8").replace("\r\n", "\n")
+            parts.append(f"# === module: {name} ===\n{src.rstrip()}\n")
+        out = DATA / file
+        out.write_text("".join(parts), encoding="utf-8")
+        print(f"{out}: {out.stat().st_size} bytes, sha256 {hashlib.sha256(out.read_bytes()).hexdigest()}")
     return 0
 
 

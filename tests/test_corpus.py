@@ -139,6 +139,18 @@ def test_code_text_is_test_only_and_hash_checked(tmp_path):
         C.load_code_text(bad)
 
 
+def test_code_validation_part_is_other_modules_and_validation_only():
+    val, test = C.load_code_text(part="validation"), C.load_corpus(text="code")
+    assert val.sha256 != test.sha256 and len(val.articles) == 13
+    assert not {a.title for a in val.articles} & {a.title for a in test.articles}
+    assert C.load_corpus(text="code", part="validation").sha256 == val.sha256
+    assert val.part("validation") == list(val.articles)
+    with pytest.raises(C.CorpusError, match="no test part"):
+        val.part("test")
+    with pytest.raises(C.CorpusError, match="parts test and validation, not 'calibration'"):
+        C.load_code_text(part="calibration")
+
+
 @needs_wikitext
 def test_wikitext_loads_with_62_articles():
     corpus = C.load_wikitext(WIKI)

@@ -158,8 +158,8 @@ def _check_text(args) -> None:
         if not raw.strip():
             raise UsageError("--text-file", f"{p} is {'empty' if not raw else 'blank'}; expected text")
     try:
-        extra = [args.text] if getattr(args, "text", None) is not None else []  # --text: built-in texts
-        corpus = load_corpus(text_file, getattr(args, "wikitext", None), *extra)
+        text = getattr(args, "text", None) or "wikitext"  # --text: built-in texts
+        corpus = load_corpus(text_file, getattr(args, "wikitext", None), text, getattr(args, "part", None) or "test")
     except CorpusError as exc:
         arg = (
             "--text-file"

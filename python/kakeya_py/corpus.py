@@ -19,9 +19,12 @@ The test articles were found once by listing every ``text_usage`` record under
 depends on nothing but the file. Jobs record the part and articles they used; a policy
 records its ``provenance`` and :func:`check_disjoint` refuses an overlap.
 
-A second, out-of-domain **test** text is code: :func:`load_code_text` reads
-``data/python_stdlib.txt`` (13 CPython 3.11 standard-library modules, one article each,
-SHA-256 checked; ``scripts/make_code_text.py`` rebuilds it). All of it is ``test``.
+A second, out-of-domain text is code (CPython 3.11 standard-library modules, one article
+each, SHA-256 checked; ``scripts/make_code_text.py`` rebuilds both files). It has two parts in
+two files with disjoint modules, which :func:`load_code_text` reads one at a time:
+``test`` (``data/python_stdlib.txt``, 13 modules: headline numbers only) and ``validation``
+(``data/python_stdlib_validation.txt``, 13 other modules: choices that must also hold on
+code). It has no calibration part: nothing is fitted on code.
 
 **Text.** CRLF line endings are normalised to ``\\n``; each article's text is its
 lines, title included, each followed by ``\\n``. Each article is tokenized on its own
@@ -75,8 +78,26 @@ def wikitext_usage(part: str, role: str | None = None) -> dict[str, Any]:
 CODE_TEXT_SHA256 = "2e7af867ca12eef8409f1549e5438e4ecc27ba83d5ce83c0a1659276cbaee773"
 CODE_TEXT_NAME = "python-stdlib-3.11"
 CODE_TEXT_PATH = Path(__file__).resolve().parent / "data" / "python_stdlib.txt"
+
+
+@dataclass(frozen=True)
+class CodeText:
+    name: str
+    path: Path
+    sha256: str
+
+
+#: The parts of the code text, one file each (module doc).
+CODE_TEXTS = {
+    "test": CodeText(CODE_TEXT_NAME, CODE_TEXT_PATH, CODE_TEXT_SHA256),
+    "validation": CodeText(
+        CODE_TEXT_NAME + "-validation",
+        CODE_TEXT_PATH.with_name("python_stdlib_validation.txt"),
+        "4b91d4eb23479de6f2fff86bb30a2742c2d59f53f037ae9be4dfd92202accf31",
+    ),
+}
 _MODULE_MARKER = re.compile(r"# === module: (\S+) ===")
-#: Built-in texts for ``--text``: WikiText-2 (three parts) and the out-of-domain code (test only).
+#: Built-in texts for ``--text``: WikiText-2 (three parts) and the out-of-domain code (validation, test).
 TEXTS = ("wikitext", "code")
 
 _TITLE = re.compile(r" = [^=].* = ")
@@ -106,7 +127,7 @@ class Corpus:
     sha256: str
     articles: tuple[Article, ...]
     #: "parts" (the WikiText split), "single" (one file: it is every part, the job's record
-    #: names the file's hash) or "test" (out-of-domain text: test only)
+    #: names the file's hash), "test" or "validation" (one part of the out-of-domain text)
     layout: str = "parts"
 
     def split(self) -> CorpusSplit:
@@ -116,6 +137,8 @@ class Corpus:
             return CorpusSplit(self.name, self.sha256, "single document: every part", idx, idx, idx)
         if self.layout == "test":
             return CorpusSplit(self.name, self.sha256, "out-of-domain text: test only", (), (), idx)
+        if self.layout == "validation":
+            return CorpusSplit(self.name, self.sha256, "out-of-domain text: validation only", (), idx, ())
         cal = tuple(i for i in idx if i % CALIBRATION_MODULUS == CALIBRATION_REMAINDER)
         test = tuple(i for i in idx if i not in cal and i in TEST_ARTICLES)
         val = tuple(i for i in idx if i not in cal and i not in test)
@@ -269,15 +292,18 @@ def load_text_file(path: str | os.PathLike) -> Corpus:
     return Corpus(f"file:{p.name}", str(p.resolve()), _sha256(raw), (Article(0, p.name, text),), "single")
 
 
-def load_code_text(path: str | os.PathLike | None = None) -> Corpus:
-    """The out-of-domain test text: 13 Python standard-library modules (module doc)."""
-    p = Path(path) if path is not None else CODE_TEXT_PATH
+def load_code_text(path: str | os.PathLike | None = None, part: str = "test") -> Corpus:
+    """One part of the out-of-domain code text: 13 Python standard-library modules (module doc)."""
+    if part not in CODE_TEXTS:
+        raise CorpusError(f"the code text has parts {' and '.join(CODE_TEXTS)}, not {part!r}")
+    spec = CODE_TEXTS[part]
+    p = Path(path) if path is not None else spec.path
     if not p.is_file():
         raise CorpusError(f"code text not found at {p}; rebuild it with scripts/make_code_text.py")
     raw = p.read_bytes()
     digest = _sha256(raw)
-    if digest != CODE_TEXT_SHA256:
-        raise CorpusError(f"{p} has SHA-256 {digest}, expected {CODE_TEXT_SHA256} ({CODE_TEXT_NAME})")
+    if digest != spec.sha256:
+        raise CorpusError(f"{p} has SHA-256 {digest}, expected {spec.sha256} ({spec.name})")
     lines = raw.decode("utf-8").split("\n")
     starts = [i for i, line in enumerate(lines) if _MODULE_MARKER.fullmatch(line)]
     articles = []
@@ -285,17 +311,19 @@ def load_code_text(path: str | os.PathLike | None = None) -> Corpus:
         end = starts[k + 1] if k + 1 < len(starts) else len(lines)
         body = "".join(line + "\n" for line in lines[start:end] if line)
         articles.append(Article(k, _MODULE_MARKER.fullmatch(lines[start]).group(1), body))
-    return Corpus(CODE_TEXT_NAME, str(p), digest, tuple(articles), "test")
+    return Corpus(spec.name, str(p), digest, tuple(articles), part)
 
 
-def load_corpus(text_file: str | None = None, wikitext: str | None = None, text: str = "wikitext") -> Corpus:
+def load_corpus(
+    text_file: str | None = None, wikitext: str | None = None, text: str = "wikitext", part: str = "test"
+) -> Corpus:
     """``--text-file`` if given, else the built-in ``text`` (:data:`TEXTS`): WikiText-2
-    (``--wikitext``, env, default path) or the out-of-domain code text."""
+    (``--wikitext``, env, default path) or the out-of-domain code text's file for ``part``."""
     if text_file:
         return load_text_file(text_file)
     if text not in TEXTS:
         raise CorpusError(f"text must be one of {', '.join(TEXTS)}; got {text!r}")
-    return load_code_text() if text == "code" else load_wikitext(wikitext)
+    return load_code_text(part=part) if text == "code" else load_wikitext(wikitext)
 
 
 @dataclass(frozen=True)

@@ -718,7 +718,7 @@ def register(sub) -> None:
     g = p.add_argument_group("model and text")
     g.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, an HF model id or a local folder")
     g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
-    g.add_argument("--text", default="wikitext", help="built-in text: wikitext (default) or code")
+    g.add_argument("--text", default="wikitext", help="built-in text: wikitext (default) or code (validation and test parts)")
     g.add_argument(
         "--text-file", default=None, help="use this UTF-8 text instead (every part is the whole file)"
     )
@@ -798,7 +798,7 @@ def _haystack_counts(text: str, contexts: Sequence[int]) -> list[int]:
 def _load_text(args, tok):
     from .corpus import load_corpus, tokenize_articles
 
-    corpus = load_corpus(args.text_file, args.wikitext, args.text)
+    corpus = load_corpus(args.text_file, args.wikitext, args.text, args.part)
     arts = corpus.part(args.part)
     return corpus, tokenize_articles(tok, arts)
 
