@@ -111,6 +111,27 @@ def _sha256_file(path: Path) -> str:
     return _sha256_bytes(path.read_bytes())
 
 
+def read_sidecar(
+    path: str | os.PathLike, default_file: str, error: type[Exception], what: str, records: str, hint: str = ""
+) -> tuple[Path, dict[str, Any], str]:
+    """``(tensors file, sidecar record, its SHA-256)`` of a calibration artifact (``what``): the
+    file (or ``default_file`` in the folder ``path``) and the JSON beside it, which holds
+    ``records``; ``hint`` ends the message for a missing file. Raises ``error``."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / default_file
+    if not p.is_file():
+        raise error(f"{what} {p} not found{hint}")
+    side = p.with_suffix(".json")
+    if not side.is_file():
+        raise error(f"{p}: sidecar {side.name} not found (it records {records})")
+    try:
+        record = json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{side}: not valid JSON ({exc})") from exc
+    return p, record, _sha256_file(p)
+
+
 def _model_dict(info: Any) -> dict[str, Any]:
     return info.to_dict() if hasattr(info, "to_dict") else dict(info)
 
@@ -602,25 +623,14 @@ def load_sigma_q_artifact(
     """
     from safetensors.numpy import load_file
 
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / SIGMA_Q_FILE
-    if not p.is_file():
-        raise CalibrationError(f"Σ_q file {p} not found")
-    side = p.with_suffix(".json")
-    if not side.is_file():
-        raise CalibrationError(
-            f"{p}: sidecar {side.name} not found (it records the calibration text and model)"
-        )
-    try:
-        record = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise CalibrationError(f"{side}: not valid JSON ({exc})") from exc
+    p, record, digest = read_sidecar(
+        path, SIGMA_Q_FILE, CalibrationError, "Σ_q file", "the calibration text and model"
+    )
     check_version(record, SIGMA_Q_FORMAT, str(p), strict_version=strict_version)
+    side = p.with_suffix(".json")
     for key in ("text", "model"):
         if not record.get(key):
             raise CalibrationError(f"{side}: missing {key!r}")
-    digest = _sha256_file(p)
     if record.get("safetensors_sha256") not in (None, digest):
         raise CalibrationError(f"{p}: SHA-256 {digest[:16]}… does not match the one in {side.name}")
     model = record["model"]

@@ -61,7 +61,7 @@ def add_eval_args(
         default="wikitext",
         choices=["wikitext", "code"],
         help="built-in text: wikitext (WikiText-2, three parts) or code (out-of-domain Python "
-        "standard-library source, test only); default wikitext",
+        "standard-library source: validation and test parts, other modules each); default wikitext",
     )
     g.add_argument(
         "--part",
@@ -154,9 +154,9 @@ def prepare_text(args, tokenizer) -> dict[str, Any]:
     """Corpus, split, passages and the record of the text they use."""
     from .corpus import load_corpus, make_passages, tokenize_articles
 
-    corpus = load_corpus(args.text_file, args.wikitext, getattr(args, "text", "wikitext"))
-    split = corpus.split()
     part = getattr(args, "part", "test")
+    corpus = load_corpus(args.text_file, args.wikitext, getattr(args, "text", "wikitext"), part)
+    split = corpus.split()
     stream = tokenize_articles(tokenizer, corpus.part(part))
     passages = make_passages(stream, args.passages, args.ctx, args.n_eval)
     used = sorted({a["index"] for p in passages for a in p.articles})
@@ -289,13 +289,15 @@ def base_record(args, engine: str, info, policy, text: dict[str, Any]) -> dict[s
 
 
 def _model_basis_record(policy) -> dict[str, Any] | None:
-    """The per-model constant a basis policy needs: its file, hash and size (not in the ratio)."""
+    """The per-model constant a basis policy needs: its file, hash and size (not in the ratio;
+    the codec loads and checks the tensors)."""
     if getattr(policy, "basis", None) is None:
         return None
-    from .model_basis import load_basis
+    from .calibration import read_sidecar
+    from .model_basis import BASIS_FILE, ModelBasisError
 
-    basis = load_basis(policy.basis)
-    return {"path": str(basis.path), "sha256": basis.sha256, "bytes": basis.nbytes}
+    path, _, digest = read_sidecar(policy.basis, BASIS_FILE, ModelBasisError, "model basis", "the model")
+    return {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}
 
 
 def finish_record(record: dict[str, Any], summary: dict[str, Any], ledger, seconds: float) -> dict[str, Any]:

@@ -214,26 +214,22 @@ def load_basis(
     """Load and check a basis (the safetensors file or its folder) with its sidecar."""
     from safetensors.numpy import load_file
 
-    from .calibration import _sha256_file
+    from .calibration import read_sidecar
 
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / BASIS_FILE
-    if not p.is_file():
-        raise ModelBasisError(f"model basis {p} not found (make one with `kakeya calibrate basis`)")
+    p, record, digest = read_sidecar(
+        path,
+        BASIS_FILE,
+        ModelBasisError,
+        "model basis",
+        "the model and the text",
+        " (make one with `kakeya calibrate basis`)",
+    )
     side = p.with_suffix(".json")
-    if not side.is_file():
-        raise ModelBasisError(f"{p}: sidecar {side.name} not found (it records the model and the text)")
-    try:
-        record = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelBasisError(f"{side}: not valid JSON ({exc})") from exc
     if record.get("format") != BASIS_FORMAT or record.get("format_version") != BASIS_FORMAT_VERSION:
         raise ModelBasisError(
             f"{side}: format {record.get('format')!r} v{record.get('format_version')}, "
             f"expected {BASIS_FORMAT!r} v{BASIS_FORMAT_VERSION}"
         )
-    digest = _sha256_file(p)
     if record.get("safetensors_sha256") != digest:
         raise ModelBasisError(f"{p}: SHA-256 {digest[:16]}… does not match the one in {side.name}")
     tensors = load_file(str(p))
