@@ -165,6 +165,39 @@ def test_cache_kernel_equals_decode_of_the_same_chunks(arch, layout):
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantizer", [{}, {"uniform_step": 0.6438, "entropy_coding": True}])
+def test_log8_scales_on_the_kernel_path_match_decode_at_one_byte_per_row(quantizer):
+    """4-bit Lloyd-Max or uniform codes with log8 scales: the kernel path's logits equal the
+    decode path's, and its chunks hold one byte per row and a 4-byte base per block where f16
+    scales hold two bytes per row (no outliers, so only the scales differ)."""
+    model = tiny_model("llama")
+    ids = random_ids(60, batch=2)
+    mask = torch.ones_like(ids)
+    stream = {**MEAN_ONLY, "bits": 4, "outlier_threshold": None, **quantizer}
+
+    def cache(scale_format, attention):
+        cfg = {**stream, "scale_format": scale_format}
+        policy = {"k": cfg, "v": cfg, "sink_tokens": 1, "k_position": "post_rope"}
+        return KakeyaCache(policy, model, residual_length=4, block_tokens=16, attention=attention)
+
+    log8 = cache("log8", "kernel")
+    assert all(layer.kernel for layer in log8.layers)
+    kernel_logits = _steps(model, ids, log8, mask)
+    decode = cache("log8", "decode")
+    assert not any(layer.kernel for layer in decode.layers)
+    torch.testing.assert_close(kernel_logits, _steps(model, ids, decode, mask), rtol=1e-4, atol=1e-5)
+    f16 = cache("float", "kernel")
+    _steps(model, ids, f16, mask)
+    chunks = [c for layer in log8.layers for s in (layer.k, layer.v) for c in s.chunks]
+    heads = model.config.num_key_value_heads
+    rows = sum(c.length * heads * len(c.encodings) for c in chunks)
+    blocks = sum(heads * len(c.encodings) for c in chunks)  # one block per head per chunk
+    saved = f16.nbytes()["encoded_bytes"] - log8.nbytes()["encoded_bytes"]
+    assert rows > 0 and saved == rows - 4 * blocks
+    for c in (log8, decode, f16):
+        c.close()
+
+
 def test_identity_policy_matches_dynamic_cache_with_kernel_enabled():
     model = tiny_model("llama")
     ids = random_ids(37, batch=2)

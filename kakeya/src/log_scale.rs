@@ -34,6 +34,7 @@ const FRACTIONS: [f32; 16] = [
 
 /// The value of level `k` (`LOWEST ≤ k ≤ HIGHEST`): an exact product of the table entry
 /// and a power of two.
+#[inline(always)]
 fn level_value(k: i32) -> f32 {
     let octave = k.div_euclid(PER_OCTAVE);
     let power = f32::from_bits(((octave + 127) as u32) << 23);
@@ -93,19 +94,26 @@ pub fn dequantize(base: i32, bytes: &[u8]) -> Result<Vec<f32>> {
     }
     bytes
         .iter()
-        .map(|&c| match c {
-            0 => Ok(0.0),
-            c => {
-                let k = base + i32::from(c) - 1;
-                if k > HIGHEST {
-                    return Err(CodecError::Corrupt(format!(
-                        "log scale level {k} above {HIGHEST}"
-                    )));
-                }
-                Ok(level_value(k))
+        .map(|&c| {
+            let k = base + i32::from(c) - 1;
+            if k > HIGHEST {
+                return Err(CodecError::Corrupt(format!(
+                    "log scale level {k} above {HIGHEST}"
+                )));
             }
+            Ok(byte_value(base, c))
         })
         .collect()
+}
+
+/// The scale of one byte above `base`, as [`dequantize`] reads it; `base` and the byte
+/// must be ones [`dequantize`] accepted.
+#[inline(always)]
+pub(crate) fn byte_value(base: i32, byte: u8) -> f32 {
+    match byte {
+        0 => 0.0,
+        c => level_value(base + i32::from(c) - 1),
+    }
 }
 
 #[cfg(test)]

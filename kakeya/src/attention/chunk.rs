@@ -5,17 +5,23 @@
 use crate::codec::RowBlock;
 use crate::error::{CodecError, Result};
 use crate::format::ScaleDtype;
-use crate::{bitpack, f16, hadamard, Encoded};
+use crate::{bitpack, f16, hadamard, log_scale, Encoded};
 
 /// Zero bytes after each block's codes, so the AVX2 loops read whole `u32` words.
 pub(crate) const CODE_PADDING: usize = 4;
 
-/// Per-row scales as stored: f16 where the encoding's scales are f16 (exact), else f32
-/// (f32 scales and log8 levels, whose values f16 does not hold exactly).
+/// Per-row scales as stored: f16 where the encoding's scales are f16 (exact), log8 bytes
+/// where they are log8 (1 byte per row), else f32.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Scales {
     F16(Vec<u16>),
     F32(Vec<f32>),
+    /// `scale_format = "log8"`: the block's base level and one byte per row, read back as
+    /// the codec's decoder reads them ([`log_scale::byte_value`]).
+    Log8 {
+        base: i32,
+        bytes: Vec<u8>,
+    },
 }
 
 impl Scales {
@@ -28,6 +34,10 @@ impl Scales {
                 .zip(&v[from..])
                 .for_each(|(o, &h)| *o = f16::to_f32(h)),
             Self::F32(v) => out.copy_from_slice(&v[from..from + out.len()]),
+            Self::Log8 { base, bytes } => out
+                .iter_mut()
+                .zip(&bytes[from..])
+                .for_each(|(o, &c)| *o = log_scale::byte_value(*base, c)),
         }
     }
 
@@ -35,6 +45,7 @@ impl Scales {
         match self {
             Self::F16(v) => v.len() * 2,
             Self::F32(v) => v.len() * 4,
+            Self::Log8 { bytes, .. } => bytes.len() + 4,
         }
     }
 }
@@ -124,10 +135,12 @@ impl AttnChunk {
                 first: b.first,
                 rows: b.rows,
                 mean: b.mean,
-                scales: if f16_scales {
-                    Scales::F16(b.scales.iter().map(|&s| f16::from_f32(s)).collect())
-                } else {
-                    Scales::F32(b.scales)
+                scales: match b.log_scales {
+                    Some((base, bytes)) => Scales::Log8 { base, bytes },
+                    None if f16_scales => {
+                        Scales::F16(b.scales.iter().map(|&s| f16::from_f32(s)).collect())
+                    }
+                    None => Scales::F32(b.scales),
                 },
                 codes: {
                     let mut codes = b.codes;

@@ -1,6 +1,7 @@
 //! Kernel == decode → attend, for every supported layout, with skip (padding), GQA,
 //! several chunks and blocks, the RoPE-mean K layout, and any thread count.
 
+use super::chunk::Scales;
 use super::*;
 use crate::config::{Basis, ScaleFormat, ScaleGranularity};
 use crate::rng::SplitMix64;
@@ -72,6 +73,26 @@ fn layouts() -> Vec<(&'static str, CodecConfig)> {
                 entropy_coding: true,
                 scale_format: ScaleFormat::Log8,
                 outlier_threshold: Some(4.5),
+                ..mean_only.clone()
+            },
+        ),
+        (
+            "4-bit Lloyd-Max, log8 scales, outliers",
+            CodecConfig {
+                bits: 4,
+                scale_format: ScaleFormat::Log8,
+                ..mean_only.clone()
+            },
+        ),
+        (
+            "block log8 scales, entropy-coded 4-bit uniform, blocks of 50",
+            CodecConfig {
+                bits: 4,
+                uniform_step: Some(0.6438),
+                entropy_coding: true,
+                scale_format: ScaleFormat::Log8,
+                scale_granularity: ScaleGranularity::Block,
+                block_size: 50,
                 ..mean_only.clone()
             },
         ),
@@ -212,6 +233,49 @@ fn chunk_decode_equals_codec_decode_bit_for_bit() {
         let e = enc(&x, shape, &config);
         let chunk = AttnChunk::from_encoded(&e, 0, None).unwrap();
         assert_eq!(chunk.decode(), e.decode(Some(1)).unwrap(), "{name}");
+    }
+}
+
+/// Bytes of a chunk other than its outliers (whose count depends on how scales round).
+fn nbytes_without_outliers(chunk: &AttnChunk) -> usize {
+    chunk.nbytes()
+        - chunk
+            .blocks
+            .iter()
+            .map(|b| b.outlier_at.len() * 6)
+            .sum::<usize>()
+}
+
+#[test]
+fn log8_scales_are_held_as_one_byte_per_row() {
+    let (tokens, heads, dim) = (300, 2, 64);
+    let x = kv(1, tokens, heads, dim);
+    for (name, config) in layouts() {
+        if config.scale_format != ScaleFormat::Log8 {
+            continue;
+        }
+        let log8 =
+            AttnChunk::from_encoded(&enc(&x, [tokens, heads, dim], &config), 0, None).unwrap();
+        assert!(
+            log8.blocks
+                .iter()
+                .all(|b| matches!(b.scales, Scales::Log8 { .. })),
+            "{name}: log8 scales not held as bytes"
+        );
+        let float = CodecConfig {
+            scale_format: ScaleFormat::Float,
+            ..config
+        };
+        let f16 = AttnChunk::from_encoded(&enc(&x, [tokens, heads, dim], &float), 0, None).unwrap();
+        assert!(
+            f16.blocks
+                .iter()
+                .all(|b| matches!(b.scales, Scales::F16(_))),
+            "{name}: f16 scales"
+        );
+        // 2 bytes per row as f16; 1 byte per row and a 4-byte base per block as log8.
+        let saved = nbytes_without_outliers(&f16) - nbytes_without_outliers(&log8);
+        assert_eq!(saved, tokens * heads - 4 * log8.blocks.len(), "{name}");
     }
 }
 

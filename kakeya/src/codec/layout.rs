@@ -16,6 +16,9 @@ pub(crate) struct RowBlock {
     pub mean: Vec<f32>,
     /// One scale per row (a block scale repeated).
     pub scales: Vec<f32>,
+    /// Log8 encodings: the base level and one byte per row (a block's byte repeated), the
+    /// bytes `scales` were decoded from ([`crate::log_scale`]).
+    pub log_scales: Option<(i32, Vec<u8>)>,
     /// `rows · D` codes bit-packed at `bits` bits, row-major.
     pub codes: Vec<u8>,
     /// `(row · D + coordinate, z)`, increasing.
@@ -35,7 +38,8 @@ impl Encoded {
     }
 
     /// Every block's parts in head-major order, codes bit-packed at `bits` bits (rANS lanes
-    /// decoded and re-packed), scales as f32 (one per row), outliers as `(row · D + j, z)`.
+    /// decoded and re-packed), scales as f32 (one per row, and their log8 bytes where the
+    /// scales are log8), outliers as `(row · D + j, z)`.
     /// Only for [`Encoded::has_row_layout`].
     pub(crate) fn row_blocks(&self) -> Result<Vec<RowBlock>> {
         if !self.has_row_layout() {
@@ -78,11 +82,21 @@ impl Encoded {
                         packed
                     }
                 };
+                let log_scales = record.log_scales.as_ref().map(|(base, bytes)| {
+                    let bytes = bytes.symbols();
+                    let per_row = if bytes.len() == n {
+                        bytes.to_vec()
+                    } else {
+                        vec![bytes[0]; n]
+                    };
+                    (*base, per_row)
+                });
                 Ok(RowBlock {
                     first: b * config.block_size,
                     rows: n,
                     mean,
                     scales: record.scales,
+                    log_scales,
                     codes,
                     outliers: record.outliers,
                 })

@@ -20,6 +20,9 @@ pub(super) struct BlockRecord<'a> {
     pub(super) own_skeleton: Option<Skeleton>,
     pub(super) own_alloc: Option<BitAllocation>,
     pub(super) scales: Vec<f32>,
+    /// Log8 scales as stored (`scale_format = "log8"`): the base level and one byte per
+    /// stored scale (one per block with block granularity); `scales` holds their values.
+    pub(super) log_scales: Option<(i32, CodeValues<'a>)>,
     pub(super) codes: Codes<'a>,
     /// `(row · P + coordinate, value)` pairs.
     pub(super) outliers: Vec<(usize, f32)>,
@@ -364,6 +367,7 @@ impl Encoded {
             own_skeleton,
             own_alloc,
             scales: Vec::new(),
+            log_scales: None,
             codes: Codes::Packed(&[]),
             outliers: Vec::new(),
         };
@@ -378,7 +382,9 @@ impl Encoded {
         record.scales = if scale_dtype == ScaleDtype::Log8 {
             let base = r.u32("log scale base")? as i32;
             let symbols = read_codes(&mut r, stored, 8, config.entropy_coding)?.values(stored)?;
-            log_scale::dequantize(base, symbols.symbols())?
+            let values = log_scale::dequantize(base, symbols.symbols())?;
+            record.log_scales = Some((base, symbols));
+            values
         } else {
             let scale_size = scale_dtype.size();
             format::read_floats(
