@@ -1,0 +1,63 @@
+"""Per-layer K steps Δ_l = c / √s_l from the calibration-part attribution (README.md here).
+
+    python reports/model_basis/layer_steps/make_candidates.py
+
+reads ``attribution_k0.5.json`` and writes ``candidate_g{0.35,0.40,0.45}.json``: the
+``model-basis`` preset with a K step override per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+PROBE_STEP = 0.5
+GEOMEANS = (0.35, 0.40, 0.45)
+STEP_RANGE = (0.2, 0.8)
+OUTLIER_PER_STEP = 120.0  # the preset's threshold / step (42 / 0.35)
+
+
+def sensitivities(record: dict) -> dict[int, float]:
+    """s_l = KL_l / Δ², KL_l the mean KL with K of layer l alone at the probe step."""
+    return {int(r["layer"]): max(float(r["kl_mean"]), 1e-12) / PROBE_STEP**2 for r in record["layers"]}
+
+
+def steps_for(sens: dict[int, float], geomean: float) -> dict[int, float]:
+    """Δ_l ∝ 1/√s_l, clipped, with the clipped steps' geometric mean at ``geomean`` (bisection on c)."""
+    lo, hi = 1e-6, 1e6
+    for _ in range(200):
+        c = math.sqrt(lo * hi)
+        steps = {la: min(max(c / math.sqrt(s), STEP_RANGE[0]), STEP_RANGE[1]) for la, s in sens.items()}
+        g = math.exp(sum(math.log(x) for x in steps.values()) / len(steps))
+        lo, hi = (c, hi) if g < geomean else (lo, c)
+    return {la: round(x, 4) for la, x in sorted(steps.items())}
+
+
+def main() -> None:
+    record = json.loads((HERE / "attribution_k0.5.json").read_text())
+    sens = sensitivities(record)
+    base = json.loads((ROOT / "python" / "kakeya_py" / "presets" / "model-basis.json").read_text())
+    for g in GEOMEANS:
+        steps = steps_for(sens, g)
+        pol = json.loads(json.dumps(base))
+        pol["name"] = f"model-basis-layersteps-g{g:.2f}"
+        pol["description"] = (
+            f"model-basis with per-layer K steps c/sqrt(s_l), geometric mean {g:.2f}, s_l from "
+            "reports/model_basis/layer_steps/attribution_k0.5.json (calibration part); candidate"
+        )
+        for la, step in steps.items():
+            o = pol.setdefault("overrides", {}).setdefault(str(la), {})
+            o["k"] = {"uniform_step": step, "outlier_threshold": round(OUTLIER_PER_STEP * step, 3)}
+        pol["provenance"] = [p for p in base.get("provenance", []) if p.get("role") == "fit"] + [
+            {"role": "fit", **record["text_usage"]}
+        ]
+        out = HERE / f"candidate_g{g:.2f}.json"
+        out.write_text(json.dumps(pol, indent=1) + "\n")
+        print(out.name, " ".join(f"{la}:{s:.2f}" for la, s in steps.items()))
+
+
+if __name__ == "__main__":
+    main()
