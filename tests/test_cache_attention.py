@@ -268,6 +268,40 @@ def test_rope_mean_layout_decodes_to_post_rope_keys():
     cache.close()
 
 
+def test_rope_mean_is_rounded_to_halves_before_encoding_and_held_at_two_bytes():
+    """The cache rounds the RoPE-mean layout's pre-RoPE mean to float16 before subtracting it,
+    so the chunk holds it at 2 bytes per value (4 only for a mean that is not float16), and the
+    kernel path still equals decoding the same chunks."""
+    model = tiny_model("llama")
+    ids = random_ids(40, batch=2)
+    mask = torch.ones_like(ids)
+    runs = []
+    for check in (False, True):
+        cache = KakeyaCache(_policy("recommended"), model, residual_length=4, block_tokens=8)
+        cache._decode_attention_check = check
+        runs.append(_steps(model, ids, cache, mask, n=4))
+        layer = cache.layers[1]
+        assert layer.kernel and layer.k.rope_mean and layer.k.chunks
+        for chunk in layer.k.chunks:
+            for e in chunk.encodings:
+                mean = e.rope_mean
+                assert mean.dtype == np.float32 and np.array_equal(mean.astype(np.float16), mean)
+        cache.close()
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
+
+    gen = torch.Generator().manual_seed(3)
+    hkv, d = 3, 64
+    enc = kp.encode(_kv(gen, 128, hkv, d), kp.CodecConfig(**LAYOUTS["recommended"][0]))._inner
+    halves = (3 * torch.randn(hkv, d, generator=gen)).half().float().numpy()
+    off = halves.copy()
+    off[0, 0] = np.nextafter(off[0, 0], np.float32(np.inf))  # not a float16
+    plain = _kakeya.AttnChunk(enc, 0)
+    held = _kakeya.AttnChunk(enc, 0, halves)
+    assert np.array_equal(held.rope_mean, halves)
+    assert held.nbytes - plain.nbytes == hkv * d * 2
+    assert _kakeya.AttnChunk(enc, 0, off).nbytes - plain.nbytes == hkv * d * 4
+
+
 def test_crop_and_beam_search_on_the_kernel_path():
     model = tiny_model("llama")
     ids = random_ids(40)

@@ -100,6 +100,15 @@ def unrotate_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return x
 
 
+def _halves_where_finite(mean: torch.Tensor) -> torch.Tensor:
+    """``mean`` (float32) rounded to float16 where that stays finite: the RoPE-mean layout's
+    pre-RoPE mean, rounded *before* it is subtracted from K, so that the encoded residual, the
+    decode path and the kernel all use the same mean (the keys are ``RoPE_p(mean) + decode``,
+    whatever the mean) and the ``AttnChunk`` holds it at 2 bytes per value."""
+    half = mean.to(torch.float16).to(torch.float32)
+    return torch.where(torch.isfinite(half), half, mean)
+
+
 class _RopeTable:
     """The ``cos``/``sin`` of every cached position, shared by all layers.
 
@@ -512,7 +521,7 @@ class KakeyaLayer(SinkChunksWindowLayer):
             cos, sin = cache._rope_half_slice(start, start + cut, old.shape[0])
             cos, sin = cos.to(old.device), sin.to(old.device)
             k = old.to(torch.float32)
-            means = unrotate_rope(k, cos, sin).mean(dim=-2)  # [b, h, d]
+            means = _halves_where_finite(unrotate_rope(k, cos, sin).mean(dim=-2))  # [b, h, d]
             old = k - rotate_rope(means[:, :, None, :].expand_as(k), cos, sin)
         rows = old.permute(0, 2, 1, 3)  # [b, n, h, d]
         encodings = [

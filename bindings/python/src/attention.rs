@@ -25,7 +25,8 @@ fn check_threads(threads: Option<usize>) -> PyResult<()> {
 
 /// An encoding parsed once into the form the attention kernel reads (codes, scales,
 /// outliers, means; no header). `rope_mean` (`[kv_heads, head_dim]` float32) marks a K chunk
-/// of the RoPE-mean layout: its keys are `RoPE_p(rope_mean) + decode()`.
+/// of the RoPE-mean layout: its keys are `RoPE_p(rope_mean) + decode()`; it is held at 2
+/// bytes per value where every value is a float16 (round it so before subtracting it).
 #[pyclass(frozen, module = "kakeya_py._kakeya", name = "AttnChunk")]
 pub(crate) struct PyAttnChunk {
     inner: AttnChunk,
@@ -64,7 +65,8 @@ impl PyAttnChunk {
         self.inner.position()
     }
 
-    /// Bytes held (codes, scales, outliers, means).
+    /// Bytes held: codes, scales, outliers, means (as the encoding stores them), the pre-RoPE
+    /// mean (2 bytes per value where it holds halves) and the centroid table.
     #[getter]
     fn nbytes(&self) -> usize {
         self.inner.nbytes()
@@ -76,7 +78,7 @@ impl PyAttnChunk {
         let [_, h, d] = self.inner.shape();
         self.inner
             .rope_mean()
-            .map(|m| Ok(m.to_vec().into_pyarray(py).reshape([h, d])?.into_any()))
+            .map(|m| Ok(m.into_pyarray(py).reshape([h, d])?.into_any()))
             .transpose()
     }
 

@@ -1,8 +1,11 @@
 //! One encoding held in the form the attention kernel reads ([`AttnChunk`]): per head and
 //! block the mean, the scales, the codes bit-packed at `bits` bits (rANS lanes decoded once
-//! and re-packed) and the outliers; no header, offsets or checksum.
+//! and re-packed) and the outliers; no header, offsets or checksum. Each part is held at the
+//! width the encoding stores it in (f16 means and scales as their bits, log8 scales as
+//! bytes, a block scale once); the Hadamard signs are not held (a function of the seed).
 
 use crate::codec::RowBlock;
+use crate::config::{ScaleGranularity, SkeletonDtype};
 use crate::error::{CodecError, Result};
 use crate::format::ScaleDtype;
 use crate::{bitpack, f16, hadamard, log_scale, Encoded};
@@ -10,8 +13,67 @@ use crate::{bitpack, f16, hadamard, log_scale, Encoded};
 /// Zero bytes after each block's codes, so the AVX2 loops read whole `u32` words.
 pub(crate) const CODE_PADDING: usize = 4;
 
+/// Values held as the bits of halves where they are halves (2 bytes each), else as f32;
+/// read back as the same f32 values either way.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Floats {
+    F16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+impl Floats {
+    /// `values` as halves where every one of them is a half (bit for bit, so the read-back
+    /// values are `values`), else as f32.
+    fn halves_if_exact(values: Vec<f32>) -> Self {
+        let halves: Vec<u16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+        let exact = halves
+            .iter()
+            .zip(&values)
+            .all(|(&h, v)| f16::to_f32(h).to_bits() == v.to_bits());
+        if exact {
+            Self::F16(halves)
+        } else {
+            Self::F32(values)
+        }
+    }
+
+    /// Values `from..from + out.len()` as f32.
+    #[inline(always)]
+    pub(crate) fn read(&self, from: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            Self::F16(v) => out
+                .iter_mut()
+                .zip(&v[from..from + n])
+                .for_each(|(o, &h)| *o = f16::to_f32(h)),
+            Self::F32(v) => out.copy_from_slice(&v[from..from + n]),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::F16(v) => v.len(),
+            Self::F32(v) => v.len(),
+        }
+    }
+
+    pub(crate) fn to_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.read(0, &mut out);
+        out
+    }
+
+    pub(crate) fn nbytes(&self) -> usize {
+        match self {
+            Self::F16(v) => v.len() * 2,
+            Self::F32(v) => v.len() * 4,
+        }
+    }
+}
+
 /// Per-row scales as stored: f16 where the encoding's scales are f16 (exact), log8 bytes
-/// where they are log8 (1 byte per row), else f32.
+/// where they are log8 (1 byte per row), one value where the encoding has one scale per
+/// block, else f32.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Scales {
     F16(Vec<u16>),
@@ -22,6 +84,9 @@ pub(crate) enum Scales {
         base: i32,
         bytes: Vec<u8>,
     },
+    /// `scale_granularity = "block"`: the one scale every row of the block reads (the value
+    /// the per-row form would give, held once).
+    Block(f32),
 }
 
 impl Scales {
@@ -38,6 +103,7 @@ impl Scales {
                 .iter_mut()
                 .zip(&bytes[from..])
                 .for_each(|(o, &c)| *o = log_scale::byte_value(*base, c)),
+            Self::Block(s) => out.fill(*s),
         }
     }
 
@@ -46,6 +112,7 @@ impl Scales {
             Self::F16(v) => v.len() * 2,
             Self::F32(v) => v.len() * 4,
             Self::Log8 { bytes, .. } => bytes.len() + 4,
+            Self::Block(_) => 4,
         }
     }
 }
@@ -57,8 +124,8 @@ pub(crate) struct HeadBlock {
     pub first: usize,
     /// Tokens in the block.
     pub rows: usize,
-    /// `μ̂`, `D` values.
-    pub mean: Vec<f32>,
+    /// `μ̂`, `D` values, as the encoding stores them (`skeleton_dtype`).
+    pub mean: Floats,
     pub scales: Scales,
     /// `rows · D` codes, `bits` bits each, row-major, least-significant bit first, then
     /// [`CODE_PADDING`] zero bytes.
@@ -71,7 +138,8 @@ pub(crate) struct HeadBlock {
 /// An encoding ready for [`crate::attention::attend`]: what the codec's row decoder reads,
 /// parsed once. Optionally carries the pre-RoPE mean of a K chunk stored in the RoPE-mean
 /// layout (`docs/cache.md`): the encoded values are then `RoPE_p(x_p − μ)` and the key at
-/// position `p` is `RoPE_p(μ) + decode(...)`.
+/// position `p` is `RoPE_p(μ) + decode(...)`. The Hadamard signs are not held: they are
+/// `hadamard::signs(seed, dim)`, made again where needed ([`AttnChunk::signs`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttnChunk {
     pub(crate) tokens: usize,
@@ -80,12 +148,12 @@ pub struct AttnChunk {
     pub(crate) bits: u8,
     pub(crate) centroids: Vec<f32>,
     pub(crate) seed: u64,
-    pub(crate) signs: Vec<f32>,
     /// Head-major; each head's blocks in token order.
     pub(crate) blocks: Vec<HeadBlock>,
     pub(crate) blocks_per_head: usize,
-    /// `[heads, dim]` pre-RoPE mean (RoPE-mean K layout), or none.
-    pub(crate) rope_mean: Option<Vec<f32>>,
+    /// `[heads, dim]` pre-RoPE mean (RoPE-mean K layout), or none; as halves where the
+    /// caller's values are all halves (`kakeya_py.cache` rounds it so before subtracting it).
+    pub(crate) rope_mean: Option<Floats>,
     /// Absolute position of the first token.
     pub(crate) position: usize,
 }
@@ -93,7 +161,8 @@ pub struct AttnChunk {
 impl AttnChunk {
     /// Parses `enc` (a lossy encoding with `basis = "none"`, `allocation = "uniform"`, no
     /// pre-conditioner and a power-of-two `head_dim` ≥ 8); `position` is the absolute
-    /// position of its first token; `rope_mean`, if given, `[heads, dim]` values.
+    /// position of its first token; `rope_mean`, if given, `[heads, dim]` values (held at 2
+    /// bytes each where every value is a half, else 4).
     pub fn from_encoded(
         enc: &Encoded,
         position: usize,
@@ -127,20 +196,38 @@ impl AttnChunk {
                 )));
             }
         }
+        let config = &header.config;
         let f16_scales = header.scale_dtype == ScaleDtype::F16;
+        let block_scales = config.scale_granularity == ScaleGranularity::Block;
         let blocks = enc
             .row_blocks()?
             .into_iter()
             .map(|b: RowBlock| HeadBlock {
                 first: b.first,
                 rows: b.rows,
-                mean: b.mean,
-                scales: match b.log_scales {
-                    Some((base, bytes)) => Scales::Log8 { base, bytes },
-                    None if f16_scales => {
-                        Scales::F16(b.scales.iter().map(|&s| f16::from_f32(s)).collect())
+                mean: match config.skeleton_dtype {
+                    // Read from halves: exact as halves.
+                    SkeletonDtype::F16 => {
+                        Floats::F16(b.mean.iter().map(|&m| f16::from_f32(m)).collect())
                     }
-                    None => Scales::F32(b.scales),
+                    SkeletonDtype::F32 => Floats::F32(b.mean),
+                },
+                scales: {
+                    let per_row = match b.log_scales {
+                        Some((base, bytes)) => Scales::Log8 { base, bytes },
+                        None if f16_scales => {
+                            Scales::F16(b.scales.iter().map(|&s| f16::from_f32(s)).collect())
+                        }
+                        None => Scales::F32(b.scales),
+                    };
+                    if block_scales && b.rows > 0 {
+                        // Every row holds the block's scale: read it once.
+                        let mut one = [0.0f32];
+                        per_row.read(0, &mut one);
+                        Scales::Block(one[0])
+                    } else {
+                        per_row
+                    }
                 },
                 codes: {
                     let mut codes = b.codes;
@@ -151,7 +238,6 @@ impl AttnChunk {
                 outlier_z: b.outliers.iter().map(|&(_, z)| f16::from_f32(z)).collect(),
             })
             .collect();
-        let config = &header.config;
         Ok(Self {
             tokens,
             heads,
@@ -159,10 +245,9 @@ impl AttnChunk {
             bits: config.bits,
             centroids: enc.centroid_table(),
             seed: config.seed,
-            signs: hadamard::signs(config.seed, dim),
             blocks,
             blocks_per_head: header.blocks_per_head,
-            rope_mean,
+            rope_mean: rope_mean.map(Floats::halves_if_exact),
             position,
         })
     }
@@ -177,23 +262,29 @@ impl AttnChunk {
         self.position
     }
 
-    /// The pre-RoPE mean `[heads, dim]` of the RoPE-mean K layout, if any.
-    pub fn rope_mean(&self) -> Option<&[f32]> {
-        self.rope_mean.as_deref()
+    /// The pre-RoPE mean `[heads, dim]` of the RoPE-mean K layout, if any (as f32).
+    pub fn rope_mean(&self) -> Option<Vec<f32>> {
+        self.rope_mean.as_ref().map(Floats::to_vec)
     }
 
-    /// Bytes held: codes, scales, outliers (6 bytes each), means, the pre-RoPE mean and the
-    /// centroid table (not the struct and `Vec` headers, a few hundred bytes).
+    /// The seeded signs of the Hadamard rotation, `dim` values (made from the seed, not held).
+    pub(crate) fn signs(&self) -> Vec<f32> {
+        hadamard::signs(self.seed, self.dim)
+    }
+
+    /// Bytes held: per block the codes (and their [`CODE_PADDING`]), the scales (2 bytes per
+    /// row as f16, 4 as f32, 1 per row and a 4-byte base as log8, 4 per block for a block
+    /// scale), the outliers (6 bytes each) and the mean (2 or 4 bytes per value, as the
+    /// encoding stores it); the pre-RoPE mean (2 bytes per value as halves, else 4) and the
+    /// centroid table (f32). Not the struct and `Vec` headers (a few hundred bytes), nor the
+    /// Hadamard signs (not held).
     pub fn nbytes(&self) -> usize {
         let blocks: usize = self
             .blocks
             .iter()
-            .map(|b| b.codes.len() + b.scales.nbytes() + b.outlier_at.len() * 6 + b.mean.len() * 4)
+            .map(|b| b.codes.len() + b.scales.nbytes() + b.outlier_at.len() * 6 + b.mean.nbytes())
             .sum();
-        blocks
-            + self.rope_mean.as_ref().map_or(0, |m| m.len() * 4)
-            + self.centroids.len() * 4
-            + self.signs.len() * 4
+        blocks + self.rope_mean.as_ref().map_or(0, Floats::nbytes) + self.centroids.len() * 4
     }
 
     /// The blocks of head `h`, in token order.
@@ -227,14 +318,16 @@ impl AttnChunk {
         let mut out = vec![0.0f32; self.tokens * heads * dim];
         let mut row = vec![0.0f32; dim];
         let mut scale = [0.0f32; 1];
+        let signs = self.signs();
         for h in 0..heads {
             for block in self.head_blocks(h) {
+                let mean = block.mean.to_vec();
                 for i in 0..block.rows {
                     self.dequantize_rows(block, i, &mut row);
                     block.scales.read(i, &mut scale);
                     row.iter_mut().for_each(|v| *v *= scale[0]);
-                    hadamard::unrotate(&mut row, &self.signs);
-                    row.iter_mut().zip(&block.mean).for_each(|(v, m)| *v += m);
+                    hadamard::unrotate(&mut row, &signs);
+                    row.iter_mut().zip(&mean).for_each(|(v, m)| *v += m);
                     let t = block.first + i;
                     out[(t * heads + h) * dim..][..dim].copy_from_slice(&row);
                 }

@@ -67,7 +67,12 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
     };
     let mut q_rot = vec![0.0f32; rows * dim];
     let mut q_rot_seed: Option<u64> = None;
-    let mut v_signs: Option<&[f32]> = None;
+    // The V rotation's seed and signs (made from the seed: chunks do not hold them).
+    let mut v_seed: Option<u64> = None;
+    let mut v_signs: Vec<f32> = Vec::new();
+    // The current K and V blocks' means as f32 (chunks hold them as the encoding does).
+    let (mut k_mean, mut v_mean) = (vec![0.0f32; dim], vec![0.0f32; dim]);
+    let mut rope_mean = vec![0.0f32; dim];
     let mut weights = vec![0.0f32; rows * dim]; // RoPE-mean weights: a (half) then b (half)
     let mut k_tile = vec![0.0f32; TILE * dim];
     let mut v_tile = vec![0.0f32; TILE * dim];
@@ -81,21 +86,28 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
     for (kc, vc) in keys.iter().zip(values.iter()) {
         let (kc, vc): (&AttnChunk, &AttnChunk) = (kc, vc);
         if q_rot_seed != Some(kc.seed) {
+            let signs = kc.signs();
             q_rot.copy_from_slice(&q);
             q_rot
                 .chunks_exact_mut(dim)
-                .for_each(|row| hadamard::rotate(row, &kc.signs));
+                .for_each(|row| hadamard::rotate(row, &signs));
             q_rot_seed = Some(kc.seed);
         }
-        if v_signs.is_some_and(|s| s != vc.signs.as_slice()) {
-            st.flush(v_signs.unwrap_or_default());
+        if v_seed != Some(vc.seed) {
+            // Same seed, same signs (every chunk has `dim` values); another seed may still
+            // give the same signs, and then the rotated sums go on without a flush.
+            let signs = vc.signs();
+            if v_seed.is_some() && signs != v_signs {
+                st.flush(&v_signs);
+            }
+            v_signs = signs;
+            v_seed = Some(vc.seed);
         }
-        v_signs = Some(&vc.signs);
         let rope = kc.rope_mean.as_ref().map(|mean| {
-            let mean = &mean[h * dim..(h + 1) * dim];
+            mean.read(h * dim, &mut rope_mean);
             for (qr, w) in q.chunks_exact(dim).zip(weights.chunks_exact_mut(dim)) {
                 let (a, bw) = w.split_at_mut(half);
-                mean_term_weights(qr, mean, a, bw);
+                mean_term_weights(qr, &rope_mean, a, bw);
             }
             req.rope
                 .expect("validated: a RoPE-mean chunk has a table")
@@ -103,6 +115,8 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
         });
         let (kb, vb) = (kc.head_blocks(h), vc.head_blocks(h));
         let (mut ki, mut vi) = (0usize, 0usize);
+        // The blocks whose means `k_mean` and `v_mean` hold (none yet in this chunk).
+        let (mut k_mean_of, mut v_mean_of) = (None, None);
         let mut t = req.skip[b].saturating_sub(offset).min(kc.tokens);
         while t < kc.tokens {
             while kb[ki].first + kb[ki].rows <= t {
@@ -112,6 +126,14 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
                 vi += 1;
             }
             let (kblk, vblk): (&HeadBlock, &HeadBlock) = (&kb[ki], &vb[vi]);
+            if k_mean_of != Some(ki) {
+                kblk.mean.read(0, &mut k_mean);
+                k_mean_of = Some(ki);
+            }
+            if v_mean_of != Some(vi) {
+                vblk.mean.read(0, &mut v_mean);
+                v_mean_of = Some(vi);
+            }
             let end = (kblk.first + kblk.rows)
                 .min(vblk.first + vblk.rows)
                 .min(t + TILE);
@@ -120,7 +142,7 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
             // Scores: q·μ + s (R q)·ẑ (+ q·RoPE_p(μ_pre)).
             kblk.scales.read(kf, &mut k_scale[..n]);
             for (r, b) in base.iter_mut().enumerate() {
-                *b = dot(&q[r * dim..(r + 1) * dim], &kblk.mean);
+                *b = dot(&q[r * dim..(r + 1) * dim], &k_mean);
             }
             let rope_tile = rope.map(|(cos, sin)| {
                 let p0 = (kc.position + t) * half;
@@ -187,7 +209,7 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
                 let p_sum = lanes_sum(sr);
                 st.acc_out[r * dim..(r + 1) * dim]
                     .iter_mut()
-                    .zip(&vblk.mean)
+                    .zip(&v_mean)
                     .for_each(|(o, m)| *o += p_sum * m);
                 for (w, (&p, &s)) in v_weight[r * TILE..r * TILE + n]
                     .iter_mut()
@@ -211,8 +233,8 @@ pub(crate) fn run(req: &Request<'_>, b: usize, h: usize) -> JobResult {
         }
         offset += kc.tokens;
     }
-    if let Some(signs) = v_signs {
-        st.flush(signs);
+    if v_seed.is_some() {
+        st.flush(&v_signs);
     }
     let mut out = st.acc_out;
     for r in 0..rows {

@@ -1,9 +1,9 @@
 //! Kernel == decode → attend, for every supported layout, with skip (padding), GQA,
 //! several chunks and blocks, the RoPE-mean K layout, and any thread count.
 
-use super::chunk::Scales;
+use super::chunk::{Floats, Scales, CODE_PADDING};
 use super::*;
-use crate::config::{Basis, ScaleFormat, ScaleGranularity};
+use crate::config::{Basis, ScaleFormat, ScaleGranularity, SkeletonDtype};
 use crate::rng::SplitMix64;
 use crate::{encode, CodecConfig, Elements, Encoded, TensorView};
 
@@ -105,6 +105,16 @@ fn layouts() -> Vec<(&'static str, CodecConfig)> {
                 scale_granularity: ScaleGranularity::Block,
                 outlier_threshold: None,
                 block_size: 50,
+                ..mean_only.clone()
+            },
+        ),
+        (
+            "f32 means (skeleton_dtype f32), per-block, blocks of 64, 3-bit",
+            CodecConfig {
+                bits: 3,
+                block_size: 64,
+                share_basis: false,
+                skeleton_dtype: SkeletonDtype::F32,
                 ..mean_only.clone()
             },
         ),
@@ -251,7 +261,9 @@ fn log8_scales_are_held_as_one_byte_per_row() {
     let (tokens, heads, dim) = (300, 2, 64);
     let x = kv(1, tokens, heads, dim);
     for (name, config) in layouts() {
-        if config.scale_format != ScaleFormat::Log8 {
+        if config.scale_format != ScaleFormat::Log8
+            || config.scale_granularity == ScaleGranularity::Block
+        {
             continue;
         }
         let log8 =
@@ -280,6 +292,188 @@ fn log8_scales_are_held_as_one_byte_per_row() {
 }
 
 #[test]
+fn block_scales_are_held_once_per_block() {
+    let (tokens, heads, dim) = (300, 2, 64);
+    let x = kv(1, tokens, heads, dim);
+    for (name, config) in layouts() {
+        if config.scale_granularity != ScaleGranularity::Block {
+            continue;
+        }
+        for scale_format in [ScaleFormat::Float, ScaleFormat::Log8] {
+            let config = CodecConfig {
+                scale_format,
+                ..config.clone()
+            };
+            let e = enc(&x, [tokens, heads, dim], &config);
+            let chunk = AttnChunk::from_encoded(&e, 0, None).unwrap();
+            assert!(
+                chunk
+                    .blocks
+                    .iter()
+                    .all(|b| matches!(b.scales, Scales::Block(_))),
+                "{name}, {scale_format:?}: block scales held per row"
+            );
+            assert_eq!(chunk.decode(), e.decode(Some(1)).unwrap(), "{name}");
+        }
+    }
+}
+
+/// The bytes of a chunk's parts other than its codes, scales and outliers, as the test
+/// works them out from the layout: per head and block a mean of `dim` values at the
+/// skeleton's width, per head `dim` halves of pre-RoPE mean, one f32 centroid table.
+fn expected_overhead(chunk: &AttnChunk, mean_bytes: usize, rope_bytes: usize) -> usize {
+    let dim = chunk.dim;
+    chunk.blocks.len() * dim * mean_bytes
+        + chunk.heads * dim * rope_bytes
+        + (1usize << chunk.bits) * 4
+}
+
+#[test]
+fn a_rope_mean_k_chunk_holds_codes_scales_and_small_per_head_overheads() {
+    // A SmolLM2-shaped K chunk of the cache: 128 tokens × 3 heads × 64, 4-bit Lloyd-Max,
+    // log8 scales, one block per head (shared mean), the RoPE-mean layout.
+    let (tokens, heads, dim) = (128usize, 3usize, 64usize);
+    let config = CodecConfig {
+        bits: 4,
+        scale_format: ScaleFormat::Log8,
+        ..layouts()[0].1.clone()
+    };
+    let e = enc(&kv(11, tokens, heads, dim), [tokens, heads, dim], &config);
+    let halves: Vec<f32> = gaussian(12, heads * dim)
+        .iter()
+        .map(|&v| crate::f16::round(3.0 * v))
+        .collect();
+    let k = AttnChunk::from_encoded(&e, 0, Some(halves.clone())).unwrap();
+    assert_eq!(k.rope_mean().unwrap(), halves);
+    assert!(matches!(k.rope_mean, Some(Floats::F16(_))));
+    assert_eq!(k.blocks.len(), heads);
+    assert!(k.blocks.iter().all(|b| matches!(b.mean, Floats::F16(_))));
+    let codes = heads * (tokens * dim * 4 / 8 + CODE_PADDING);
+    let scales = heads * (tokens + 4); // a byte per row and a 4-byte base per block
+    let outliers: usize = k.blocks.iter().map(|b| b.outlier_at.len() * 6).sum();
+    // Per head: the block mean and the pre-RoPE mean as halves (2 · 64 B each); per chunk
+    // the 16 centroids (64 B); no Hadamard signs.
+    let per_head = 2 * dim + 2 * dim;
+    assert_eq!(expected_overhead(&k, 2, 2), heads * per_head + 64);
+    assert!(
+        k.nbytes() <= codes + scales + outliers + heads * per_head + 64,
+        "{} bytes held, codes {codes} + scales {scales} + outliers {outliers} + {} overhead",
+        k.nbytes(),
+        heads * per_head + 64
+    );
+    assert_eq!(
+        k.nbytes(),
+        codes + scales + outliers + heads * per_head + 64
+    );
+    // The same values given as non-halves are held as f32 (4 bytes each).
+    let mut off = halves.clone();
+    off[0] += off[0].abs().max(1.0) * 1e-6;
+    let f32_mean = AttnChunk::from_encoded(&e, 0, Some(off)).unwrap();
+    assert!(matches!(f32_mean.rope_mean, Some(Floats::F32(_))));
+    assert_eq!(f32_mean.nbytes() - k.nbytes(), heads * dim * 2);
+    // V: no pre-RoPE mean.
+    let v = AttnChunk::from_encoded(&e, 0, None).unwrap();
+    assert_eq!(k.nbytes() - v.nbytes(), heads * dim * 2);
+}
+
+#[test]
+fn means_are_held_at_the_skeleton_width() {
+    let (tokens, heads, dim) = (300, 2, 64);
+    let x = kv(1, tokens, heads, dim);
+    for (name, config) in layouts() {
+        let chunk =
+            AttnChunk::from_encoded(&enc(&x, [tokens, heads, dim], &config), 0, None).unwrap();
+        let (width, held) = match config.skeleton_dtype {
+            SkeletonDtype::F16 => (
+                2,
+                chunk
+                    .blocks
+                    .iter()
+                    .all(|b| matches!(b.mean, Floats::F16(_))),
+            ),
+            SkeletonDtype::F32 => (
+                4,
+                chunk
+                    .blocks
+                    .iter()
+                    .all(|b| matches!(b.mean, Floats::F32(_))),
+            ),
+        };
+        assert!(
+            held,
+            "{name}: means not held as {:?}",
+            config.skeleton_dtype
+        );
+        let rest: usize = chunk
+            .blocks
+            .iter()
+            .map(|b| b.codes.len() + b.outlier_at.len() * 6)
+            .sum::<usize>()
+            + chunk
+                .blocks
+                .iter()
+                .map(|b| match &b.scales {
+                    Scales::F16(v) => v.len() * 2,
+                    Scales::F32(v) => v.len() * 4,
+                    Scales::Log8 { bytes, .. } => bytes.len() + 4,
+                    Scales::Block(_) => 4,
+                })
+                .sum::<usize>();
+        assert_eq!(
+            chunk.nbytes(),
+            rest + expected_overhead(&chunk, width, 0),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn chunks_of_other_seeds_rotate_with_their_own_signs() {
+    // One request over chunks of two seeds (K and V alternate): the V sums are flushed
+    // through each seed's signs, as the reference decodes each chunk with its own.
+    let (kvh, rows, d) = (2usize, 3usize, 64usize);
+    let base = layouts()[0].1.clone();
+    let lens = [40usize, 30, 50, 20];
+    let owned: Vec<(AttnChunk, AttnChunk)> = lens
+        .iter()
+        .enumerate()
+        .scan(0usize, |start, (i, &n)| {
+            let seed = [0u64, 7, 7, 3][i];
+            let config = CodecConfig {
+                seed,
+                ..base.clone()
+            };
+            let s = *start;
+            *start += n;
+            let k = enc(&kv(20 + i as u64, n, kvh, d), [n, kvh, d], &config);
+            let v = enc(&kv(30 + i as u64, n, kvh, d), [n, kvh, d], &config);
+            Some((
+                AttnChunk::from_encoded(&k, s, None).unwrap(),
+                AttnChunk::from_encoded(&v, s, None).unwrap(),
+            ))
+        })
+        .collect();
+    let keys = vec![owned.iter().map(|(k, _)| k).collect::<Vec<_>>()];
+    let values = vec![owned.iter().map(|(_, v)| v).collect::<Vec<_>>()];
+    let q = gaussian(13, kvh * rows * d);
+    let req = Request {
+        queries: &q,
+        batch: 1,
+        kv_heads: kvh,
+        rows,
+        dim: d,
+        keys: &keys,
+        values: &values,
+        skip: &[0],
+        rope: None,
+        scale: 0.125,
+    };
+    let got = attend(&req, Some(1)).unwrap();
+    let want = reference(&q, [1, kvh, rows, d], &keys, &values, &[0], None, 0.125);
+    assert_close(&got, &want, "chunks of seeds 0, 7, 7, 3");
+}
+
+#[test]
 fn kernel_equals_decode_then_attend_for_every_layout() {
     let (batch, kvh, groups, d) = (2usize, 2usize, 3usize, 64usize);
     let lens = [(0usize, 150usize), (150, 1), (151, 97)];
@@ -294,7 +488,15 @@ fn kernel_equals_decode_then_attend_for_every_layout() {
                     let seed = (b * 10 + i) as u64;
                     let ke = enc(&kv(seed, n, kvh, d), [n, kvh, d], &config);
                     let ve = enc(&kv(seed + 100, n, kvh, d), [n, kvh, d], &config);
-                    let mean = rope_layout.then(|| gaussian(seed + 7, kvh * d));
+                    // Row 1's pre-RoPE means are halves (held as such), row 0's are not.
+                    let mean = rope_layout.then(|| {
+                        let m = gaussian(seed + 7, kvh * d);
+                        if b == 1 {
+                            m.iter().map(|&v| crate::f16::round(v)).collect()
+                        } else {
+                            m
+                        }
+                    });
                     row.push((
                         AttnChunk::from_encoded(&ke, 1 + start, mean).unwrap(),
                         AttnChunk::from_encoded(&ve, 1 + start, None).unwrap(),
