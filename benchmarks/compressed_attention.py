@@ -10,7 +10,7 @@ sigma, f16 scales; K in the RoPE-mean layout KakeyaCache uses, so the kernel als
   (Rust, ``--threads`` threads, GIL released; includes the numpy in/out conversion);
 - ``step_s``: what a KakeyaCache decode step runs per layer: the kernel over ``T - 64``
   encoded tokens plus exact attention over a 64-token window in torch and the
-  log-sum-exp merge (``kakeya_py.cache_attention.PendingAttention.attend``);
+  log-sum-exp merge (``kakeya_py.generation.attention.PendingAttention.attend``);
 - ``sdpa_bf16_s`` / ``sdpa_fp32_s``: ``torch.nn.functional.scaled_dot_product_attention``
   (``enable_gqa``) over ``T`` tokens of bf16 / fp32 K/V; the faster is ``baseline_s``.
 
@@ -67,7 +67,7 @@ def run(
 ) -> dict:
     import kakeya_py as kp
     from kakeya_py import _kakeya
-    from kakeya_py.cache_attention import PendingAttention
+    from kakeya_py.generation.attention import PendingAttention
 
     gen = torch.Generator().manual_seed(t * 31 + d)
     k, v = _kv(gen, t, hkv, d), _kv(gen, t, hkv, d)

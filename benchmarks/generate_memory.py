@@ -3,12 +3,12 @@
 SmolLM2-135M (``kakeya_py.models``) in ``--dtype`` (default bfloat16, so ``DynamicCache``
 holds bf16 K/V: the baseline's bytes are bf16 bytes, rows say ``baseline_dtype``), a prompt
 of each of ``--prompt-tokens`` lengths (comma-separated) from the test part of WikiText-2
-(``kakeya_py.corpus``), ``--max-new-tokens`` greedy tokens, for each cache in ``--caches``:
+(``kakeya_py.eval.corpus``), ``--max-new-tokens`` greedy tokens, for each cache in ``--caches``:
 
 - ``dynamic``: transformers' ``DynamicCache`` (the uncompressed reference);
 - ``quanto``: transformers' ``QuantizedCache`` (backend optimum-quanto, 4-bit, residual 128),
   or a row saying why it could not run (backend not installable/importable);
-- ``kakeya:<preset>``: :class:`kakeya_py.cache.KakeyaCache` with a policy preset
+- ``kakeya:<preset>``: :class:`kakeya_py.generation.cache.KakeyaCache` with a policy preset
   (``recommended``, ``identity``, or defined here: ``k4v4`` K and V 4-bit, ``k3v2`` K 3-bit,
   V 2-bit, both with the first and last layer exact); ``kakeya:<preset>@decode`` runs it with
   ``attention="decode"`` (every chunk decoded every step, the pre-kernel path), otherwise
@@ -86,7 +86,7 @@ def _tensor_bytes(obj, seen=None) -> int:
 
 
 def _prompt(tok, n: int, wikitext: str | None) -> list[int]:
-    from kakeya_py.corpus import load_wikitext, part_passages
+    from kakeya_py.eval.corpus import load_wikitext, part_passages
 
     corpus = load_wikitext(wikitext)
     passage = part_passages(corpus, tok, "test", 1, ctx=n, n_eval=1)[0]
@@ -114,7 +114,7 @@ def _make_cache(name: str, model, args):
 
         return cache, quanto_bytes
     if name.startswith("kakeya:"):
-        from kakeya_py.cache import KakeyaCache
+        from kakeya_py.generation.cache import KakeyaCache
         from kakeya_py.policy import Policy
 
         preset, _, mode = name.split(":", 1)[1].partition("@")

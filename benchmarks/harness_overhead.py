@@ -33,8 +33,8 @@ def main() -> None:
 
     import kakeya_py
     import torch
-    from kakeya_py.corpus import load_corpus, make_passages, tokenize_articles
-    from kakeya_py.harness import HFRunner, Variant
+    from kakeya_py.eval.corpus import load_corpus, make_passages, tokenize_articles
+    from kakeya_py.eval.harness import HFRunner, Variant
     from kakeya_py.models import load_model
     from kakeya_py.policy import PolicyCodec, load_policy
 

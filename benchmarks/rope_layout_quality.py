@@ -1,7 +1,7 @@
 """Teacher-forced quality of KakeyaCache's K layouts on the real model, decode step by decode step.
 
 For each passage (``--ctx`` context tokens from WikiText-2's test part, then ``--n-eval``
-tokens), the prompt is prefilled into a :class:`kakeya_py.cache.KakeyaCache` and the next
+tokens), the prompt is prefilled into a :class:`kakeya_py.generation.cache.KakeyaCache` and the next
 ``--n-eval`` tokens are fed one per step (teacher forcing), so every scored position went
 through the cache exactly as in generation (encoded chunks, window, sink). Logits are
 compared with one exact forward pass over the whole passage (no cache):
@@ -36,7 +36,7 @@ SETUPS = {
 
 
 def run_setup(model, passages, policy, setup: str, residual: int, block: int) -> dict:
-    from kakeya_py.cache import KakeyaCache
+    from kakeya_py.generation.cache import KakeyaCache
 
     kls, agree, nll_ref, nll_got, n = 0.0, 0, 0.0, 0.0, 0
     t0 = time.perf_counter()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from kakeya_py.corpus import load_wikitext, part_passages
+    from kakeya_py.eval.corpus import load_wikitext, part_passages
     from kakeya_py.models import load_model
 
     print("# command: " + command_line(argv))

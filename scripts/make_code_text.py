@@ -11,7 +11,7 @@ encyclopaedic prose). Two disjoint module lists make two parts:
 
     python3 scripts/make_code_text.py   # needs a CPython 3.11.x standard library
 
-The SHA-256 of each result is pinned in ``kakeya_py.corpus.CODE_TEXTS``.
+The SHA-256 of each result is pinned in ``kakeya_py.eval.corpus.CODE_TEXTS``.
 """
 
 from __future__ import annotations

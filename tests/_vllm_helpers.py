@@ -50,7 +50,7 @@ def assert_identity_exact(engine, mode: str):
 
 def assert_captured_kv_match_hf(engine, hf_model, ids) -> tuple[dict, dict]:
     """vLLM's captured prefix K (pre-RoPE) and V are HF's, per layer; returns ``(snapshot, hf_kv)``."""
-    from kakeya_py.hooks import KVInterceptor
+    from kakeya_py.eval.hooks import KVInterceptor
     from kakeya_py.policy import load_policy
 
     engine.configure(load_policy("identity"))
@@ -73,7 +73,7 @@ def assert_captured_kv_match_hf(engine, hf_model, ids) -> tuple[dict, dict]:
 
 def hf_snapshot(hf_model, ids, policy):
     """HF's prefill -> compress -> evaluate on ``ids`` with ``policy``: ``(ref, alt, ledger)``."""
-    from kakeya_py.harness import HFRunner, Variant, codec_transform
+    from kakeya_py.eval.harness import HFRunner, Variant, codec_transform
     from kakeya_py.integrations.vllm_engine import topk_from_logits
     from kakeya_py.policy import Ledger, PolicyCodec
 

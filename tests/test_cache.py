@@ -6,8 +6,8 @@ import kakeya_py
 import pytest
 import torch
 from conftest import random_ids, tiny_model
-from kakeya_py.cache import KakeyaCache, rotate_rope, unrotate_rope
-from kakeya_py.hooks import KVInterceptor
+from kakeya_py.eval.hooks import KVInterceptor
+from kakeya_py.generation.cache import KakeyaCache, rotate_rope, unrotate_rope
 from kakeya_py.policy import Policy
 from transformers import DynamicCache
 

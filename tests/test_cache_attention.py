@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import random_ids, tiny_model
 from kakeya_py import _kakeya
-from kakeya_py.cache import KakeyaCache, rotate_rope
+from kakeya_py.generation.cache import KakeyaCache, rotate_rope
 from transformers import DynamicCache
 
 MEAN_ONLY = {"block_size": 4096, "share_basis": True, "outlier_threshold": 3.0, "basis": "none"}
@@ -224,7 +224,7 @@ def test_generate_on_the_kernel_path(do_sample):
         calls.append(1)
         return real(*a, **k)
 
-    import kakeya_py.cache_attention as ca
+    import kakeya_py.generation.attention as ca
 
     ca._kakeya.attend_compressed = spy
     try:

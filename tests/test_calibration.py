@@ -13,8 +13,8 @@ import pytest
 import reference_codec as ref
 import torch
 from conftest import random_ids, tiny_model
-from kakeya_py import calibration as cal
-from kakeya_py import corpus as C
+from kakeya_py.calibration import core as cal
+from kakeya_py.eval import corpus as C
 from kakeya_py.models import describe_model
 from kakeya_py.policy import Policy, load_policy
 
@@ -438,7 +438,7 @@ def test_calibration_text_reads_only_calibration_articles():
 
 
 def test_overlap_with_evaluation_text_is_refused(tmp_path):
-    from kakeya_py.harness_cli import prepare_policy
+    from kakeya_py.cli.harness import prepare_policy
 
     corpus = small_corpus()
     split = corpus.split()

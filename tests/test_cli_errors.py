@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import save_tiny_llama
-from kakeya_py import cli_args
+from kakeya_py.cli import args as cli_args
 from kakeya_py.cli import main
 from kakeya_py.models import BUILTIN_SHAPES, ModelNotFoundError, locate_model, model_shape
 from kakeya_py.policy import Policy, PolicyModelError, fit_to_model, load_policy, preset_names
@@ -274,7 +274,7 @@ def test_debug_flag_and_env_show_the_traceback(files, capsys, monkeypatch):
 
 
 def test_run_time_failure_is_one_line_exit_1(files, capsys, monkeypatch):
-    import kakeya_py.harness_cli as H
+    import kakeya_py.cli.harness as H
 
     def boom(args):
         raise RuntimeError("the engine fell over\nwith a second line")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from kakeya_py import corpus as C
+from kakeya_py.eval import corpus as C
 
 WIKI = C.default_wikitext_path()
 needs_wikitext = pytest.mark.skipif(not WIKI.is_file(), reason=f"WikiText-2 not found at {WIKI}")

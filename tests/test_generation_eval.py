@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_ids, save_tiny_llama, tiny_model
-from kakeya_py import generation_eval as ge
-from kakeya_py.peer_cache import PeerCache, peer_cache_method
+from kakeya_py.generation import quality as ge
+from kakeya_py.generation.peer_cache import PeerCache, peer_cache_method
 from kakeya_py.peers import parse_method
 from transformers import DynamicCache
 

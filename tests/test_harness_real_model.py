@@ -12,8 +12,8 @@ import kakeya_py
 import numpy as np
 import pytest
 import torch
-from kakeya_py import corpus as C
 from kakeya_py.cli import main
+from kakeya_py.eval import corpus as C
 from kakeya_py.models import builtin_gguf_path
 
 pytestmark = [

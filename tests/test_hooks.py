@@ -13,9 +13,9 @@ import kakeya_py
 import pytest
 import torch
 from conftest import random_ids
-from kakeya_py.corpus import Passage
-from kakeya_py.harness import HFRunner, Variant, codec_residuals, codec_transform, noise_transform
-from kakeya_py.hooks import KVInterceptor, PositionEmbeddingRecorder, find_attention_sites, parse_layers
+from kakeya_py.eval.corpus import Passage
+from kakeya_py.eval.harness import HFRunner, Variant, codec_residuals, codec_transform, noise_transform
+from kakeya_py.eval.hooks import KVInterceptor, PositionEmbeddingRecorder, find_attention_sites, parse_layers
 from kakeya_py.policy import Ledger, Policy, PolicyCodec, load_policy, preset_policy
 
 CTX, N_EVAL = 40, 15

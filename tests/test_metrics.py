@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from kakeya_py import metrics as M
+from kakeya_py.eval import metrics as M
 
 
 def tokens(ref, alt, match=None, kl=None):

@@ -1,4 +1,4 @@
-"""Per-model coefficient bases (kakeya_py.model_basis) and the codec's rotation "none"."""
+"""Per-model coefficient bases (kakeya_py.calibration.model_basis) and the codec's rotation "none"."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_ids, tiny_model
-from kakeya_py import model_basis as mb
+from kakeya_py.calibration import model_basis as mb
 from kakeya_py.models import describe_model
 from kakeya_py.policy import Policy, PolicyCodec, load_policy
 
@@ -171,7 +171,7 @@ def test_calibrate_basis_refuses_sigma_q_metric_without_artifact():
 
 
 def test_kakeya_cache_refuses_a_basis_policy(tmp_path):
-    from kakeya_py.cache import KakeyaCache
+    from kakeya_py.generation.cache import KakeyaCache
 
     model, _, path = _tiny_basis(tmp_path, {"k": "plain", "v": "plain"})
     policy = _basis_policy(path, mb.load_basis(path).sha256)
@@ -180,7 +180,7 @@ def test_kakeya_cache_refuses_a_basis_policy(tmp_path):
 
 
 def test_eval_record_names_the_basis_as_a_per_model_constant(tmp_path):
-    from kakeya_py.harness_cli import _model_basis_record
+    from kakeya_py.cli.harness import _model_basis_record
 
     _, _, path = _tiny_basis(tmp_path, {"k": "plain", "v": "plain"})
     basis = mb.load_basis(path)

@@ -163,8 +163,8 @@ def test_parse_method_and_peer_policy():
 
 def test_peer_in_the_harness_on_a_tiny_model():
     from conftest import random_ids, tiny_model
-    from kakeya_py.corpus import Passage
-    from kakeya_py.harness import HFRunner, Variant
+    from kakeya_py.eval.corpus import Passage
+    from kakeya_py.eval.harness import HFRunner, Variant
 
     model = tiny_model("llama")
     ids = random_ids(97)[0].tolist()
@@ -187,8 +187,8 @@ def test_peer_in_the_harness_on_a_tiny_model():
 def test_a_variant_can_take_post_rope_k_in_a_pre_rope_run(mode):
     """``Variant.k_position`` gives one variant what a post-RoPE runner gives all of them."""
     from conftest import random_ids, tiny_model
-    from kakeya_py.corpus import Passage
-    from kakeya_py.harness import HFRunner, Variant
+    from kakeya_py.eval.corpus import Passage
+    from kakeya_py.eval.harness import HFRunner, Variant
 
     model = tiny_model("qwen2")
     ids = random_ids(81, seed=3)[0].tolist()

@@ -66,7 +66,7 @@ def _text(tmp_path):
 
 
 def test_policy_tuned_on_the_evaluated_text_is_refused(tiny_folder, tmp_path, capsys):
-    from kakeya_py.corpus import load_text_file
+    from kakeya_py.eval.corpus import load_text_file
 
     text = _text(tmp_path)
     usage = load_text_file(text).split().usage("validation")
@@ -93,7 +93,7 @@ def test_policy_tuned_on_the_evaluated_text_is_refused(tiny_folder, tmp_path, ca
 
 
 def test_presets_record_where_they_were_chosen():
-    from kakeya_py.corpus import TEST_ARTICLES
+    from kakeya_py.eval.corpus import TEST_ARTICLES
     from kakeya_py.policy import load_policy
 
     for name in ("recommended", "uniform-ec-log8", "uniform-ec-log8-tuned", "model-basis"):

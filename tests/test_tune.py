@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import random_ids, save_tiny_llama, tiny_model
-from kakeya_py.corpus import Passage
-from kakeya_py.harness import HFRunner, Variant, codec_transform
+from kakeya_py.eval.corpus import Passage
+from kakeya_py.eval.harness import HFRunner, Variant, codec_transform
 from kakeya_py.policy import Policy, PolicyCodec, load_policy
-from kakeya_py.tune import (
+from kakeya_py.tuning.search import (
     Ladder,
     LadderCodec,
     TuneSettings,
@@ -179,7 +179,7 @@ def test_the_shipped_tuned_preset_is_the_measured_policy():
 
 # -- model basis -------------------------------------------------------------------------------
 def _basis_rung(sha: str, step: float) -> dict:
-    from kakeya_py.model_basis import codec_config
+    from kakeya_py.calibration.model_basis import codec_config
 
     return codec_config(sha, step)
 
@@ -187,7 +187,7 @@ def _basis_rung(sha: str, step: float) -> dict:
 @pytest.fixture(scope="module")
 def tiny_basis(tmp_path_factory, llama):
     """A model basis of the tiny Llama (K plain metric, V o_proj) with a text record."""
-    from kakeya_py import model_basis as mb
+    from kakeya_py.calibration import model_basis as mb
     from kakeya_py.models import describe_model
 
     info = describe_model(llama, "tiny-llama", "tiny", "random", "0" * 64)
@@ -275,7 +275,7 @@ def test_a_ladder_naming_another_basis_is_refused(tiny_basis, tmp_path):
 
 
 def test_the_tuned_policy_names_the_basis_and_its_fit_text(tiny_basis, tmp_path):
-    from kakeya_py.tune import artifact_ref, basis_provenance
+    from kakeya_py.tuning.search import artifact_ref, basis_provenance
 
     ladder = _basis_ladder(tiny_basis)
     policy = state_policy({(0, "k"): 1, (0, "v"): 1, (1, "v"): 0}, ladder, 3, name="b")
@@ -299,7 +299,7 @@ def test_the_tuned_policy_names_the_basis_and_its_fit_text(tiny_basis, tmp_path)
 
 
 def test_the_shipped_basis_ladder_names_the_smollm2_basis():
-    from kakeya_py.model_basis import load_basis
+    from kakeya_py.calibration.model_basis import load_basis
 
     ladder = Ladder.load(str(REPO / "reports/tune/ladder_basis.json"))
     basis = load_basis(ladder.basis)
@@ -463,7 +463,7 @@ def test_reusing_runner_computes_each_prefill_once(llama):
 
 
 def test_split_passages_are_disjoint_and_seeded():
-    from kakeya_py.corpus import TokenStream
+    from kakeya_py.eval.corpus import TokenStream
 
     ids = tuple(range(5000))
     stream = TokenStream(ids, (), (0,), (0,), None)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_llama
-from kakeya_py.harness import HFRunner, Variant
-from kakeya_py.harness_cli import policy_codec, prepare_policy
+from kakeya_py.cli.harness import policy_codec, prepare_policy
+from kakeya_py.eval.harness import HFRunner, Variant
 from kakeya_py.peers import PeerPolicy, load_peer_policy, parse_method
 from kakeya_py.policy import model_record
-from kakeya_py.tune import Ladder, LadderCodec, TuneSettings, reusing_runner, search, state_policy
+from kakeya_py.tuning.search import Ladder, LadderCodec, TuneSettings, reusing_runner, search, state_policy
 from test_tune import REPO, llama, passages  # noqa: F401 - the fixture and the passages are shared
 
 TURBO = [None, "turbo-4", "turbo-3", "turbo-2"]
@@ -174,7 +174,7 @@ def test_tune_over_a_peer_ladder_writes_a_policy_that_eval_runs(tmp_path):
     r = json.loads((tmp_path / "eval.json").read_text())
     assert r["config"]["method"] == "turbo" and r["config"]["overrides"] == policy["overrides"]
     assert r["overlap"] is True and r["ratio_measured"] >= 1
-    from kakeya_py.sweep_cli import family_of
+    from kakeya_py.cli.sweep import family_of
 
     assert family_of(f"kakeya:{out / 'policy.json'}") == "turbo"  # a sweep labels it by its family
 

@@ -116,7 +116,7 @@ def test_snapshot_matches_hf_snapshot(engine, hf_model):
 def test_model_basis_policy_matches_hf(engine, hf_model, tmp_path):
     """A policy coded in a model basis (T before the codec, T⁻¹ after) moves vLLM's log-probs as
     HF's and counts the same bytes: the plugin goes through the same PolicyCodec."""
-    from kakeya_py import model_basis as mb
+    from kakeya_py.calibration import model_basis as mb
     from kakeya_py.models import describe_model
 
     info = describe_model(hf_model, "tiny", "tiny", "random", None)

@@ -38,7 +38,7 @@ skeletons included.
 Σ_q files (``sigma_q.safetensors``, issue 5) hold one lower-triangular Cholesky factor
 per layer under the key ``layers.{i}.L`` with shape ``[kv_heads, head_dim, head_dim]``
 (float32). A sidecar ``sigma_q.json`` next to it must record the calibration text
-under ``"text"`` (a :meth:`kakeya_py.corpus.CorpusSplit.usage` record) so the harness
+under ``"text"`` (a :meth:`kakeya_py.eval.corpus.CorpusSplit.usage` record) so the harness
 can refuse evaluation text that overlaps it.
 """
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .hooks import K_POSITIONS, STREAMS, parse_layers, parse_streams
+from .eval.hooks import K_POSITIONS, STREAMS, parse_layers, parse_streams
 
 BF16_BYTES = 2
 
@@ -114,7 +114,7 @@ def _uniform_ec(stream: dict[str, Any]) -> dict[str, Any]:
 def _chosen_on_validation() -> list[dict[str, Any]]:
     """Provenance of the hand-made presets: every choice (sink, basis, bits, the 4-bit V layers)
     was made on passages of what is now the WikiText-2 validation part (corpus module doc)."""
-    from .corpus import wikitext_usage
+    from .eval.corpus import wikitext_usage
 
     return [wikitext_usage("validation", "selection")]
 
@@ -213,7 +213,7 @@ class Policy:
     streams: tuple[str, ...] = STREAMS
     k_position: str = "pre_rope"
     sigma_q: str | None = None
-    #: per-model coefficient basis (``basis.safetensors``, :mod:`kakeya_py.model_basis`) that
+    #: per-model coefficient basis (``basis.safetensors``, :mod:`kakeya_py.calibration.model_basis`) that
     #: configs with ``transform`` set are coded in; the configs name it by its SHA-256
     basis: str | None = None
     description: str = ""
@@ -225,7 +225,7 @@ class Policy:
     #: head_dim}`` or None (model-agnostic); see :func:`fit_to_model`
     model: dict[str, Any] | None = None
     #: the text this policy was fitted or chosen on: ``{"role": "fit" | "selection", corpus,
-    #: sha256, part, articles}`` records (:meth:`~kakeya_py.corpus.CorpusSplit.usage` plus a role)
+    #: sha256, part, articles}`` records (:meth:`~kakeya_py.eval.corpus.CorpusSplit.usage` plus a role)
     provenance: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -637,7 +637,7 @@ class PolicyCodec:
         self.basis = None
         hashes = {c.transform for c in self._configs.values() if c is not None and c.transform}
         if hashes:
-            from .model_basis import load_basis
+            from .calibration.model_basis import load_basis
 
             self.basis = load_basis(policy.basis)
             if hashes != {self.basis.sha256}:
@@ -686,7 +686,7 @@ def codec_fn(
 
 
 def in_basis(basis, layer: int, stream: str, fn: Callable[[Any], tuple[Any, int]]):
-    """``fn`` applied to the coefficients ``T x`` of a :class:`~kakeya_py.model_basis.ModelBasis`
+    """``fn`` applied to the coefficients ``T x`` of a :class:`~kakeya_py.calibration.model_basis.ModelBasis`
     and the result mapped back by ``T⁻¹`` (``PolicyCodec`` and ``kakeya tune``'s ``LadderCodec``)."""
 
     def roundtrip(rest):

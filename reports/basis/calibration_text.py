@@ -7,7 +7,7 @@ a text file, for held-out checks of choices made on evaluation passages:
 
 import sys
 
-from kakeya_py.corpus import load_wikitext
+from kakeya_py.eval.corpus import load_wikitext
 
 articles = load_wikitext(allow_download=False).part("calibration")
 with open(sys.argv[1], "w", encoding="utf-8") as f:

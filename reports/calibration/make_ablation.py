@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from kakeya_py.harness_cli import _finite
+from kakeya_py.cli.harness import _finite
 
 HERE = Path(__file__).resolve().parent
 # fixed here (not the moving ``recommended`` preset) so the ablation stays comparable
@@ -38,7 +38,7 @@ ROOT = HERE.parents[1]
 
 
 def build_policies(cal_dir: Path, bits_list, out_dir: Path) -> list[dict]:
-    from kakeya_py.calibration import SIGMA_Q_FILE, calibrated_policy, load_centroids
+    from kakeya_py.calibration.core import SIGMA_Q_FILE, calibrated_policy, load_centroids
     from kakeya_py.policy import Policy
 
     plain = load_centroids(cal_dir / "centroids")
@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     command = shlex.join(["python", "reports/calibration/make_ablation.py", *(argv or sys.argv[1:])])
 
     import torch
-    from kakeya_py.harness import HFRunner, Variant, codec_transform
-    from kakeya_py.harness_cli import base_record, finish_record, prepare_policy, prepare_text
+    from kakeya_py.cli.harness import base_record, finish_record, prepare_policy, prepare_text
+    from kakeya_py.eval.harness import HFRunner, Variant, codec_transform
     from kakeya_py.models import load_model
     from kakeya_py.policy import PolicyCodec
 

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 import kakeya_py as kp  # noqa: E402
 import reference_codec as ref  # noqa: E402
-from kakeya_py.corpus import load_corpus, part_passages  # noqa: E402
-from kakeya_py.harness import HFRunner  # noqa: E402
+from kakeya_py.eval.corpus import load_corpus, part_passages  # noqa: E402
+from kakeya_py.eval.harness import HFRunner  # noqa: E402
 from kakeya_py.models import load_model  # noqa: E402
 from kakeya_py.policy import BF16_BYTES, load_policy  # noqa: E402
 

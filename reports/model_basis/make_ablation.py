@@ -27,7 +27,7 @@ MODEL = {"name": "smollm2-135m", "num_layers": 30, "num_kv_heads": 3, "head_dim"
 
 
 def basis_config(basis: str, step: float, scales: str = "block") -> dict:
-    from kakeya_py.model_basis import codec_config, load_basis
+    from kakeya_py.calibration.model_basis import codec_config, load_basis
 
     return codec_config(load_basis(ROOT / BASIS[basis]).sha256, step, scales=scales)
 
@@ -83,7 +83,7 @@ ROWS: dict[str, tuple[str, str, dict]] = {
 
 
 def policy(name: str, fields: dict) -> Path:
-    from kakeya_py.model_basis import load_basis
+    from kakeya_py.calibration.model_basis import load_basis
 
     d = {"name": name, "sink_tokens": 1, "k": None, "v": None, "model": MODEL, "provenance": []}
     for key, value in fields.items():

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import kakeya_py as kp
 import torch
-from kakeya_py import corpus as C
-from kakeya_py.harness import HFRunner
+from kakeya_py.eval import corpus as C
+from kakeya_py.eval.harness import HFRunner
 from kakeya_py.models import load_model
 from kakeya_py.peers import parse_method
 

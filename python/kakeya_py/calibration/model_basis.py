@@ -179,7 +179,7 @@ def save_basis(
     """Write ``out/basis.safetensors`` and ``out/basis.json``; returns the tensors path."""
     from safetensors.numpy import save_file
 
-    from .calibration import _sha256_file, kakeya_version
+    from .core import _sha256_file, kakeya_version
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def load_basis(
     """Load and check a basis (the safetensors file or its folder) with its sidecar."""
     from safetensors.numpy import load_file
 
-    from .calibration import read_sidecar
+    from .core import read_sidecar
 
     p, record, digest = read_sidecar(
         path,
@@ -275,10 +275,10 @@ def fit_basis(
 ) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Fit ``(T, T⁻¹, variances)`` per (layer, stream) on ``sequences`` (calibration text).
 
-    ``sigma_q``: a :class:`~kakeya_py.calibration.SigmaQArtifact` (K metric ``sigma_q``).
+    ``sigma_q``: a :class:`~kakeya_py.calibration.core.SigmaQArtifact` (K metric ``sigma_q``).
     The first ``sink_tokens`` positions of each sequence are left out, as the codec never sees them.
     """
-    from .calibration import collect_kv
+    from .core import collect_kv
 
     metrics = {**DEFAULT_METRICS, **(metrics or {})}
     streams = tuple(streams)

@@ -2,8 +2,8 @@
 
 Every method runs as a real transformers ``Cache`` during generation, with its own
 incremental encoding (prefill, then one token per step): ``dynamic`` (``DynamicCache``,
-the reference), ``kakeya:<preset>`` (:class:`kakeya_py.cache.KakeyaCache`), peers as
-caches (:class:`kakeya_py.peer_cache.PeerCache`: ``kivi-4``, ``int4``, ``turbo-4`` ...) and
+the reference), ``kakeya:<preset>`` (:class:`kakeya_py.generation.cache.KakeyaCache`), peers as
+caches (:class:`kakeya_py.generation.peer_cache.PeerCache`: ``kivi-4``, ``int4``, ``turbo-4`` ...) and
 ``quanto`` (transformers' ``QuantizedCache``, when ``optimum-quanto`` is importable).
 
 Four measurements, each with 95% percentile-bootstrap CIs over prompts (2000 resamples):
@@ -35,8 +35,8 @@ Four measurements, each with 95% percentile-bootstrap CIs over prompts (2000 res
    ``log ρ = log p_ref − log p_method`` (``p_ref / p_alt``: the importance ratio of a trainer
    that samples from the compressed engine and trains the reference). Per token and per
    sequence (Σ log ρ): ESS, k3 (an estimate of KL(method‖ref)), |Δ log p| mean / max, shares
-   outside [1/2, 2] and [1/5, 5], clipped / veto shares (:data:`kakeya_py.metrics.CLIP_NATS`,
-   :data:`~kakeya_py.metrics.VETO_NATS`), share of Σ|Δ log p| in the top 1%.
+   outside [1/2, 2] and [1/5, 5], clipped / veto shares (:data:`kakeya_py.eval.metrics.CLIP_NATS`,
+   :data:`~kakeya_py.eval.metrics.VETO_NATS`), share of Σ|Δ log p| in the top 1%.
 
 The three prompt runs of a method share one prefill: the cache is prefilled with the
 prompts and then repeated three times along the batch (``batch_repeat_interleave``), one
@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from .report import fmt_num
+from ..eval.report import fmt_num
 
 TF_TOP1_BOUND = 0.95
 RETRIEVAL_POINTS = 0.05
@@ -157,7 +157,7 @@ def rl_metrics(log_rho_rows: Sequence[np.ndarray]) -> dict[str, Any]:
     Args:
         log_rho_rows: one array of per-token log ρ per sampled sequence.
     """
-    from .metrics import CLIP_NATS, VETO_NATS, effective_sample_size, fraction_outside, k3_kl, top_mass
+    from ..eval.metrics import CLIP_NATS, VETO_NATS, effective_sample_size, fraction_outside, k3_kl, top_mass
 
     rows = [np.asarray(r, np.float64) for r in log_rho_rows]
     tok = np.concatenate(rows)
@@ -206,9 +206,9 @@ class CacheSettings:
 
 def parse_methods(text: str) -> list[str]:
     """``dynamic`` first, then the listed methods (each checked now, not mid-run)."""
-    from .peers import parse_method
-    from .policy import load_policy
-    from .sweep_cli import split_methods
+    from ..cli.sweep import split_methods
+    from ..peers import parse_method
+    from ..policy import load_policy
 
     try:
         methods = split_methods(text)
@@ -399,7 +399,7 @@ def run_method_batch(
     """Teacher forcing, free running and sampling for one method on one batch of prompts."""
     import torch
 
-    from .metrics import kl_from_logits
+    from ..eval.metrics import kl_from_logits
 
     b, gen = batch.ref_tokens.shape
     cache = make_cache(method, model, settings)
@@ -506,7 +506,7 @@ def summarize_trajectory(
 
 def summarize_rl(method: str, parts: Sequence[MethodBatch], *, samples: int = 1000, seed: int = 0) -> dict:
     """The ``rl`` row of one method: :func:`rl_metrics` with bootstrap CIs of the per-token ones."""
-    from .metrics import effective_sample_size, k3_kl
+    from ..eval.metrics import effective_sample_size, k3_kl
 
     ref = np.concatenate([p.sample_ref_logprob for p in parts])
     alt = np.concatenate([p.sample_alt_logprob for p in parts])
@@ -713,7 +713,7 @@ def register(sub) -> None:
         "generate-eval",
         help="generation quality with compressed caches: trajectory, free running, retrieval, RL view",
     )
-    from .models import DEFAULT_MODEL
+    from ..models import DEFAULT_MODEL
 
     g = p.add_argument_group("model and text")
     g.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, an HF model id or a local folder")
@@ -796,7 +796,7 @@ def _haystack_counts(text: str, contexts: Sequence[int]) -> list[int]:
 
 
 def _load_text(args, tok):
-    from .corpus import load_corpus, tokenize_articles
+    from ..eval.corpus import load_corpus, tokenize_articles
 
     corpus = load_corpus(args.text_file, args.wikitext, args.text, args.part)
     arts = corpus.part(args.part)
@@ -807,8 +807,8 @@ def cmd_generate_eval(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .harness_cli import kakeya_version, versions
-    from .models import load_model
+    from ..cli.harness import kakeya_version, versions
+    from ..models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -870,7 +870,7 @@ def cmd_generate_eval(args) -> int:
     }
     trajectory, rl = [], []
     if args.prompts:
-        from .corpus import make_passages
+        from ..eval.corpus import make_passages
 
         passages = make_passages(stream, args.prompts, args.prompt_tokens, 1)
         record["text_usage"] = corpus.split().usage(
@@ -1100,7 +1100,7 @@ def _ci_pct(ci, d: int = 1) -> str:
 
 
 def _num(x, d: int = 4) -> str:
-    """:func:`kakeya_py.report.fmt_num`, but in scientific notation from 1e4 (not 1e5) on."""
+    """:func:`kakeya_py.eval.report.fmt_num`, but in scientific notation from 1e4 (not 1e5) on."""
     if x is not None and abs(x) >= 1e4:
         return f"{x:.{d - 1}e}"
     return fmt_num(x, d)
@@ -1353,7 +1353,7 @@ def write_report(record: dict[str, Any], out: Path) -> None:
     (out / "report.md").write_text(body)
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # python -m kakeya_py.generation_eval
+def main(argv: Sequence[str] | None = None) -> int:  # python -m kakeya_py.generation.quality
     parser = argparse.ArgumentParser(prog="kakeya")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["generate-eval", *(argv or [])])

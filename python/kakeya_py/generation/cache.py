@@ -25,7 +25,7 @@ tokens from earlier calls that were encoded are attended as decoded.
 lossy mean-only uniform encodings attend on the codes: chunks are held as
 ``kakeya_py._kakeya.AttnChunk`` (parsed once), ``update`` returns only the exact tokens, and
 the attention function the cache selects on the model (``kakeya_sdpa`` / ``kakeya_eager``,
-:mod:`kakeya_py.cache_attention`) runs the Rust kernel over the chunks and merges it with exact
+:mod:`kakeya_py.generation.attention`) runs the Rust kernel over the chunks and merges it with exact
 attention over the sink, window and new tokens (log-sum-exp). K of those layers is stored in
 the RoPE-mean layout (``RoPE_p(x_p - mean)`` encoded per chunk; docs/cache.md).
 
@@ -64,17 +64,17 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import _kakeya
-from .cache_attention import (
+from .. import _kakeya
+from ..codec import CodecConfig, decode, encode
+from ..eval.hooks import find_attention_sites
+from ..policy import Policy, load_policy
+from .attention import (
     PendingAttention,
     attention_name,
     capture_hook,
     ensure_registered,
     kernel_supports,
 )
-from .codec import CodecConfig, decode, encode
-from .hooks import find_attention_sites
-from .policy import Policy, load_policy
 
 __all__ = ["KakeyaCache", "KakeyaLayer", "unrotate_rope", "rotate_rope"]
 
@@ -203,7 +203,7 @@ def check_window_sizes(residual_length: int, block_tokens: int) -> None:
 class SinkChunksWindow:
     """Bookkeeping of one K or V stream held as an exact sink, lossy chunks, then an exact window.
 
-    Shared by :class:`KakeyaCache` and :class:`kakeya_py.peer_cache.PeerCache` streams, which
+    Shared by :class:`KakeyaCache` and :class:`kakeya_py.generation.peer_cache.PeerCache` streams, which
     define ``sink`` and ``window`` (``[b, h, n, d]`` or ``None``), ``chunks`` (items with
     ``start`` and ``length``) and ``compressed`` (whether the stream gets a sink and chunks).
     """
@@ -565,7 +565,7 @@ def _fit_policy(policy: Policy, model, sites, force: bool) -> Policy:
     import warnings
     from types import SimpleNamespace
 
-    from .policy import fit_to_model
+    from ..policy import fit_to_model
 
     shape = SimpleNamespace(
         name=str(getattr(model.config, "name_or_path", "") or type(model).__name__),
@@ -726,7 +726,7 @@ class KakeyaCache(Cache):
             self._handles.append(
                 site.attn.register_forward_pre_hook(capture_hook(self), with_kwargs=True)
             )
-        from .cache_attention import fallback_of
+        from .attention import fallback_of
 
         return (weakref.ref(model), fallback_of(current))
 

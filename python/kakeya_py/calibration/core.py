@@ -1,7 +1,7 @@
 """Offline calibration (issue 5): Σ_q pre-conditioning factors and Lloyd–Max centroids.
 
 Both calibrations read only the **calibration part** of the corpus (WikiText-2 articles
-``i % 4 == 3``, :mod:`kakeya_py.corpus`) and record the articles they used, so the
+``i % 4 == 3``, :mod:`kakeya_py.eval.corpus`) and record the articles they used, so the
 harness can refuse evaluation text that overlaps them.
 
 Σ_q (``kakeya calibrate sigma-q``)
@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness_cli import _finite
+from ..cli.harness import _finite
 
 SIGMA_Q_FILE = "sigma_q.safetensors"
 SIGMA_Q_JSON = "sigma_q.json"
@@ -177,7 +177,7 @@ def check_text_disjoint(
     artifact_text: Mapping[str, Any] | None, evaluation_usage: Mapping[str, Any], what: str
 ):
     """Raise unless the artifact records its calibration text and it is disjoint from ``evaluation_usage``."""
-    from .corpus import CorpusError, check_disjoint
+    from ..eval.corpus import CorpusError, check_disjoint
 
     if artifact_text is None:
         raise CorpusError(
@@ -201,12 +201,12 @@ def calibration_text(corpus, tokenizer, *, tokens: int, seq_len: int) -> Calibra
     """``tokens // seq_len`` sequences of ``seq_len`` tokens spread over the calibration part.
 
     The calibration articles are tokenized one by one and concatenated
-    (:func:`kakeya_py.corpus.calibration_tokens`); of its ``M`` disjoint windows of
+    (:func:`kakeya_py.eval.corpus.calibration_tokens`); of its ``M`` disjoint windows of
     ``seq_len`` tokens, sequence ``j`` of ``n`` is window ``floor(j·M/n)`` (as evaluation
     passages are cut), so the sample covers every article, not just the first ones. Only
     the calibration part is ever read; a corpus without one (``--text-file``) is refused.
     """
-    from .corpus import CorpusError, calibration_tokens
+    from ..eval.corpus import CorpusError, calibration_tokens
 
     if seq_len < 2 or tokens < seq_len:
         raise CalibrationError(f"need tokens >= seq_len >= 2, got tokens={tokens}, seq_len={seq_len}")
@@ -243,7 +243,7 @@ class QuerySite:
 
 def query_sites(model) -> list[QuerySite]:
     """Where each attention layer's pre-RoPE queries come out (``q_norm`` if any, else ``q_proj``)."""
-    from .hooks import HookError, find_attention_sites
+    from ..eval.hooks import HookError, find_attention_sites
 
     out = []
     for site in find_attention_sites(model):
@@ -905,7 +905,7 @@ def collect_kv(model, sequences: Sequence[Sequence[int]], layers: Iterable[int],
     """Yield ``{(stream, layer): float32 [T, H, D]}`` (pre-RoPE K, V) for each sequence."""
     import torch
 
-    from .hooks import KVInterceptor
+    from ..eval.hooks import KVInterceptor
 
     base = getattr(model, "model", model)
     for seq in sequences:
@@ -1330,7 +1330,7 @@ def calibrated_policy(
         if per_layer:
             if num_layers is None:
                 num_layers = centroids.record["model"]["num_layers"]
-            from .policy import Policy
+            from ..policy import Policy
 
             pol = Policy.from_dict(d)
             for layer in range(num_layers):
@@ -1361,7 +1361,7 @@ def calibrated_policy(
     d["provenance"] = list(d.get("provenance") or []) + [
         {"role": "fit", **{k: v for k, v in t.items() if k != "role"}} for t in fits
     ]
-    from .policy import Policy
+    from ..policy import Policy
 
     Policy.from_dict(d)  # validate now
     return d

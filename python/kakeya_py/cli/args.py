@@ -101,7 +101,7 @@ def _check_counts(args) -> None:
 
 
 def _check_dtype(args) -> None:
-    from .models import _DTYPES
+    from ..models import _DTYPES
 
     accepted = "float32 (fp32), bfloat16 (bf16), float16 (fp16)"
     if getattr(args, "dtype", None) is not None and str(args.dtype).lower() not in _DTYPES:
@@ -112,7 +112,7 @@ def _check_dtype(args) -> None:
 
 
 def _check_model_name(args) -> None:
-    from .models import ModelError, locate_model
+    from ..models import ModelError, locate_model
 
     if getattr(args, "model", None) is None:
         return
@@ -138,7 +138,7 @@ def _check_text(args) -> None:
     has_text = hasattr(args, "text_file") or hasattr(args, "wikitext")
     if not has_text:
         return
-    from .corpus import CorpusError, load_corpus
+    from ..eval.corpus import CorpusError, load_corpus
 
     text_file = getattr(args, "text_file", None)
     if text_file is not None:
@@ -204,8 +204,8 @@ def _uses_config(args) -> bool:
 def _load_policy(spec: str, arg: str):
     import json
 
-    from .peers import load_peer_policy
-    from .policy import load_policy, preset_names
+    from ..peers import load_peer_policy
+    from ..policy import load_policy, preset_names
 
     try:
         return load_peer_policy(spec) or load_policy(spec)  # a peer policy file / spec, else kakeya's
@@ -240,9 +240,9 @@ def _check_policy_args(args) -> None:
 
 def _kakeya_methods(args) -> list[str]:
     """The policies (presets or JSON files) among ``kakeya sweep --methods``."""
-    from .codec import PRESETS
-    from .policy import POLICY_PRESETS
-    from .sweep_cli import split_k_position, split_methods
+    from ..codec import PRESETS
+    from ..policy import POLICY_PRESETS
+    from .sweep import split_k_position, split_methods
 
     out = []
     for method in split_methods(args.methods):
@@ -262,7 +262,7 @@ def _check_methods(args, argv: Sequence[str]) -> None:
             raise UsageError(
                 name, "kakeya sweep takes --methods (e.g. kakeya:my_policy.json) and --out instead"
             )
-    from .sweep_cli import family_of, split_methods
+    from .sweep import family_of, split_methods
 
     try:
         for method in split_methods(args.methods):
@@ -309,7 +309,7 @@ def _substitute(args, arg: str, spec: str, new: str) -> None:
         items = [new if c == spec else c for c in args.compare.split(",") if c]
         args.compare = ",".join(dict.fromkeys(items))
         return
-    from .sweep_cli import split_k_position, split_methods
+    from .sweep import split_k_position, split_methods
 
     items = []
     for method in split_methods(args.methods):
@@ -329,8 +329,8 @@ def check_model(args, argv: Sequence[str] = ()) -> list[str]:
     """
     if getattr(args, "model", None) is None or not hasattr(args, "dtype"):
         return []
-    from .models import ModelError, model_shape
-    from .policy import DEFAULT_AGNOSTIC_PRESET, PolicyModelError, fit_to_model
+    from ..models import ModelError, model_shape
+    from ..policy import DEFAULT_AGNOSTIC_PRESET, PolicyModelError, fit_to_model
 
     try:
         shape = model_shape(args.model)
@@ -443,7 +443,7 @@ def run_path(command: str, config: str, engine: str = "hf", *, now: float | None
 def describe_failure(exc: BaseException) -> str:
     """One line for an error: its message (type name first unless it is a plain value error)."""
     msg = " ".join(str(exc).split()) or type(exc).__name__
-    from .models import ModelError
+    from ..models import ModelError
 
     if isinstance(exc, ValueError | ModelError | FileNotFoundError):
         return msg
@@ -452,8 +452,8 @@ def describe_failure(exc: BaseException) -> str:
 
 def usage_like(exc: BaseException) -> bool:
     """Errors that are the user's input even when found at run time (exit status 2)."""
-    from .corpus import CorpusError
-    from .models import ModelNotFoundError
-    from .policy import PolicyModelError
+    from ..eval.corpus import CorpusError
+    from ..models import ModelNotFoundError
+    from ..policy import PolicyModelError
 
     return isinstance(exc, UsageError | ModelNotFoundError | PolicyModelError | CorpusError)

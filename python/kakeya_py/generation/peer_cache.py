@@ -3,7 +3,7 @@
 :mod:`kakeya_py.peers` re-implements published KV quantizers (KIVI, the HF quantized
 cache's int-g64, TurboQuant-style, FP8, KVQuant-style) as tensor round trips for the
 harness. ``PeerCache`` runs one of them **as a cache during generation**, with the same
-layout as :class:`kakeya_py.cache.KakeyaCache`, so the generation measurements
+layout as :class:`kakeya_py.generation.cache.KakeyaCache`, so the generation measurements
 (``kakeya generate-eval``) compare the methods through one interface:
 
 - **sink**: the first ``sink_tokens`` positions of every stream, exact, never quantized;
@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from ..eval.hooks import find_attention_sites, parse_layers
+from ..peers import PeerMethod, parse_method
 from .cache import SinkChunksWindow, SinkChunksWindowLayer, check_window_sizes
-from .hooks import find_attention_sites, parse_layers
-from .peers import PeerMethod, parse_method
 
 __all__ = ["PeerCache", "PeerLayer", "peer_cache_method"]
 

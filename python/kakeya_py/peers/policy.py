@@ -1,7 +1,7 @@
 """Peer KV-cache quantizers, evaluated in the same harness as the kakeya codec (issue 6).
 
 These are **not** the kakeya codec: they are re-implementations of published methods, run
-through the same :data:`kakeya_py.harness.Transform` hook so that they see exactly the
+through the same :data:`kakeya_py.eval.harness.Transform` hook so that they see exactly the
 tensors our codec sees (one ``[tokens, kv_heads, head_dim]`` tensor per layer, stream and
 sequence) and are scored on the same passages against the same reference.
 
@@ -86,7 +86,7 @@ from typing import Any
 
 import numpy as np
 
-from .hooks import K_POSITIONS, STREAMS, parse_layers, parse_streams
+from ..eval.hooks import K_POSITIONS, STREAMS, parse_layers, parse_streams
 
 FP16_MAX = 65504.0
 
@@ -474,7 +474,7 @@ class TurboQuant(PeerMethod):
     def _table(self, d: int):
         import torch
 
-        from . import gaussian_centroids
+        from .. import gaussian_centroids
 
         return torch.tensor(gaussian_centroids(self.bits), dtype=torch.float32) / math.sqrt(d)
 
@@ -674,7 +674,7 @@ def peer_roundtrip(
     window = 0 if getattr(method, "residual", 0) else window_tokens
     if sink == 0 and window == 0:
         return method.roundtrip(layer, stream, x)
-    from .policy import roundtrip_after_sink
+    from ..policy import roundtrip_after_sink
 
     return roundtrip_after_sink(x, sink, lambda rest: method.roundtrip(layer, stream, rest), window)
 
@@ -738,7 +738,7 @@ class PeerPolicy:
     provenance: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from .policy import check_model_record, check_provenance
+        from ..policy import check_model_record, check_provenance
 
         self.streams = parse_streams(self.streams)
         for name in ("sink_tokens", "window_tokens"):
@@ -826,7 +826,7 @@ class PeerPolicy:
         """A copy with command-line selections applied (``None`` keeps a field): what
         :meth:`kakeya_py.policy.Policy.with_changes` does to the same fields (it is applied to this
         object: a deep copy, the fields set, ``__post_init__`` again); a peer has no Σ_q."""
-        from .policy import Policy
+        from ..policy import Policy
 
         if sigma_q is not None:
             raise ValueError(f"peer policy {self.name!r} takes no Σ_q (--sigma-q)")
@@ -901,7 +901,7 @@ def load_peer_policy(spec: str, num_layers: int | None = None) -> PeerPolicy | N
     import json
     from pathlib import Path
 
-    from .policy import POLICY_PRESETS, PRESETS_DIR
+    from ..policy import POLICY_PRESETS, PRESETS_DIR
 
     path = Path(spec).expanduser()
     if path.is_file():

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..policy import Ledger, PolicyCodec
 from . import metrics as M
 from .corpus import Passage
 from .hooks import (
@@ -40,7 +41,6 @@ from .hooks import (
     apply_rope_to_keys,
     find_attention_sites,
 )
-from .policy import Ledger, PolicyCodec
 
 MODES = ("snapshot", "in-forward", "prefix-in-forward")
 

@@ -8,7 +8,7 @@ the evaluation text), :func:`base_record` / :func:`finish_record` (the JSON fiel
 
 JSON record of ``kakeya eval`` (all engines): ``engine, model, mode, dtype, passages,
 eval_tokens, ctx, n_eval, config, dppl, dppl_ci95, top1, kl_mean, kl_rmse, kl_p95,
-kl_max, ess`` and the other metrics of :func:`kakeya_py.metrics.summarize`,
+kl_max, ess`` and the other metrics of :func:`kakeya_py.eval.metrics.summarize`,
 ``ratio_measured, ratio_k, ratio_v, cache`` (bytes per layer and stream), ``verdict,
 verdict_rule, seconds, seconds_reference, seconds_codec, command, argv, version,
 versions, seed, corpus`` (name, source, sha256, split), ``text_usage`` (the articles
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import policy as _policy
+from .. import policy as _policy
 
 DEFAULT_CONFIG = "recommended"
 DEFAULT_DTYPE = "float32"
@@ -48,8 +48,8 @@ def add_eval_args(
     ``part``: the default text part; ``test`` for numbers we publish, ``validation`` for
     the diagnostics whose output is used to choose (rankings, attribution).
     """
-    from .harness import MODES
-    from .models import DEFAULT_MODEL
+    from ..eval.harness import MODES
+    from ..models import DEFAULT_MODEL
 
     g = p.add_argument_group("model and text")
     g.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, an HF model id or a local folder")
@@ -152,7 +152,7 @@ def set_threads(args) -> None:
 
 def prepare_text(args, tokenizer) -> dict[str, Any]:
     """Corpus, split, passages and the record of the text they use."""
-    from .corpus import load_corpus, make_passages, tokenize_articles
+    from ..eval.corpus import load_corpus, make_passages, tokenize_articles
 
     part = getattr(args, "part", "test")
     corpus = load_corpus(args.text_file, args.wikitext, getattr(args, "text", "wikitext"), part)
@@ -174,12 +174,12 @@ def prepare_policy(args, info, text: dict[str, Any] | None = None):
 
     The policy's provenance (the text it was fitted or chosen on) and, when it names a Σ_q
     file, that file's calibration text must not overlap the evaluated articles: refused with
-    :class:`~kakeya_py.corpus.CorpusOverlapError` unless ``--allow-overlap``, and then the
+    :class:`~kakeya_py.eval.corpus.CorpusOverlapError` unless ``--allow-overlap``, and then the
     record says ``overlap: true``.
     """
-    from .corpus import CorpusError, CorpusOverlapError, check_disjoint
-    from .peers import load_peer_policy
-    from .policy import load_policy, load_sigma_q, provenance_overlap
+    from ..eval.corpus import CorpusError, CorpusOverlapError, check_disjoint
+    from ..peers import load_peer_policy
+    from ..policy import load_policy, load_sigma_q, provenance_overlap
 
     # a peer policy file (``kakeya tune`` over a peer ladder) or a peer method spec, else kakeya's
     peer = load_peer_policy(args.config, info.num_layers)
@@ -229,7 +229,7 @@ def prepare_policy(args, info, text: dict[str, Any] | None = None):
 def policy_codec(policy, num_layers: int, *, sigma_q=None, threads: int | None = None):
     """The codec of a loaded policy: a :class:`~kakeya_py.policy.PolicyCodec` for a kakeya
     policy; a :class:`~kakeya_py.peers.PeerPolicy` is its own codec."""
-    from .policy import PolicyCodec
+    from ..policy import PolicyCodec
 
     if getattr(policy, "peer", False):
         return policy
@@ -293,8 +293,8 @@ def _model_basis_record(policy) -> dict[str, Any] | None:
     the codec loads and checks the tensors)."""
     if getattr(policy, "basis", None) is None:
         return None
-    from .calibration import read_sidecar
-    from .model_basis import BASIS_FILE, ModelBasisError
+    from ..calibration.core import read_sidecar
+    from ..calibration.model_basis import BASIS_FILE, ModelBasisError
 
     path, _, digest = read_sidecar(policy.basis, BASIS_FILE, ModelBasisError, "model basis", "the model")
     return {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}
@@ -341,13 +341,13 @@ def emit(record: dict[str, Any], markdown: str, json_path: str | None) -> None:
 
 
 def load_hf(args):
-    from .models import load_model
+    from ..models import load_model
 
     return load_model(args.model, args.dtype, progress=not args.no_progress)
 
 
 def _runner_and_codec(args):
-    from .harness import HFRunner
+    from ..eval.harness import HFRunner
 
     set_threads(args)
     model, tok, info = load_hf(args)
@@ -360,7 +360,7 @@ def _runner_and_codec(args):
 # -- eval --------------------------------------------------------------------------------------
 def measure_hf(args, desc: str = "eval"):
     """One policy under HF: ``(record, per-passage tokens)``."""
-    from .harness import Variant, codec_transform
+    from ..eval.harness import Variant, codec_transform
 
     t0 = time.perf_counter()
     runner, codec, info, policy, text = _runner_and_codec(args)
@@ -399,13 +399,13 @@ def run_hf_eval(args) -> dict[str, Any]:
 
 
 def cmd_eval(args) -> int:
-    from .cli import ENGINES, resolve
-    from .report import eval_markdown
+    from ..eval.report import eval_markdown
+    from . import ENGINES, resolve
 
     if args.engine not in ENGINES:
         raise SystemExit(f"unknown engine {args.engine!r}; available: {sorted(ENGINES)}")
     if args.json is None:  # the main job writes outside tracked files: runs/ is ignored by git
-        from .cli_args import run_path
+        from .args import run_path
 
         args.json = run_path("eval", args.config, args.engine)
     record = resolve(ENGINES[args.engine])(args)
@@ -421,8 +421,8 @@ def _row(name: str, res, seed: int) -> dict[str, Any]:
 
 
 def cmd_attribution(args) -> int:
-    from .harness import layer_variants, stream_interaction, stream_variants
-    from .report import attribution_markdown
+    from ..eval.harness import layer_variants, stream_interaction, stream_variants
+    from ..eval.report import attribution_markdown
 
     t0 = time.perf_counter()
     runner, codec, info, policy, text = _runner_and_codec(args)
@@ -453,8 +453,8 @@ def cmd_attribution(args) -> int:
 
 
 def cmd_noise(args) -> int:
-    from .harness import Variant, noise_transform
-    from .report import noise_markdown
+    from ..eval.harness import Variant, noise_transform
+    from ..eval.report import noise_markdown
 
     t0 = time.perf_counter()
     runner, codec, info, policy, text = _runner_and_codec(args)
@@ -481,8 +481,8 @@ def cmd_noise(args) -> int:
 
 
 def cmd_residual(args) -> int:
-    from .harness import codec_residuals, codec_transform
-    from .report import residual_markdown
+    from ..eval.harness import codec_residuals, codec_transform
+    from ..eval.report import residual_markdown
 
     t0 = time.perf_counter()
     runner, codec, info, policy, text = _runner_and_codec(args)

@@ -14,7 +14,7 @@ a peer method spec (below) or ``null`` (exact). Every (layer, stream) the search
 ``--streams``) sits at one rung; all start at rung 0.
 
 Rungs that code in a per-model basis (``"rotation": "none"``, ``"transform": <SHA-256>``;
-:mod:`kakeya_py.model_basis`) need the basis file: the ladder's top-level ``"basis"`` (a
+:mod:`kakeya_py.calibration.model_basis`) need the basis file: the ladder's top-level ``"basis"`` (a
 path, resolved beside the ladder file, else from the repository root, as a policy's) or
 ``--basis PATH`` (which wins). Each such rung is coded as :class:`~kakeya_py.policy.PolicyCodec`
 codes it (``T x`` encoded, ``T⁻¹`` applied to the decoded coefficients); a rung naming another
@@ -73,7 +73,7 @@ once per passage)
    at its current rung (back-off). The search ends when no step is left, after
    ``--patience`` rounds in a row that kept nothing, or after ``--max-rounds`` rounds.
 3. **Held-out validation.** The search passages are windows of the *calibration* part
-   and the validation passages windows of the *validation* part (:mod:`kakeya_py.corpus`;
+   and the validation passages windows of the *validation* part (:mod:`kakeya_py.eval.corpus`;
    the test part is never read): with ``M`` disjoint windows of ``ctx + n_eval + 1`` tokens
    in a part, ``numpy.random.default_rng(seed).choice(M, n, replace=False)`` picks them
    (sorted). A single ``--text-file`` is every part: then one draw picks ``passages +
@@ -121,10 +121,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import policy as _policy
-from .hooks import STREAMS, parse_layers
-from .peers import PeerPolicy, parse_family_specs, parse_peer_spec, peer_roundtrip
-from .policy import (
+from .. import policy as _policy
+from ..eval.hooks import STREAMS, parse_layers
+from ..peers import PeerPolicy, parse_family_specs, parse_peer_spec, peer_roundtrip
+from ..policy import (
     POLICY_PRESETS,
     Policy,
     PolicyCodec,
@@ -259,7 +259,7 @@ class LadderCodec:
     prefill (:class:`ReusingRunner`), so round trips are shared by every variant and round.
 
     Rungs with ``transform`` are coded in the model basis (``basis``, a loaded
-    :class:`~kakeya_py.model_basis.ModelBasis`, else loaded from ``ladder.basis``), as
+    :class:`~kakeya_py.calibration.model_basis.ModelBasis`, else loaded from ``ladder.basis``), as
     :class:`~kakeya_py.policy.PolicyCodec` codes them. Peer rungs are coded as
     :class:`~kakeya_py.peers.PeerPolicy` codes them (:func:`~kakeya_py.peers.peer_roundtrip`:
     the sink kept exact and counted at bf16 unless the method keeps a sink of its own).
@@ -287,7 +287,7 @@ class LadderCodec:
                     "the ladder has rungs coded in a model basis ('transform'), which need the basis file "
                     "(the ladder's 'basis' or --basis)"
                 )
-            from .model_basis import load_basis
+            from ..calibration.model_basis import load_basis
 
             basis = load_basis(ladder.basis)
         if hashes and hashes != {basis.sha256}:
@@ -358,7 +358,7 @@ class LadderCodec:
 
 
 def _reusing_runner_class():
-    from .harness import HFRunner
+    from ..eval.harness import HFRunner
 
     class ReusingRunner(HFRunner):
         """An :class:`HFRunner` that computes each passage's prefill and codec-off reference once.
@@ -566,7 +566,7 @@ def search(
     ``previous``: the ``base`` and ``sensitivity`` of an earlier record on the same
     passages, ladder and pairs (``--reuse-sensitivity``); step 1 is then not re-run.
     """
-    from .harness import Variant
+    from ..eval.harness import Variant
 
     t0 = time.perf_counter()
     st = settings
@@ -710,7 +710,7 @@ def select_on_validation(
     """Step 4: measure every state of ``path`` on ``passages`` (one run, one variant each;
     the rows land in ``path[i]["validation"]``) and return the index of the most
     compressed state that passes the budget there, or 0 (the base) when none does."""
-    from .harness import Variant
+    from ..eval.harness import Variant
 
     variants = [
         Variant("base" if e["round"] is None else f"after round {e['round']}", codec.transform(e["state"]))
@@ -927,7 +927,7 @@ def split_passages(
     """
     import numpy as np
 
-    from .corpus import CorpusError, make_passages
+    from ..eval.corpus import CorpusError, make_passages
 
     val_n_eval = n_eval if val_n_eval is None else val_n_eval
     width = ctx + max(n_eval, val_n_eval) + 1
@@ -955,8 +955,8 @@ def split_passages(
 
 # -- command -----------------------------------------------------------------------------------
 def register(sub) -> None:
-    from .harness_cli import DEFAULT_DTYPE
-    from .models import DEFAULT_MODEL
+    from ..cli.harness import DEFAULT_DTYPE
+    from ..models import DEFAULT_MODEL
 
     p = sub.add_parser(
         "tune", help="search per-layer codec settings for the highest measured ratio within a Δppl budget"
@@ -1067,7 +1067,7 @@ def tune_passages(corpus, tok, args):
     """``(search, validation, usage)``: search passages from the calibration part and validation
     passages from the validation part (a single ``--text-file`` is every part: disjoint windows
     of it, as :func:`split_passages` draws them)."""
-    from .corpus import tokenize_articles
+    from ..eval.corpus import tokenize_articles
 
     split = corpus.split()
     if corpus.layout == "single":
@@ -1105,11 +1105,11 @@ def tune_passages(corpus, tok, args):
 def cmd_tune(args) -> int:
     import sys
 
-    from .corpus import check_disjoint, load_corpus
-    from .harness import Variant, codec_transform
-    from .harness_cli import _finite, emit, kakeya_version, load_hf, policy_codec, set_threads, versions
-    from .model_basis import load_basis
-    from .policy import load_sigma_q
+    from ..calibration.model_basis import load_basis
+    from ..cli.harness import _finite, emit, kakeya_version, load_hf, policy_codec, set_threads, versions
+    from ..eval.corpus import check_disjoint, load_corpus
+    from ..eval.harness import Variant, codec_transform
+    from ..policy import load_sigma_q
 
     t0 = time.perf_counter()
     settings = TuneSettings(

@@ -1,5 +1,11 @@
 """The ``kakeya`` command line: a registry of subcommands and of evaluation engines.
 
+This package holds :func:`main` (the ``kakeya`` console script, ``kakeya_py.cli:main``;
+``python -m kakeya_py.cli`` runs it too) and the command modules: ``args`` (argument and
+model checks, one-line errors), ``harness`` (``kakeya eval`` and its relatives, the fields of
+the result record), ``calibration`` (``kakeya calibrate``), ``engines`` (vLLM and engine
+comparison) and ``sweep`` (``kakeya sweep``).
+
 Each module in :data:`COMMAND_MODULES` has ``register(subparsers)``, which adds its
 subcommands and sets ``func`` (``func(args) -> int``) on each. To add a subcommand
 (``engines``, ``compare-engines``, ``calibrate``, ``sweep``, ``tune`` ...), write a
@@ -8,13 +14,13 @@ built, so they must import torch and transformers lazily, inside their functions
 
 ``kakeya eval --engine NAME`` dispatches through :data:`ENGINES`: ``"module:function"``
 with ``function(args) -> dict``, the complete result record (see
-:mod:`kakeya_py.harness_cli` for the fields and the shared helpers an engine reuses).
+:mod:`kakeya_py.cli.harness` for the fields and the shared helpers an engine reuses).
 
 Errors: :func:`main` checks the arguments before a command runs
-(:func:`kakeya_py.cli_args.check_args`, then :func:`~kakeya_py.cli_args.check_model` on the
+(:func:`kakeya_py.cli.args.check_args`, then :func:`~kakeya_py.cli.args.check_model` on the
 model's ``config.json``: no weights are loaded for a bad command line) and prints every error
 as one line, ``kakeya CMD: error: ...``: exit status 2 for bad usage (argparse's errors,
-:class:`~kakeya_py.cli_args.UsageError`, a missing model, a policy that does not fit the
+:class:`~kakeya_py.cli.args.UsageError`, a missing model, a policy that does not fit the
 model, text too short), 1 for failures at run time. ``--debug`` (or ``KAKEYA_DEBUG=1``)
 shows the traceback instead. ``--no-progress`` silences other libraries' progress bars and
 logs as well (``--verbose`` keeps the logs).
@@ -30,17 +36,17 @@ import sys
 from collections.abc import Sequence
 
 COMMAND_MODULES: list[str] = [
-    "kakeya_py.harness_cli",
-    "kakeya_py.calibration_cli",
-    "kakeya_py.engines_cli",
-    "kakeya_py.sweep_cli",
-    "kakeya_py.tune",
-    "kakeya_py.generation_eval",
+    "kakeya_py.cli.harness",
+    "kakeya_py.cli.calibration",
+    "kakeya_py.cli.engines",
+    "kakeya_py.cli.sweep",
+    "kakeya_py.tuning.search",
+    "kakeya_py.generation.quality",
 ]
 
 ENGINES: dict[str, str] = {
-    "hf": "kakeya_py.harness_cli:run_hf_eval",
-    "vllm": "kakeya_py.engines_cli:run_vllm_eval",
+    "hf": "kakeya_py.cli.harness:run_hf_eval",
+    "vllm": "kakeya_py.cli.engines:run_vllm_eval",
 }
 ENGINE_HELP: dict[str, str] = {
     "hf": "HF transformers (default)",
@@ -72,7 +78,7 @@ def _subparsers(parser: argparse.ArgumentParser):
 
 
 def _help_epilog() -> str:
-    from .policy import DEFAULT_AGNOSTIC_PRESET, presets_help
+    from ..policy import DEFAULT_AGNOSTIC_PRESET, presets_help
 
     engines = "\n".join(f"  {name:<21} {ENGINE_HELP.get(name, '')}" for name in ENGINES)
     return (
@@ -141,7 +147,7 @@ def _debug(args, argv: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kakeya ARGV``; returns the exit status (errors: module doc)."""
-    from .cli_args import check_args, check_model, describe_failure, quiet_third_party, usage_like
+    from .args import check_args, check_model, describe_failure, quiet_third_party, usage_like
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -176,6 +182,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{prog}: error: {describe_failure(exc)}{hint}\n")
         return 2 if usage_like(exc) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
