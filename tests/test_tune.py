@@ -17,7 +17,7 @@ from conftest import random_ids, save_tiny_llama, tiny_model
 from kakeya_py.eval.corpus import Passage
 from kakeya_py.eval.harness import HFRunner, Variant, codec_transform
 from kakeya_py.policy import Policy, PolicyCodec, load_policy
-from kakeya_py.tuning.search import (
+from kakeya_py.tuning import (
     Ladder,
     LadderCodec,
     TuneSettings,
@@ -275,7 +275,7 @@ def test_a_ladder_naming_another_basis_is_refused(tiny_basis, tmp_path):
 
 
 def test_the_tuned_policy_names_the_basis_and_its_fit_text(tiny_basis, tmp_path):
-    from kakeya_py.tuning.search import artifact_ref, basis_provenance
+    from kakeya_py.tuning import artifact_ref, basis_provenance
 
     ladder = _basis_ladder(tiny_basis)
     policy = state_policy({(0, "k"): 1, (0, "v"): 1, (1, "v"): 0}, ladder, 3, name="b")

@@ -19,7 +19,7 @@ from kakeya_py.cli.harness import policy_codec, prepare_policy
 from kakeya_py.eval.harness import HFRunner, Variant
 from kakeya_py.peers import PeerPolicy, load_peer_policy, parse_method
 from kakeya_py.policy import model_record
-from kakeya_py.tuning.search import Ladder, LadderCodec, TuneSettings, reusing_runner, search, state_policy
+from kakeya_py.tuning import Ladder, LadderCodec, TuneSettings, reusing_runner, search, state_policy
 from test_tune import REPO, llama, passages  # noqa: F401 - the fixture and the passages are shared
 
 TURBO = [None, "turbo-4", "turbo-3", "turbo-2"]

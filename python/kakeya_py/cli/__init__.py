@@ -4,7 +4,8 @@ This package holds :func:`main` (the ``kakeya`` console script, ``kakeya_py.cli:
 ``python -m kakeya_py.cli`` runs it too) and the command modules: ``args`` (argument and
 model checks, one-line errors), ``harness`` (``kakeya eval`` and its relatives, the fields of
 the result record), ``calibration`` (``kakeya calibrate``), ``engines`` (vLLM and engine
-comparison) and ``sweep`` (``kakeya sweep``).
+comparison), ``sweep`` (``kakeya sweep``), ``tune`` (``kakeya tune``) and ``generation``
+(``kakeya generate-eval``).
 
 Each module in :data:`COMMAND_MODULES` has ``register(subparsers)``, which adds its
 subcommands and sets ``func`` (``func(args) -> int``) on each. To add a subcommand
@@ -40,8 +41,8 @@ COMMAND_MODULES: list[str] = [
     "kakeya_py.cli.calibration",
     "kakeya_py.cli.engines",
     "kakeya_py.cli.sweep",
-    "kakeya_py.tuning.search",
-    "kakeya_py.generation.quality",
+    "kakeya_py.cli.tune",
+    "kakeya_py.cli.generation",
 ]
 
 ENGINES: dict[str, str] = {
