@@ -1,8 +1,11 @@
 """kakeya: a KV-cache codec with an honest quality harness.
 
 The codec (``encode``, ``decode``, ``roundtrip``, ``CodecConfig``) is the Rust crate
-``kakeya`` behind a thin PyO3 module; the harness (``hooks``, ``metrics``, ``harness``),
-model and text provisioning (``models``, ``corpus``) and the ``kakeya`` CLI are Python.
+``kakeya`` behind a thin PyO3 module; the rest is Python, one folder per role: policies
+(``policy``) and models (``models``) at the top, the quality harness in ``eval`` (``hooks``,
+``harness``, ``metrics``, ``corpus``, ``report``), caches for generation in ``generation``,
+peer quantizers in ``peers``, ``kakeya tune`` in ``tuning``, offline calibration in
+``calibration``, the vLLM plugin in ``integrations`` and the ``kakeya`` CLI in ``cli``.
 """
 
 from ._kakeya import (
