@@ -54,7 +54,7 @@ EXTRA_POLICIES = {
     },
 }
 
-DEFAULT_CACHES = "dynamic,kakeya:recommended,kakeya:identity"
+DEFAULT_CACHES = "dynamic,kakeya:recommended-log8,kakeya:recommended,kakeya:identity"
 
 
 def _rss_now() -> int:

@@ -93,12 +93,15 @@ def test_policy_tuned_on_the_evaluated_text_is_refused(tiny_folder, tmp_path, ca
 
 
 def test_presets_record_where_they_were_chosen():
-    from kakeya_py.eval.corpus import TEST_ARTICLES
+    from kakeya_py.eval.corpus import CODE_TEXTS, TEST_ARTICLES, WIKITEXT_SHA256
     from kakeya_py.policy import load_policy
 
-    for name in ("recommended", "uniform-ec-log8", "uniform-ec-log8-tuned", "model-basis"):
+    presets = ("recommended", "uniform-ec-log8", "uniform-ec-log8-tuned", "model-basis", "model-basis-layers")
+    for name in (*presets, "recommended-log8"):
         prov = load_policy(name).provenance
-        assert prov and all(set(r["articles"]).isdisjoint(TEST_ARTICLES) for r in prov), name
+        wiki = [r for r in prov if r["sha256"] == WIKITEXT_SHA256]
+        assert wiki and all(set(r["articles"]).isdisjoint(TEST_ARTICLES) for r in wiki), name
+        assert all(r["sha256"] in (WIKITEXT_SHA256, CODE_TEXTS["validation"].sha256) for r in prov), name
         assert {r["part"] for r in prov} <= {"calibration", "validation"}
     assert load_policy("identity").provenance == []
     with pytest.raises(ValueError, match="role"):
