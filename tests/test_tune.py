@@ -580,6 +580,13 @@ def test_tune_command_writes_a_policy_that_eval_runs(tmp_path, monkeypatch, caps
     bad[bad.index("--budget-dppl") + 1] = "0.03"
     with pytest.raises(SystemExit, match="settings"):
         main(bad)
+    # step 1 was checkpointed as soon as it ended: a stopped search resumes from it, to the same rounds
+    checkpoint = json.loads((out / "sensitivity.json").read_text())
+    assert checkpoint["sensitivity"] == record["sensitivity"] and checkpoint["base"] == record["base"]
+    resumed = [a if a != str(tmp_path / "again") else str(tmp_path / "resumed") for a in again]
+    resumed = resumed[: resumed.index("--reuse-search")] + ["--reuse-sensitivity", str(out / "sensitivity.json")]
+    assert main(resumed) == 0
+    assert json.loads((tmp_path / "resumed" / "tune.json").read_text())["rounds"] == record["rounds"]
 
 
 @pytest.mark.slow

@@ -43,6 +43,8 @@ from ..tuning.search import (
 )
 
 DEFAULT_OUT = "reports/tune"
+#: Step 1 of a search, written as soon as it is measured (`--reuse-sensitivity` takes it).
+SENSITIVITY_FILE = "sensitivity.json"
 
 
 # -- command -----------------------------------------------------------------------------------
@@ -297,6 +299,25 @@ def cmd_tune(args) -> int:
         result = replay(previous)
         log(f"search taken from {args.reuse_search}: {len(result.rounds)} rounds")
     else:
+        out = Path(args.out)
+
+        def checkpoint(base_row, sensitivity) -> None:
+            """What ``--reuse-sensitivity`` needs, written as soon as step 1 ends."""
+            record = {
+                "command": command,
+                "model": info.to_dict(),
+                "dtype": args.dtype,
+                "ladder": ladder.to_dict(),
+                "settings": dataclasses.asdict(settings),
+                "policy": {"k_position": k_position, "sink_tokens": args.sink_tokens},
+                "passages_provenance": {"search": [p.provenance() for p in search_p]},
+                "base": base_row,
+                "sensitivity": sensitivity,
+            }
+            out.mkdir(parents=True, exist_ok=True)
+            (out / SENSITIVITY_FILE).write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
+            log(f"step 1 written to {out / SENSITIVITY_FILE} (resume with --reuse-sensitivity)")
+
         result = search(
             runner,
             search_p,
@@ -308,6 +329,7 @@ def cmd_tune(args) -> int:
             progress=progress,
             log=log,
             previous=previous,
+            on_sensitivity=checkpoint,
         )
 
     # 4. selection along the greedy path (before the final measurements, which then describe

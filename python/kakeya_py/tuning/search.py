@@ -253,11 +253,14 @@ def search(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     previous: Mapping[str, Any] | None = None,
+    on_sensitivity: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
 ) -> TuneResult:
     """Steps 1 and 2 of the module doc on ``passages``; returns the winning state.
 
     ``previous``: the ``base`` and ``sensitivity`` of an earlier record on the same
     passages, ladder and pairs (``--reuse-sensitivity``); step 1 is then not re-run.
+    ``on_sensitivity(base_row, sensitivity)`` is called once step 1 is measured (a checkpoint:
+    step 1 is most of a search's time).
     """
     from ..eval.harness import Variant
 
@@ -294,6 +297,8 @@ def search(
             entry["bytes"] = res.ledger.stored[(la, s)]
             table.rows[(la, s, r)] = entry
             sensitivity.append(entry)
+        if on_sensitivity is not None:
+            on_sensitivity(base_row, sensitivity)
     say(f"sensitivity: {len(sensitivity)} variants; base Δppl {base_row['dppl']:+.4%}")
 
     # 2. greedy
