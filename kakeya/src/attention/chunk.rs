@@ -71,13 +71,12 @@ impl Floats {
     }
 }
 
-/// Per-row scales as stored: f16 where the encoding's scales are f16 (exact), log8 bytes
-/// where they are log8 (1 byte per row), one value where the encoding has one scale per
-/// block, else f32.
+/// Per-row scales as stored: f16 where the encoding's scales are f16 (exact) and f32 where
+/// they are f32 ([`Floats`]), log8 bytes where they are log8 (1 byte per row), one value
+/// where the encoding has one scale per block.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Scales {
-    F16(Vec<u16>),
-    F32(Vec<f32>),
+    Values(Floats),
     /// `scale_format = "log8"`: the block's base level and one byte per row, read back as
     /// the codec's decoder reads them ([`log_scale::byte_value`]).
     Log8 {
@@ -94,11 +93,7 @@ impl Scales {
     #[inline(always)]
     pub(crate) fn read(&self, from: usize, out: &mut [f32]) {
         match self {
-            Self::F16(v) => out
-                .iter_mut()
-                .zip(&v[from..])
-                .for_each(|(o, &h)| *o = f16::to_f32(h)),
-            Self::F32(v) => out.copy_from_slice(&v[from..from + out.len()]),
+            Self::Values(v) => v.read(from, out),
             Self::Log8 { base, bytes } => out
                 .iter_mut()
                 .zip(&bytes[from..])
@@ -109,8 +104,7 @@ impl Scales {
 
     fn nbytes(&self) -> usize {
         match self {
-            Self::F16(v) => v.len() * 2,
-            Self::F32(v) => v.len() * 4,
+            Self::Values(v) => v.nbytes(),
             Self::Log8 { bytes, .. } => bytes.len() + 4,
             Self::Block(_) => 4,
         }
@@ -215,10 +209,10 @@ impl AttnChunk {
                 scales: {
                     let per_row = match b.log_scales {
                         Some((base, bytes)) => Scales::Log8 { base, bytes },
-                        None if f16_scales => {
-                            Scales::F16(b.scales.iter().map(|&s| f16::from_f32(s)).collect())
-                        }
-                        None => Scales::F32(b.scales),
+                        None if f16_scales => Scales::Values(Floats::F16(
+                            b.scales.iter().map(|&s| f16::from_f32(s)).collect(),
+                        )),
+                        None => Scales::Values(Floats::F32(b.scales)),
                     };
                     if block_scales && b.rows > 0 {
                         // Every row holds the block's scale: read it once.

@@ -282,7 +282,7 @@ fn log8_scales_are_held_as_one_byte_per_row() {
         assert!(
             f16.blocks
                 .iter()
-                .all(|b| matches!(b.scales, Scales::F16(_))),
+                .all(|b| matches!(b.scales, Scales::Values(Floats::F16(_)))),
             "{name}: f16 scales"
         );
         // 2 bytes per row as f16; 1 byte per row and a 4-byte base per block as log8.
@@ -413,8 +413,8 @@ fn means_are_held_at_the_skeleton_width() {
                 .blocks
                 .iter()
                 .map(|b| match &b.scales {
-                    Scales::F16(v) => v.len() * 2,
-                    Scales::F32(v) => v.len() * 4,
+                    Scales::Values(Floats::F16(v)) => v.len() * 2,
+                    Scales::Values(Floats::F32(v)) => v.len() * 4,
                     Scales::Log8 { bytes, .. } => bytes.len() + 4,
                     Scales::Block(_) => 4,
                 })
