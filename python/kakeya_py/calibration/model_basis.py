@@ -208,15 +208,12 @@ def save_basis(
     return path
 
 
-def load_basis(
-    path: str | Path, *, num_kv_heads: int | None = None, head_dim: int | None = None
-) -> ModelBasis:
-    """Load and check a basis (the safetensors file or its folder) with its sidecar."""
-    from safetensors.numpy import load_file
-
+def read_basis_sidecar(path: str | Path) -> tuple[Path, dict[str, Any], str]:
+    """``(tensors file, sidecar record, its SHA-256)`` of a basis (the file or its folder),
+    without loading the tensors."""
     from .core import read_sidecar
 
-    p, record, digest = read_sidecar(
+    return read_sidecar(
         path,
         BASIS_FILE,
         ModelBasisError,
@@ -224,6 +221,15 @@ def load_basis(
         "the model and the text",
         " (make one with `kakeya calibrate basis`)",
     )
+
+
+def load_basis(
+    path: str | Path, *, num_kv_heads: int | None = None, head_dim: int | None = None
+) -> ModelBasis:
+    """Load and check a basis (the safetensors file or its folder) with its sidecar."""
+    from safetensors.numpy import load_file
+
+    p, record, digest = read_basis_sidecar(path)
     side = p.with_suffix(".json")
     if record.get("format") != BASIS_FORMAT or record.get("format_version") != BASIS_FORMAT_VERSION:
         raise ModelBasisError(

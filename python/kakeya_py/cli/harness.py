@@ -293,10 +293,9 @@ def _model_basis_record(policy) -> dict[str, Any] | None:
     the codec loads and checks the tensors)."""
     if getattr(policy, "basis", None) is None:
         return None
-    from ..calibration.core import read_sidecar
-    from ..calibration.model_basis import BASIS_FILE, ModelBasisError
+    from ..calibration.model_basis import read_basis_sidecar
 
-    path, _, digest = read_sidecar(policy.basis, BASIS_FILE, ModelBasisError, "model basis", "the model")
+    path, _, digest = read_basis_sidecar(policy.basis)
     return {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}
 
 
