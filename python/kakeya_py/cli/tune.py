@@ -273,6 +273,7 @@ def cmd_tune(args) -> int:
         sys.stderr.write(f"[tune] {msg}\n")
         sys.stderr.flush()
 
+    out = Path(args.out)
     previous = None
     reused = args.reuse_search or args.reuse_sensitivity
     if args.reuse_search and args.reuse_sensitivity:
@@ -299,7 +300,6 @@ def cmd_tune(args) -> int:
         result = replay(previous)
         log(f"search taken from {args.reuse_search}: {len(result.rounds)} rounds")
     else:
-        out = Path(args.out)
 
         def checkpoint(base_row, sensitivity) -> None:
             """What ``--reuse-sensitivity`` needs, written as soon as step 1 ends."""
@@ -446,7 +446,6 @@ def cmd_tune(args) -> int:
         "seconds_search": result.seconds,
         "seconds": time.perf_counter() - t0,
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "policy.json").write_text(json.dumps(written.to_dict(), indent=2) + "\n")
     (out / "tune.json").write_text(json.dumps(_finite(record), indent=2, allow_nan=False) + "\n")
