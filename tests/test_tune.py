@@ -626,3 +626,23 @@ def test_tune_command_with_a_basis_ladder_writes_the_basis_and_its_provenance(tm
     loaded = load_policy(str(out / "policy.json"))
     assert {c.transform for c in (loaded.k, loaded.v) if c is not None} == {tiny_basis.sha256}
     assert record["search_result"]["ratio"] > 1
+
+
+def test_layer_steps_follow_sensitivity_at_the_geometric_mean():
+    """Δ_l = c/√s_l: a 4× more sensitive layer gets half the step; the clipped steps keep the geomean."""
+    import math
+
+    from kakeya_py.tuning.layer_steps import sensitivities, steps_for
+
+    record = {"layers": [{"layer": 0, "kl_mean": 0.004}, {"layer": 1, "kl_mean": 0.001}, {"layer": 2, "kl_mean": 0.0}]}
+    sens = sensitivities(record, 0.5)
+    assert sens[0] == pytest.approx(0.016) and sens[2] > 0  # a zero KL is floored, not a division by zero
+    steps = steps_for({0: 4.0, 1: 1.0}, 0.4, (0.1, 2.0))
+    assert steps[1] / steps[0] == pytest.approx(2.0, rel=1e-3)
+    clipped = steps_for(sens, 0.4, (0.2, 0.8))
+    assert clipped[2] == 0.8  # the insensitive layer hits the bound ...
+    assert math.exp(sum(math.log(s) for s in clipped.values()) / 3) == pytest.approx(0.4, rel=1e-3)  # ... not the bytes
+    with pytest.raises(ValueError, match="geomean"):
+        steps_for(sens, 0.9, (0.2, 0.8))
+    with pytest.raises(ValueError, match="layers"):
+        sensitivities({}, 0.5)

@@ -9,8 +9,9 @@ reads ``attribution_k0.5.json`` and writes ``candidate_g{0.35,0.40,0.45}.json``:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from kakeya_py.tuning.layer_steps import sensitivities, steps_for
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -20,28 +21,12 @@ STEP_RANGE = (0.2, 0.8)
 OUTLIER_PER_STEP = 120.0  # the preset's threshold / step (42 / 0.35)
 
 
-def sensitivities(record: dict) -> dict[int, float]:
-    """s_l = KL_l / Δ², KL_l the mean KL with K of layer l alone at the probe step."""
-    return {int(r["layer"]): max(float(r["kl_mean"]), 1e-12) / PROBE_STEP**2 for r in record["layers"]}
-
-
-def steps_for(sens: dict[int, float], geomean: float) -> dict[int, float]:
-    """Δ_l ∝ 1/√s_l, clipped, with the clipped steps' geometric mean at ``geomean`` (bisection on c)."""
-    lo, hi = 1e-6, 1e6
-    for _ in range(200):
-        c = math.sqrt(lo * hi)
-        steps = {la: min(max(c / math.sqrt(s), STEP_RANGE[0]), STEP_RANGE[1]) for la, s in sens.items()}
-        g = math.exp(sum(math.log(x) for x in steps.values()) / len(steps))
-        lo, hi = (c, hi) if g < geomean else (lo, c)
-    return {la: round(x, 4) for la, x in sorted(steps.items())}
-
-
 def main() -> None:
     record = json.loads((HERE / "attribution_k0.5.json").read_text())
-    sens = sensitivities(record)
+    sens = sensitivities(record, PROBE_STEP)
     base = json.loads((ROOT / "python" / "kakeya_py" / "presets" / "model-basis.json").read_text())
     for g in GEOMEANS:
-        steps = steps_for(sens, g)
+        steps = steps_for(sens, g, STEP_RANGE)
         pol = json.loads(json.dumps(base))
         pol["name"] = f"model-basis-layersteps-g{g:.2f}"
         pol["description"] = (
