@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..peers.policy import split_methods
+
 DEFAULT_METHODS = (
     "kakeya:recommended,kakeya:mse-4bit,kakeya:mse-3bit,kivi-2,kivi-4,int4,int3,fp8,"
     "turbo-3,turbo-4,kvquant-3,kvquant-4"
@@ -92,23 +94,6 @@ def register(sub) -> None:
 
 
 # -- methods ---------------------------------------------------------------------------------
-def split_methods(text: str) -> list[str]:
-    """Split a comma list, keeping commas inside parentheses (``kivi-2(g=32,r=0),int4``)."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-            continue
-        depth += (ch == "(") - (ch == ")")
-        cur += ch
-    out.append(cur.strip())
-    methods = [m for m in out if m]
-    if len(set(methods)) != len(methods):
-        raise SystemExit(f"--methods lists a method twice: {methods}")
-    return methods
-
-
 K_SUFFIXES = {"@pre-rope": "pre_rope", "@post-rope": "post_rope"}
 
 

@@ -201,13 +201,12 @@ class CacheSettings:
 
 def parse_methods(text: str) -> list[str]:
     """``dynamic`` first, then the listed methods (each checked now, not mid-run)."""
-    from ..cli.sweep import split_methods
-    from ..peers import parse_method
+    from ..peers import parse_method, split_methods
     from ..policy import load_policy
 
     try:
         methods = split_methods(text)
-    except SystemExit as exc:
+    except ValueError as exc:
         raise GenerationEvalError(str(exc)) from None
     for m in methods:
         if m in ("dynamic", "quanto"):

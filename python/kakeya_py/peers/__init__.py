@@ -37,6 +37,7 @@ from .policy import (
     parse_peer_spec,
     peer_names,
     peer_roundtrip,
+    split_methods,
 )
 from .turbo import TurboQuant
 
@@ -59,6 +60,7 @@ __all__ = [
     "pack_codes",
     "parse_family_specs",
     "parse_method",
+    "split_methods",
     "parse_peer_spec",
     "peer_names",
     "peer_roundtrip",

@@ -65,6 +65,23 @@ def _options(text: str | None) -> dict[str, str]:
     return out
 
 
+def split_methods(text: str) -> list[str]:
+    """Split a comma list, keeping commas inside parentheses (``kivi-2(g=32,r=0),int4``)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        depth += (ch == "(") - (ch == ")")
+        cur += ch
+    out.append(cur.strip())
+    methods = [m for m in out if m]
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods lists a method twice: {methods}")
+    return methods
+
+
 def parse_method(spec: str) -> PeerMethod:
     """A peer method from its name: ``kivi-2``, ``int4``, ``fp8``, ``turbo-3``, ``kvquant-4``.
 
