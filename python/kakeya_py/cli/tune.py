@@ -274,6 +274,15 @@ def cmd_tune(args) -> int:
         sys.stderr.flush()
 
     out = Path(args.out)
+    # fields of tune.json that the step-1 file (--reuse-sensitivity) repeats
+    identity = {
+        "command": command,
+        "model": info.to_dict(),
+        "dtype": args.dtype,
+        "settings": dataclasses.asdict(settings),
+        "ladder": ladder.to_dict(),
+    }
+    identity_passages = [p.provenance() for p in search_p]
     previous = None
     reused = args.reuse_search or args.reuse_sensitivity
     if args.reuse_search and args.reuse_sensitivity:
@@ -283,8 +292,8 @@ def cmd_tune(args) -> int:
         same = {
             "model": previous["model"]["path"] == info.path and previous["dtype"] == args.dtype,
             "passages": previous["passages_provenance"]["search"]
-            == json.loads(json.dumps([p.provenance() for p in search_p])),
-            "ladder": previous["ladder"] == json.loads(json.dumps(ladder.to_dict())),
+            == json.loads(json.dumps(identity_passages)),
+            "ladder": previous["ladder"] == json.loads(json.dumps(identity["ladder"])),
             "k_position": previous["policy"]["k_position"] == k_position,
             "sink_tokens": previous["policy"].get("sink_tokens", 0) == args.sink_tokens,
             "seed": previous["settings"]["seed"] == args.seed,
@@ -304,13 +313,9 @@ def cmd_tune(args) -> int:
         def checkpoint(base_row, sensitivity) -> None:
             """What ``--reuse-sensitivity`` needs, written as soon as step 1 ends."""
             record = {
-                "command": command,
-                "model": info.to_dict(),
-                "dtype": args.dtype,
-                "ladder": ladder.to_dict(),
-                "settings": dataclasses.asdict(settings),
+                **identity,
                 "policy": {"k_position": k_position, "sink_tokens": args.sink_tokens},
-                "passages_provenance": {"search": [p.provenance() for p in search_p]},
+                "passages_provenance": {"search": identity_passages},
                 "base": base_row,
                 "sensitivity": sensitivity,
             }
@@ -405,20 +410,16 @@ def cmd_tune(args) -> int:
         written = dataclasses.replace(policy, basis=artifact_ref(policy.basis))  # portable path in the files
 
     record = {
-        "command": command,
+        **identity,
         "argv": list(getattr(args, "argv", ["kakeya", "tune"])),
         "version": kakeya_version(),
         "versions": versions(),
-        "model": info.to_dict(),
         "mode": "snapshot",
-        "dtype": args.dtype,
         "ctx": args.ctx,
         "n_eval": args.n_eval,
         "val_n_eval": args.val_n_eval or args.n_eval,
-        "settings": dataclasses.asdict(settings),
         "layers": None if layers is None else list(layers),
         "streams": list(streams),
-        "ladder": ladder.to_dict(),
         "corpus": {
             "name": corpus.name,
             "source": corpus.source,
@@ -427,7 +428,7 @@ def cmd_tune(args) -> int:
         },
         "text_usage": usage,
         "passages_provenance": {
-            "search": [p.provenance() for p in search_p],
+            "search": identity_passages,
             "validation": [p.provenance() for p in val_p],
         },
         "base": result.base,
