@@ -116,6 +116,28 @@ def noise_transform(
     return transform
 
 
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Each variant allocates and frees logits and round trips of many sizes on several torch
+    threads; glibc keeps what is freed in per-thread arenas, so a run over hundreds of variants
+    grew to the machine's 24 GB (the turbo search of ``reports/tune/``, OOM-killed in step 1)
+    while the live tensors stayed below 1 GB.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        _malloc_trim = fn or (lambda _pad: 0)
+    _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def _apply_per_sequence(transform: Transform, layer: int, stream: str, x, ledger: Ledger | None):
     """Run ``transform`` on each batch element of ``x [b, s, h, d]``; None if nothing changed."""
     import torch
@@ -317,6 +339,8 @@ class HFRunner:
                     ]
                 res.tokens.append(M.passage_tokens_from_logits(ref.float(), alt.float(), targets))
                 res.ledger.merge(ledger)
+                del alt
+                release_freed_memory()
                 res.seconds += time.perf_counter() - t0
                 bar.update()
             if floor is not None:
