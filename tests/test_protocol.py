@@ -4,6 +4,7 @@ vLLM plugin leaves exact (counted, not skipped silently)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import kakeya_py as kp
 import numpy as np
@@ -96,8 +97,9 @@ def test_presets_record_where_they_were_chosen():
     from kakeya_py.eval.corpus import CODE_TEXTS, TEST_ARTICLES, WIKITEXT_SHA256
     from kakeya_py.policy import load_policy
 
-    presets = ("recommended", "uniform-ec-log8", "uniform-ec-log8-tuned", "model-basis", "model-basis-layers")
-    for name in (*presets, "recommended-log8"):
+    shipped = sorted(p.stem for p in (Path(kp.__file__).parent / "presets").glob("*.json"))
+    assert {"model-basis-layers", "model-basis-vlayers", "recommended-log8"} <= set(shipped)
+    for name in ("recommended", "uniform-ec-log8", *shipped):
         prov = load_policy(name).provenance
         wiki = [r for r in prov if r["sha256"] == WIKITEXT_SHA256]
         assert wiki and all(set(r["articles"]).isdisjoint(TEST_ARTICLES) for r in wiki), name
