@@ -32,14 +32,14 @@ for step in "${steps[@]}"; do
     case $step in
         headline)  # the README's headline rows: the test part only, 64 passages x (1024 + 256)
             mkdir -p reports/test
-            for preset in model-basis-layers model-basis recommended uniform-ec-log8-tuned uniform-ec-log8; do
+            for preset in model-basis-vlayers model-basis-layers model-basis recommended uniform-ec-log8-tuned uniform-ec-log8; do
                 run "test/eval_${preset}" kakeya eval --config "$preset" --passages 64 \
                     --json "reports/test/eval_${preset}.json"
                 run "test/eval_${preset}_code" kakeya eval --config "$preset" --text code --passages 64 \
                     --json "reports/test/eval_${preset}_code.json"
             done
             for text in wikitext code; do  # the model-basis presets under vLLM too
-                for preset in model-basis-layers model-basis; do
+                for preset in model-basis-vlayers model-basis-layers model-basis; do
                     run "test/eval_${preset}_vllm_${text}" kakeya eval --engine vllm --config "$preset" --text "$text" \
                         --passages 64 --json "reports/test/eval_${preset}_vllm_${text}.json"
                 done

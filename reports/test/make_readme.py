@@ -33,8 +33,33 @@ def row(r: dict) -> str:
     )
 
 
+#: test-part records measured before the candidate was named: (file, preset it became)
+MEASURED_AS_CANDIDATE = {
+    **{
+        f"../model_basis/v_layer_steps/test_{t}.json": "model-basis-vlayers"
+        for t in ("wikitext", "code", "vllm_wikitext", "vllm_code")
+    },
+}
+
+
+def named(r: dict, preset: str) -> dict:
+    """The record under the preset's name, after checking that the policy is the preset's."""
+    from kakeya_py.policy import load_policy
+
+    want = load_policy(preset).to_dict()
+    for key in ("k", "v", "overrides", "exact_layers", "sink_tokens", "k_position"):  # k names the basis's hash
+        assert r["config"][key] == want[key], (preset, key)
+    measured_as = r["config"]["name"]
+    return {**r, "config": {**r["config"], "name": f"{preset}` (measured as `{measured_as}"}}
+
+
 def main() -> None:
-    records = [json.loads(p.read_text()) for p in sorted(HERE.glob("eval_*.json"))]
+    records = [
+        named(json.loads((HERE / f).read_text()), preset)
+        for f, preset in MEASURED_AS_CANDIDATE.items()
+        if (HERE / f).exists()
+    ]
+    records += [json.loads(p.read_text()) for p in sorted(HERE.glob("eval_*.json"))]
     for r in records:
         assert r["text_usage"]["part"] == "test" and not r["overlap"], r["command"]
     lines = [
