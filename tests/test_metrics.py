@@ -262,3 +262,15 @@ def test_topk_lower_bound_is_never_the_full_kl():
     out = M.as_topk_lower_bound(s)
     assert out["kl_topk_lb_mean"] == 0.01 and out["kl_topk_lb_max"] == 0.5
     assert all(out[k] is None for k in M.KL_FIELDS)
+
+
+def test_per_passage_rows_name_the_passage_that_moves_the_ci():
+    calm = tokens([-1.0, -1.0], [-1.0, -1.0], match=np.array([1, 1], bool), kl=[0.0, 0.0])
+    hit = tokens([-1.0, -1.0], [-1.0, -3.0], match=np.array([1, 0], bool), kl=[0.0, 0.4])
+    s = M.summarize([calm, hit, calm])
+    rows = s["per_passage"]
+    assert [r["tokens"] for r in rows] == [2, 2, 2]
+    assert rows[0]["dppl"] == 0.0 and rows[2]["dppl"] == 0.0
+    assert rows[1]["dppl"] == pytest.approx(math.expm1(1.0)) and rows[1]["top1"] == 0.5
+    assert rows[1]["kl_mean"] == pytest.approx(0.2)
+    assert M.summarize([tokens([-1.0], [-1.5])])["per_passage"][0]["kl_mean"] is None

@@ -352,7 +352,8 @@ def summarize(
         ess, frac_outside_2x, frac_outside_5x, frac_clipped, frac_veto, seq_veto,
         dlogp_top1pct_mass, seq_log_ratio_mean, seq_log_ratio_abs_max, k3_kl,
         mean_exp_abs_dlogp, logprob_pearson, underflow_ref, underflow_alt, rho_orientation,
-        verdict, verdict_rule, verdict_point, verdict_point_rule``. ``kl_p95`` uses linear
+        verdict, verdict_rule, verdict_point, verdict_point_rule, per_passage`` (per passage:
+        ``tokens, dppl, top1, kl_mean``, in passage order). ``kl_p95`` uses linear
         interpolation between order statistics. ``frac_clipped`` / ``frac_veto``: share of
         tokens with |log ρ| beyond :data:`CLIP_NATS` / :data:`VETO_NATS`; ``seq_veto``: share
         of passages holding such a token; ``seq_log_ratio_*``: Σ log ρ per passage.
@@ -385,6 +386,16 @@ def summarize(
         [p.top1_match.sum() for p in passages], [len(p) for p in passages], samples=bootstrap_samples, seed=seed
     )
     seq_lr = np.array([float((p.alt_logprob - p.ref_logprob).sum()) for p in passages if len(p)])
+    # what drives a wide CI is usually one passage: each one's share, in passage order
+    per_passage = [
+        {
+            "tokens": len(p),
+            "dppl": math.expm1(float((p.ref_logprob - p.alt_logprob).mean())) if len(p) else None,
+            "top1": float(p.top1_match.mean()) if len(p) else None,
+            "kl_mean": float(p.kl.mean()) if len(p) and p.kl is not None else None,
+        }
+        for p in passages
+    ]
     veto = [bool((np.abs(p.alt_logprob - p.ref_logprob) > VETO_NATS).any()) for p in passages if len(p)]
     out = {
         "passages": len(passages),
@@ -397,6 +408,7 @@ def summarize(
         "dppl_ci95": [lo, hi],
         "top1": top1,
         "top1_ci95": [top1_lo, top1_hi],
+        "per_passage": per_passage,
     }
     if all(p.kl is not None for p in passages):
         kl = np.concatenate([p.kl for p in passages])
