@@ -646,3 +646,19 @@ def test_layer_steps_follow_sensitivity_at_the_geometric_mean():
         steps_for(sens, 0.9, (0.2, 0.8))
     with pytest.raises(ValueError, match="layers"):
         sensitivities({}, 0.5)
+
+
+def test_with_layer_settings_overrides_one_stream_and_records_the_fit():
+    from kakeya_py.tuning.layer_steps import with_layer_settings
+
+    base = {
+        "name": "b",
+        "overrides": {"3": {"k": {"uniform_step": 0.2}, "v": {"bits": 5}}},
+        "provenance": [{"role": "fit", "part": "calibration"}, {"role": "selection", "part": "validation"}],
+    }
+    record = {"text_usage": {"part": "calibration", "articles": [3]}}
+    pol = with_layer_settings(base, "v", {3: {"uniform_step": 0.9}, 7: {"uniform_step": 1.2}}, record, name="c", description="d")
+    assert pol["overrides"]["3"] == {"k": {"uniform_step": 0.2}, "v": {"uniform_step": 0.9}}  # K kept, V replaced
+    assert pol["overrides"]["7"] == {"v": {"uniform_step": 1.2}}
+    assert [p["role"] for p in pol["provenance"]] == ["fit", "fit"] and pol["provenance"][1]["articles"] == [3]
+    assert base["overrides"]["3"]["v"] == {"bits": 5} and pol["name"] == "c"  # the base is not modified

@@ -35,10 +35,8 @@ def row(r: dict) -> str:
 
 #: test-part records measured before the candidate was named: (file, preset it became)
 MEASURED_AS_CANDIDATE = {
-    **{
-        f"../model_basis/v_layer_steps/test_{t}.json": "model-basis-vlayers"
-        for t in ("wikitext", "code", "vllm_wikitext", "vllm_code")
-    },
+    f"../model_basis/v_layer_steps/test_{t}.json": "model-basis-vlayers"
+    for t in ("wikitext", "code", "vllm_wikitext", "vllm_code")
 }
 
 
@@ -47,7 +45,8 @@ def named(r: dict, preset: str) -> dict:
     from kakeya_py.policy import load_policy
 
     want = load_policy(preset).to_dict()
-    for key in ("k", "v", "overrides", "exact_layers", "sink_tokens", "k_position"):  # k names the basis's hash
+    # the basis path may be spelled differently; k names the basis by its hash
+    for key in ("k", "v", "overrides", "exact_layers", "sink_tokens", "k_position"):
         assert r["config"][key] == want[key], (preset, key)
     measured_as = r["config"]["name"]
     return {**r, "config": {**r["config"], "name": f"{preset}` (measured as `{measured_as}"}}

@@ -23,6 +23,7 @@ stay affordable.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -124,18 +125,17 @@ def release_freed_memory() -> None:
     grew to the machine's 24 GB (the turbo search of ``reports/tune/``, OOM-killed in step 1)
     while the live tensors stayed below 1 GB.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        name = ctypes.util.find_library("c")
-        fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-        _malloc_trim = fn or (lambda _pad: 0)
-    _malloc_trim(0)
+    _malloc_trim()(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim() -> Callable[[int], int]:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return fn or (lambda _pad: 0)
 
 
 def _apply_per_sequence(transform: Transform, layer: int, stream: str, x, ledger: Ledger | None):

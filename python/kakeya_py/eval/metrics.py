@@ -390,7 +390,7 @@ def summarize(
     per_passage = [
         {
             "tokens": len(p),
-            "dppl": math.expm1(float((p.ref_logprob - p.alt_logprob).mean())) if len(p) else None,
+            "dppl": delta_ppl(p.ref_logprob, p.alt_logprob) if len(p) else None,
             "top1": float(p.top1_match.mean()) if len(p) else None,
             "kl_mean": float(p.kl.mean()) if len(p) and p.kl is not None else None,
         }

@@ -10,7 +10,9 @@ to first order.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
 
 
 def sensitivities(record: dict, probe_step: float) -> dict[int, float]:
@@ -42,3 +44,27 @@ def steps_for(sens: dict[int, float], geomean: float, step_range: tuple[float, f
         g = math.exp(sum(math.log(x) for x in steps.values()) / len(steps))
         lo, hi = (c, hi) if g < geomean else (lo, c)
     return {la: round(x, 4) for la, x in sorted(steps.items())}
+
+
+def with_layer_settings(
+    base: Mapping,
+    stream: str,
+    settings: Mapping[int, Mapping],
+    record: Mapping,
+    *,
+    name: str,
+    description: str,
+) -> dict:
+    """A copy of the policy dict ``base`` with ``settings[l]`` as layer l's override of ``stream``.
+
+    Its provenance keeps ``base``'s fits and adds the text of the attribution ``record`` the
+    steps were fitted on; the selection is the caller's to record once it is made.
+    """
+    pol = copy.deepcopy(dict(base))
+    pol["name"], pol["description"] = name, description
+    for layer, cfg in settings.items():
+        pol.setdefault("overrides", {}).setdefault(str(layer), {})[stream] = dict(cfg)
+    pol["provenance"] = [p for p in base.get("provenance", []) if p.get("role") == "fit"] + [
+        {"role": "fit", **record["text_usage"]}
+    ]
+    return pol

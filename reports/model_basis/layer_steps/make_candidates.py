@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kakeya_py.tuning.layer_steps import sensitivities, steps_for
+from kakeya_py.tuning.layer_steps import sensitivities, steps_for, with_layer_settings
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -27,18 +27,20 @@ def main() -> None:
     base = json.loads((ROOT / "python" / "kakeya_py" / "presets" / "model-basis.json").read_text())
     for g in GEOMEANS:
         steps = steps_for(sens, g, STEP_RANGE)
-        pol = json.loads(json.dumps(base))
-        pol["name"] = f"model-basis-layersteps-g{g:.2f}"
-        pol["description"] = (
-            f"model-basis with per-layer K steps c/sqrt(s_l), geometric mean {g:.2f}, s_l from "
-            "reports/model_basis/layer_steps/attribution_k0.5.json (calibration part); candidate"
+        pol = with_layer_settings(
+            base,
+            "k",
+            {
+                la: {"uniform_step": st, "outlier_threshold": round(OUTLIER_PER_STEP * st, 3)}
+                for la, st in steps.items()
+            },
+            record,
+            name=f"model-basis-layersteps-g{g:.2f}",
+            description=(
+                f"model-basis with per-layer K steps c/sqrt(s_l), geometric mean {g:.2f}, s_l from "
+                "reports/model_basis/layer_steps/attribution_k0.5.json (calibration part); candidate"
+            ),
         )
-        for la, step in steps.items():
-            o = pol.setdefault("overrides", {}).setdefault(str(la), {})
-            o["k"] = {"uniform_step": step, "outlier_threshold": round(OUTLIER_PER_STEP * step, 3)}
-        pol["provenance"] = [p for p in base.get("provenance", []) if p.get("role") == "fit"] + [
-            {"role": "fit", **record["text_usage"]}
-        ]
         out = HERE / f"candidate_g{g:.2f}.json"
         out.write_text(json.dumps(pol, indent=1) + "\n")
         print(out.name, " ".join(f"{la}:{s:.2f}" for la, s in steps.items()))

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from kakeya_py.tuning.layer_steps import sensitivities, steps_for
+from kakeya_py.tuning.layer_steps import sensitivities, steps_for, with_layer_settings
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -33,18 +33,17 @@ def main() -> None:
     base = json.loads((ROOT / "python" / "kakeya_py" / "presets" / "model-basis-layers.json").read_text())
     for g in GEOMEANS:
         steps = steps_for(sens, g, STEP_RANGE)
-        pol = json.loads(json.dumps(base))
-        pol["name"] = f"model-basis-vlayers-g{g:.2f}"
-        pol["description"] = (
-            f"model-basis-layers with per-layer V steps c/sqrt(s_l), geometric mean {g:.2f}, s_l from "
-            "reports/model_basis/v_layer_steps/attribution_v0.95.json (calibration part); candidate"
+        pol = with_layer_settings(
+            base,
+            "v",
+            {la: {"bits": bits_for(st), "uniform_step": st} for la, st in steps.items()},
+            record,
+            name=f"model-basis-vlayers-g{g:.2f}",
+            description=(
+                f"model-basis-layers with per-layer V steps c/sqrt(s_l), geometric mean {g:.2f}, s_l from "
+                "reports/model_basis/v_layer_steps/attribution_v0.95.json (calibration part); candidate"
+            ),
         )
-        for la, step in steps.items():
-            o = pol.setdefault("overrides", {}).setdefault(str(la), {})
-            o["v"] = {"bits": bits_for(step), "uniform_step": step}
-        pol["provenance"] = [p for p in base.get("provenance", []) if p.get("role") == "fit"] + [
-            {"role": "fit", **record["text_usage"]}
-        ]
         out = HERE / f"candidate_g{g:.2f}.json"
         out.write_text(json.dumps(pol, indent=1) + "\n")
         print(out.name, " ".join(f"{la}:{s:.2f}/{bits_for(s)}" for la, s in steps.items()))
